@@ -1,0 +1,67 @@
+"""infer-shapes: onnx's shape and type inference, copied back onto the IR's values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from qcompiler import Model, Pass, PassContext, PassResult
+
+__all__ = ["InferShapes"]
+
+
+def _shape(t: onnx.TypeProto) -> list[int | str | None] | None:
+    if not t.tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for d in t.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return dims
+
+
+@dataclass(frozen=True)
+class InferShapes(Pass):
+    """Annotate every value with the dtype and shape onnx's inference finds (symbolic dims
+    kept as names); values it cannot infer are listed in the report as `unknown_shapes`.
+
+    Why: quantization needs dtypes (only float32 activations are quantized) and folding needs
+    static shapes. Never fails on an incomplete inference: it records what stays unknown.
+    Edits value annotations in place.
+    """
+
+    name = "infer-shapes"
+    data_prop: bool = True
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        rw = ctx.rewriter(model)
+        proto = model.to_proto()
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
+                                                         data_prop=self.data_prop)
+        except Exception as exc:  # inference is advisory: record and go on
+            ctx.report.setdefault("warnings", []).append(f"infer-shapes: {str(exc).splitlines()[0]}")
+            return PassResult(False)
+        infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        unknown: list[str] = []
+        for graph in model.graph.walk():
+            for node in graph.gs.nodes:
+                for value in node.outputs:
+                    if not isinstance(value, gs.Variable) or not value.name:
+                        continue
+                    vi = infos.get(value.name)
+                    if vi is None or not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type == 0:
+                        if value.dtype is None:
+                            unknown.append(value.name)
+                        continue
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+                    shape = _shape(vi.type)
+                    if graph.is_graph_output(value):
+                        continue  # public signature is kept as declared
+                    if value.dtype is None or shape is not None:
+                        rw.set_value_type(value, dtype, shape if shape is not None else value.shape)
+        ctx.analysis["unknown_shapes"] = sorted(unknown)
+        if unknown:
+            ctx.report["unknown_shapes"] = sorted(unknown)
+        return PassResult(rw.modified)

@@ -1,0 +1,248 @@
+"""lower-qoperator: DQ -> op -> Q groups become the integer kernels the target names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler import Graph, Model, Node, Pass, PassContext, PassResult, Rewriter, Value, producer_op
+
+__all__ = ["LowerQoperator", "KERNELS"]
+
+
+@dataclass
+class _Operands:
+    """Integer operands gathered from the DQs feeding a node and the Q after it."""
+
+    ins: list[tuple[Value, Value, Value | None]]   # (int value, scale, zero point) per input
+    out: tuple[Value, Value, Value] | None         # (Q output, y_scale, y_zero_point)
+
+
+def _dq_operand(value: Value) -> tuple[Value, Value, Value | None] | None:
+    if producer_op(value) != "DequantizeLinear":
+        return None
+    dq = value.inputs[0]
+    zp = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    return dq.inputs[0], dq.inputs[1], zp
+
+
+def _scalar(v: Value | None) -> bool:
+    return v is None or (isinstance(v, gs.Constant) and np.asarray(v.values).size == 1)
+
+
+def _zp(rw: Rewriter, op: tuple[Value, Value, Value | None], like: Value) -> Value:
+    if op[2] is not None:
+        return op[2]
+    dtype = np.dtype(like.dtype) if like.dtype is not None else np.dtype(np.uint8)
+    return rw.constant("zero_point", np.zeros(np.asarray(op[1].values).shape, dtype))
+
+
+def _conv(rw, o: _Operands, node: Node):
+    (x, xs, xz), (w, ws, wz) = o.ins[0], o.ins[1]
+    if not (_scalar(xs) and o.out is not None):
+        return None
+    if len(node.inputs) > 2 and node.inputs[2].name and (len(o.ins) < 3 or o.ins[2] is None):
+        return None  # float bias: QLinearConv needs int32
+    inputs = [x, xs, _zp(rw, o.ins[0], x), w, ws, _zp(rw, o.ins[1], w), o.out[1], o.out[2]]
+    if len(o.ins) > 2 and o.ins[2] is not None:
+        inputs.append(o.ins[2][0])
+    return inputs, {k: v for k, v in node.attrs.items()}
+
+
+def _matmul(rw, o: _Operands, node: Node):
+    (a, as_, az), (b, bs, bz) = o.ins[0], o.ins[1]
+    if o.out is None or not _scalar(as_):
+        return None
+    return [a, as_, _zp(rw, o.ins[0], a), b, bs, _zp(rw, o.ins[1], b), o.out[1], o.out[2]], {}
+
+
+def _gemm(rw, o: _Operands, node: Node):
+    (a, as_, az), (b, bs, bz) = o.ins[0], o.ins[1]
+    if not _scalar(as_):
+        return None
+    if len(node.inputs) > 2 and node.inputs[2].name and (len(o.ins) < 3 or o.ins[2] is None):
+        return None  # float bias: QGemm needs int32
+    c = o.ins[2][0] if len(o.ins) > 2 and o.ins[2] is not None else gs.Variable.empty()
+    inputs = [a, as_, _zp(rw, o.ins[0], a), b, bs, _zp(rw, o.ins[1], b), c]
+    if o.out is not None:
+        inputs += [o.out[1], o.out[2]]
+    attrs = {k: node.attrs[k] for k in ("alpha", "transA", "transB") if k in node.attrs}
+    return inputs, attrs
+
+
+def _binary(rw, o: _Operands, node: Node):
+    if o.out is None or not all(_scalar(op[1]) for op in o.ins[:2]):
+        return None
+    (a, as_, _), (b, bs, _) = o.ins[0], o.ins[1]
+    return [a, as_, _zp(rw, o.ins[0], a), b, bs, _zp(rw, o.ins[1], b), o.out[1], o.out[2]], {}
+
+
+def _unary(extra: tuple[str, ...] = (), channels_last: bool = False):
+    def build(rw, o: _Operands, node: Node):
+        if o.out is None or not _scalar(o.ins[0][1]):
+            return None
+        x, xs, _ = o.ins[0]
+        attrs = {k: node.attrs[k] for k in extra if k in node.attrs}
+        if channels_last:
+            attrs["channels_last"] = 0
+        return [x, xs, _zp(rw, o.ins[0], x), o.out[1], o.out[2]], attrs
+    return build
+
+
+def _concat(rw, o: _Operands, node: Node):
+    if o.out is None or not all(op is not None and _scalar(op[1]) for op in o.ins):
+        return None
+    inputs = [o.out[1], o.out[2]]
+    for op in o.ins:
+        inputs += [op[0], op[1], _zp(rw, op, op[0])]
+    return inputs, {"axis": node.attrs["axis"]}
+
+
+Builder = Callable[[Rewriter, _Operands, Node], "tuple[list[Value], dict] | None"]
+# Kernel signatures (facts about the kernels, keyed by the kernel name a target chooses).
+KERNELS: dict[str, Builder] = {
+    "QLinearConv": _conv,
+    "QLinearMatMul": _matmul,
+    "QGemm": _gemm,
+    "QLinearAdd": _binary,
+    "QLinearMul": _binary,
+    "QLinearGlobalAveragePool": _unary(channels_last=True),
+    "QLinearAveragePool": _unary(("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides"),
+                                 channels_last=True),
+    "QLinearSigmoid": _unary(),
+    "QLinearLeakyRelu": _unary(("alpha",)),
+    "QLinearConcat": _concat,
+}
+_FLOAT_OUTPUT_OK = {"QGemm"}
+_ALL_INPUTS = {"QLinearConcat"}
+
+
+def _clip_bounds(node: Node) -> tuple[float, float]:
+    lo, hi = -np.inf, np.inf
+    if node.op == "Relu":
+        return 0.0, np.inf
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        lo = float(np.asarray(node.inputs[1].values))
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        hi = float(np.asarray(node.inputs[2].values))
+    return lo, hi
+
+
+def _tail_redundant(tail: Node, q: Node) -> bool:
+    """Q's saturation already applies the activation's clipping: the activation can go."""
+    scale = float(np.asarray(q.inputs[1].values))
+    zp_v = q.inputs[2] if len(q.inputs) > 2 and q.inputs[2].name else None
+    zp = int(np.asarray(zp_v.values)) if zp_v is not None else 0
+    info = np.iinfo(np.asarray(zp_v.values).dtype if zp_v is not None else np.uint8)
+    rep_lo, rep_hi = scale * (info.min - zp), scale * (info.max - zp)
+    lo, hi = _clip_bounds(tail)
+    return rep_lo >= lo - 1e-6 * abs(lo) and rep_hi <= hi + 1e-6 * abs(hi if np.isfinite(hi) else 0)
+
+
+@dataclass(frozen=True)
+class LowerQoperator(Pass):
+    """Replace each DQ->op->Q group (op with a `kernel` in the target) by that integer
+    kernel reading the DQs' integer inputs and writing the Q's output, absorb a fused
+    Relu/Clip when the Q's saturation makes it redundant, and run data-movement ops directly
+    on integer data. Groups that do not fit a kernel's signature stay in QDQ form.
+
+    Requires insert-qdq. Does nothing unless the format is `qoperator`. Edits in place.
+    """
+
+    name = "lower-qoperator"
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if ctx.format != "qoperator":
+            return PassResult(False)
+        rw = ctx.rewriter(model)
+        lowered: list[str] = []
+        for graph in list(model.graph.walk()):
+            for node in graph.nodes:
+                if not node.outputs:
+                    continue
+                if node.op in ctx.target.passthrough:
+                    if self._passthrough(rw, graph, node):
+                        lowered.append(node.name)
+                    continue
+                cfg = ctx.target.op(node.op)
+                if cfg is None or not cfg.kernel or cfg.kernel_op not in KERNELS:
+                    continue
+                name = self._lower(rw, graph, node, cfg.kernel_op, cfg.kernel_domain)
+                if name:
+                    lowered.append(name)
+        rw.cleanup(model.graph)
+        previous = set(ctx.analysis.get("lowered", []))
+        ctx.analysis["lowered"] = sorted(previous | set(lowered))
+        return PassResult(rw.modified)
+
+    @staticmethod
+    def _single_q(graph: Graph, value: Value) -> Node | None:
+        readers = value.outputs
+        if len(readers) != 1 or graph.is_graph_output(value) or readers[0].op != "QuantizeLinear":
+            return None
+        return readers[0]
+
+    def _lower(self, rw: Rewriter, graph: Graph, node: Node, kernel: str, domain: str) -> str | None:
+        ins = []
+        for i, value in enumerate(node.inputs):
+            if not value.name:
+                ins.append(None)
+                continue
+            op = _dq_operand(value)
+            if op is None and (i < 2 or kernel in _ALL_INPUTS):
+                return None
+            ins.append(op)
+        if kernel not in _ALL_INPUTS and (len(ins) < 1 or ins[0] is None):
+            return None
+        out_value = node.outputs[0]
+        tail = None
+        readers = out_value.outputs
+        if len(readers) == 1 and readers[0].op in ("Relu", "Clip") and not graph.is_graph_output(out_value):
+            q_after_tail = self._single_q(graph, readers[0].outputs[0])
+            if q_after_tail is not None and _tail_redundant(readers[0], q_after_tail):
+                tail = readers[0]
+        q = self._single_q(graph, (tail or node).outputs[0])
+        out = None
+        if q is not None:
+            zp = q.inputs[2] if len(q.inputs) > 2 and q.inputs[2].name else None
+            if zp is None:
+                return None
+            out = (q.outputs[0], q.inputs[1], zp)
+        elif kernel not in _FLOAT_OUTPUT_OK:
+            return None
+        built = KERNELS[kernel](rw, _Operands(ins, out), node)
+        if built is None:
+            return None
+        inputs, attrs = built
+        final = out[0] if out is not None else (tail or node).outputs[0]
+        name = node.name + "_quant"
+        for n in ([q] if q is not None else []) + ([tail] if tail is not None else []) + [node]:
+            rw.erase_node(graph, n)
+        rw.create_node(graph, kernel, inputs, [final], attrs, name=name, domain=domain)
+        return name
+
+    @staticmethod
+    def _passthrough(rw: Rewriter, graph: Graph, node: Node) -> bool:
+        if not node.inputs or len(node.outputs) != 1:
+            return False
+        op = _dq_operand(node.inputs[0])
+        q = LowerQoperator._single_q(graph, node.outputs[0])
+        if op is None or q is None:
+            return False
+        zp = q.inputs[2] if len(q.inputs) > 2 and q.inputs[2].name else None
+        same = (isinstance(q.inputs[1], gs.Constant) and isinstance(op[1], gs.Constant)
+                and np.array_equal(np.asarray(q.inputs[1].values), np.asarray(op[1].values))
+                and zp is not None and op[2] is not None
+                and np.array_equal(np.asarray(zp.values), np.asarray(op[2].values)))
+        if not same:
+            return False
+        q_out = q.outputs[0]
+        rw.erase_node(graph, q)
+        rw.set_input(node, 0, op[0])
+        old = node.outputs[0]
+        rw.replace_all_uses(graph, q_out, old)
+        rw.set_value_type(old, q_out.dtype, old.shape)
+        return True

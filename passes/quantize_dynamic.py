@@ -1,0 +1,89 @@
+"""quantize-dynamic: integer weights ahead of time, activations quantized at run time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler import Model, Pass, PassContext, PassResult, UserError, compute_qparams, quantize
+
+__all__ = ["QuantizeDynamic"]
+
+
+@dataclass(frozen=True)
+class QuantizeDynamic(Pass):
+    """MatMul with a constant 2-D weight -> the target's dynamic kernel: the weight stored as
+    int8 (per output column where the target allows), the activation quantized per call.
+    With `DynamicQuantizeMatMul` a following constant bias Add is folded into the kernel;
+    with `MatMulInteger` the graph is DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul.
+
+    Why: for MatMul-heavy models (transformers) activation ranges vary per input, so
+    run-time ranges keep accuracy without calibration. Requires nothing. Edits in place.
+    """
+
+    name = "quantize-dynamic"
+    min_weight_elements: int = 4096
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = ctx.target.op("MatMul", mode="dynamic")
+        if cfg is None:
+            raise UserError(f"target '{ctx.target.name}' has no dynamic kernel for MatMul (key dynamic.ops.MatMul)")
+        rw = ctx.rewriter(model)
+        lowered: list[str] = []
+        floats: dict[str, str] = {}
+        for graph in list(model.graph.walk()):
+            for node in graph.nodes:
+                if node.op != "MatMul" or not node.outputs:
+                    continue
+                w_val = node.inputs[1]
+                if not isinstance(w_val, gs.Constant):
+                    floats[node.name] = "MatMul of two run-time values (no constant weight)"
+                    continue
+                w = np.asarray(w_val.values)
+                if w.ndim != 2 or w.dtype != np.float32 or w.size < self.min_weight_elements:
+                    floats[node.name] = "weight is not a large 2-D float32 matrix"
+                    continue
+                qtype = cfg.weight.qtype
+                if cfg.weight.per_channel:
+                    qp = compute_qparams(w.min(axis=0), w.max(axis=0), qtype, axis=1)
+                else:
+                    qp = compute_qparams(float(w.min()), float(w.max()), qtype)
+                wq = rw.constant(w_val.name + "_quantized", quantize(w, qp))
+                ws = rw.constant(w_val.name + "_scale", qp.scale)
+                wz = rw.constant(w_val.name + "_zero_point", qp.zero_point)
+                out = node.outputs[0]
+                a = node.inputs[0]
+                if cfg.kernel_op == "DynamicQuantizeMatMul":
+                    bias, final = gs.Variable.empty(), out
+                    readers = out.outputs
+                    if len(readers) == 1 and readers[0].op == "Add" and not graph.is_graph_output(out):
+                        add = readers[0]
+                        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+                        if isinstance(other, gs.Constant) and np.asarray(other.values).shape == (w.shape[1],):
+                            bias, final = other, add.outputs[0]
+                            rw.erase_node(graph, add)
+                    rw.erase_node(graph, node)
+                    rw.create_node(graph, "DynamicQuantizeMatMul", [a, wq, ws, wz, bias],
+                                   [final], name=node.name + "_quant", domain="com.microsoft")
+                elif cfg.kernel_op == "MatMulInteger":
+                    aq = rw.value(a.name + "_quantized", dtype=np.uint8)
+                    as_ = rw.value(a.name + "_scale", dtype=np.float32, shape=[])
+                    az = rw.value(a.name + "_zero_point", dtype=np.uint8, shape=[])
+                    acc = rw.value(out.name + "_int32", dtype=np.int32)
+                    accf = rw.value(out.name + "_float", dtype=np.float32)
+                    sc = rw.value(out.name + "_scale", dtype=np.float32)
+                    rw.erase_node(graph, node)
+                    rw.create_node(graph, "DynamicQuantizeLinear", [a], [aq, as_, az], name=node.name + "_dql")
+                    rw.create_node(graph, "MatMulInteger", [aq, wq, az, wz], [acc], name=node.name + "_quant")
+                    rw.create_node(graph, "Cast", [acc], [accf], {"to": 1}, name=node.name + "_cast")
+                    rw.create_node(graph, "Mul", [as_, ws], [sc], name=node.name + "_scale_mul")
+                    rw.create_node(graph, "Mul", [accf, sc], [out], name=node.name + "_rescale")
+                else:
+                    raise UserError(f"target '{ctx.target.name}': key dynamic.ops.MatMul.kernel = "
+                                    f"'{cfg.kernel}' is not a dynamic kernel (DynamicQuantizeMatMul, MatMulInteger)")
+                lowered.append(node.name + "_quant")
+        ctx.analysis["lowered"] = lowered
+        ctx.analysis["float_nodes"] = floats
+        return PassResult(rw.modified)

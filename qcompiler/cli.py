@@ -1,0 +1,192 @@
+"""The ``qcompiler`` command line.
+
+Exit codes are a contract: 0 success, 2 user error (one line on stderr naming the file and
+the node/key/input at fault, no traceback unless ``-v``), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import PassFailure, UserError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcompiler", description="Compile ONNX models into quantized ONNX models "
+                                "for a hardware target described as data.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command")
+
+    c = sub.add_parser("compile", help="compile a model")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--target", default="ort-cpu", help="built-in target name or path to a .toml file")
+    c.add_argument("--calibration", help=".npz (samples stacked on axis 0), .npy, or a directory of .npz")
+    c.add_argument("--calibration-limit", type=int, help="use only the first N calibration samples")
+    c.add_argument("--mode", choices=["static", "dynamic"])
+    c.add_argument("--format", choices=["qdq", "qoperator"])
+    c.add_argument("--pipeline", help="pass pipeline text, e.g. 'canonicalize,fold-constants'")
+    c.add_argument("--plugin", action="append", default=[], help="plugin file (.py) or module defining passes")
+    c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--print-ir-after", action="append", default=[], metavar="PASS|all")
+    c.add_argument("--time-passes", action="store_true")
+    v = c.add_mutually_exclusive_group()
+    v.add_argument("--verify-each", dest="verify_each", action="store_true", default=True)
+    v.add_argument("--no-verify", dest="verify_each", action="store_false")
+    c.add_argument("--stop-after", metavar="PASS")
+    c.add_argument("--disable-pass", action="append", default=[], metavar="NAME")
+    _verbosity(c)
+
+    t = sub.add_parser("targets", help="list built-in targets")
+    t.add_argument("--show", metavar="NAME|PATH", help="print a resolved target as TOML")
+    _verbosity(t)
+
+    ps = sub.add_parser("passes", help="list registered passes")
+    ps.add_argument("--plugin", action="append", default=[])
+    ps.add_argument("--target", help="also print this target's default pipelines")
+    _verbosity(ps)
+
+    i = sub.add_parser("inspect", help="op histogram and what the target would lower")
+    i.add_argument("model")
+    i.add_argument("--target", default="ort-cpu")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _verbosity(i)
+    return p
+
+
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true")
+
+
+def _cmd_compile(a: argparse.Namespace) -> int:
+    from .api import compile as qcompile
+
+    out = Path(a.output)
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out}: output path is a directory")
+    if not out.parent.exists() if str(out.parent) else False:
+        raise UserError(f"{out}: cannot write output: directory '{out.parent}' does not exist")
+    if Path(a.model).resolve() == out.resolve():
+        raise UserError(f"{out}: output would overwrite the input model")
+    result = qcompile(a.model, target=a.target, calibration=a.calibration, mode=a.mode, format=a.format,
+                      pipeline=a.pipeline, plugins=a.plugin, print_ir_after=a.print_ir_after,
+                      time_passes=a.time_passes, verify_each=a.verify_each, stop_after=a.stop_after,
+                      disable_passes=a.disable_pass, calibration_limit=a.calibration_limit,
+                      quiet=a.quiet, verbose=a.verbose)
+    if a.report:
+        rep = Path(a.report)
+        if not rep.parent.exists() if str(rep.parent) else False:
+            raise UserError(f"{rep}: cannot write report: directory '{rep.parent}' does not exist")
+    result.save(out)
+    if a.report:
+        from .ir.model import _atomic_write_text
+
+        _atomic_write_text(Path(a.report), json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+    if not a.quiet:
+        r = result.report
+        n_low = len(r["lowered"])
+        print(f"qcompiler: {a.model} -> {out} [{r['target']}, {r['mode']}, {r['format']}] "
+              f"{r['size_bytes']['input'] / 1e6:.2f} MB -> {r['size_bytes']['output'] / 1e6:.2f} MB, "
+              f"{n_low} nodes integer, {len(r['float_nodes'])} float", file=sys.stderr)
+    return 0
+
+
+def _cmd_targets(a: argparse.Namespace) -> int:
+    from .target import builtin_targets, load_target
+
+    if a.show:
+        sys.stdout.write(load_target(a.show).to_toml())
+        return 0
+    for name in builtin_targets():
+        t = load_target(name)
+        print(f"{name:<16} {t.description}")
+    return 0
+
+
+def _cmd_passes(a: argparse.Namespace) -> int:
+    from .registry import default_registry
+    from .target import load_target
+
+    reg = default_registry()
+    for plugin in a.plugin:
+        reg.load_plugin(plugin)
+    for name in reg.names():
+        opts = ", ".join(f"{o}: {t} = {d}" for o, t, d in reg.options(name))
+        print(f"{name:<20} {reg.summary(name)}" + (f"  [{opts}]" if opts else ""))
+    if a.target:
+        t = load_target(a.target)
+        print(f"\n{t.name} static pipeline:  {t.pipeline('static')}")
+        print(f"{t.name} dynamic pipeline: {t.pipeline('dynamic')}")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from .inspect import inspect_model
+
+    info = inspect_model(a.model, a.target)
+    if a.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"model: {a.model}  target: {info['target']}")
+    print("ops:")
+    for op, n in info["ops"].items():
+        print(f"  {op:<28}{n:>6}")
+    print(f"integer ({len(info['lowered'])} nodes):")
+    for name, op in info["lowered"].items():
+        print(f"  {name}  [{op}]")
+    print(f"float ({len(info['float_nodes'])} nodes):")
+    for name, why in info["float_nodes"].items():
+        print(f"  {name}: {why}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.version:
+        from .version import __version__
+
+        print(__version__)
+        return 0
+    if a.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    verbose = getattr(a, "verbose", False)
+    try:
+        return {"compile": _cmd_compile, "targets": _cmd_targets, "passes": _cmd_passes,
+                "inspect": _cmd_inspect}[a.command](a)
+    except UserError as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"qcompiler: error: {exc}", file=sys.stderr)
+        return 2
+    except PassFailure as exc:
+        if isinstance(exc.cause, UserError):
+            print(f"qcompiler: error: {exc.cause}", file=sys.stderr)
+            return 2
+        if verbose:
+            traceback.print_exc()
+        print(f"qcompiler: internal error: {exc} (run with -v for a traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qcompiler: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: say so, exit 1
+        if verbose:
+            traceback.print_exc()
+        print(f"qcompiler: internal error: {type(exc).__name__}: {exc} (run with -v for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``qcompiler inspect``: what a target would do to a model, without calibrating it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .api import build_pipeline, op_histogram
+from .ir import load_model
+from .pass_manager import Instrumentation, PassContext, PassManager
+from .plan import plan_quantization
+from .registry import default_registry
+from .target import load_target
+
+__all__ = ["inspect_model"]
+
+
+def inspect_model(path: str | os.PathLike[str], target: str = "ort-cpu") -> dict[str, Any]:
+    """Op histogram, the nodes the target would run in integer (with their kernel), and the
+    nodes that stay float with the reason. Runs the target's pipeline up to calibration."""
+    tgt = load_target(target)
+    model = load_model(path)
+    ops = op_histogram(model)
+    passes = build_pipeline(tgt.pipeline("static"), default_registry())
+    prefix = []
+    for p in passes:
+        if p.name in ("calibrate", "insert-qdq"):
+            break
+        prefix.append(p)
+    ctx = PassContext(target=tgt, mode="static", format=tgt.default_format)
+    PassManager(prefix, Instrumentation(verify_each=False)).run(model, ctx)
+    plan = plan_quantization(model, tgt, groups=ctx.analysis.get("groups", {}))
+    lowered: dict[str, str] = {}
+    for name, np_ in plan.nodes.items():
+        lowered[name] = np_.config.kernel or f"{np_.node.op} (Q/DQ)"
+    for tail, head in plan.fused.items():
+        lowered[tail] = f"fused into '{head}'"
+    floats = dict(plan.float_nodes)
+    quantized_values = {np_.output.name for np_ in plan.nodes.values()}
+    for graph in model.graph.walk():
+        for node in graph.gs.nodes:
+            if node.op in tgt.passthrough and node.name not in lowered:
+                src = node.inputs[0].name if node.inputs else ""
+                if src in quantized_values:
+                    lowered[node.name] = f"{node.op} on integer data"
+                    quantized_values.add(node.outputs[0].name)
+                else:
+                    floats[node.name] = "data movement on a float input"
+    return {"target": tgt.name, "ops": ops, "ops_after_prepare": op_histogram(model),
+            "lowered": dict(sorted(lowered.items())), "float_nodes": dict(sorted(floats.items()))}

@@ -1,0 +1,197 @@
+"""A typed facade over onnx-graphsurgeon's mutable graph.
+
+onnx-graphsurgeon (gs) holds the nodes and tensors; this module adds what passes need to
+*ask* about a graph (producers, consumers, constness, subgraphs, ordering) without growing
+gs's own classes. Changing the graph goes through :class:`qcompiler.ir.Rewriter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["Graph", "Node", "Value", "Constant", "Variable", "node_subgraphs"]
+
+Node = gs.Node
+Value = gs.Tensor
+Constant = gs.Constant
+Variable = gs.Variable
+
+
+def node_subgraphs(node: Node) -> list[gs.Graph]:
+    """The body graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    found: list[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, gs.Graph))
+    return found
+
+
+class Graph:
+    """One graph (the main graph or a subgraph) of a :class:`Model`.
+
+    Read-only queries live here. The facade is cheap to create; it holds no caches, so it
+    never goes stale while a rewriter changes the graph underneath.
+    """
+
+    def __init__(self, gs_graph: gs.Graph, model: "Model", parent: "Graph | None" = None) -> None:
+        self.gs = gs_graph
+        self.model = model
+        self.parent = parent
+
+    # -- structure -----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.gs.name)
+
+    @property
+    def nodes(self) -> list[Node]:
+        """A snapshot of the nodes in order (safe to iterate while rewriting)."""
+        return list(self.gs.nodes)
+
+    @property
+    def inputs(self) -> list[Value]:
+        return list(self.gs.inputs)
+
+    @property
+    def outputs(self) -> list[Value]:
+        return list(self.gs.outputs)
+
+    @property
+    def is_subgraph(self) -> bool:
+        return self.parent is not None
+
+    def subgraphs(self) -> list["Graph"]:
+        """Direct subgraphs (bodies of If/Loop/Scan nodes of this graph)."""
+        return [Graph(sg, self.model, self) for node in self.gs.nodes for sg in node_subgraphs(node)]
+
+    def walk(self) -> Iterator["Graph"]:
+        """This graph and every nested subgraph, depth first, in node order."""
+        yield self
+        for sub in self.subgraphs():
+            yield from sub.walk()
+
+    def values(self) -> dict[str, Value]:
+        """Every tensor of this graph (not of its subgraphs) by name."""
+        return {k: v for k, v in self.gs.tensors(check_duplicates=False).items()}
+
+    def find_node(self, name: str) -> Node | None:
+        for node in self.gs.nodes:
+            if node.name == name:
+                return node
+        return None
+
+    # -- value queries -------------------------------------------------------------------
+    @staticmethod
+    def producer(value: Value) -> Node | None:
+        return value.inputs[0] if value.inputs else None
+
+    @staticmethod
+    def consumers(value: Value) -> list[Node]:
+        return list(value.outputs)
+
+    @staticmethod
+    def is_constant(value: Value) -> bool:
+        return isinstance(value, gs.Constant)
+
+    @staticmethod
+    def constant_value(value: Value) -> np.ndarray | None:
+        """The array of an initializer, or None for a run-time value. Loads lazily."""
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+        return None
+
+    def is_graph_output(self, value: Value) -> bool:
+        return any(out is value for out in self.gs.outputs)
+
+    def is_graph_input(self, value: Value) -> bool:
+        return any(inp is value for inp in self.gs.inputs)
+
+    def opset(self, domain: str = "") -> int | None:
+        return self.model.opset(domain)
+
+    # -- ordering ------------------------------------------------------------------------
+    def dependency_graph(self) -> nx.DiGraph:
+        """Node-index dependency graph, including values a subgraph reads from this scope."""
+        index = {id(n): i for i, n in enumerate(self.gs.nodes)}
+        dg = nx.DiGraph()
+        dg.add_nodes_from(range(len(self.gs.nodes)))
+        for i, node in enumerate(self.gs.nodes):
+            for value in _all_reads(node):
+                for prod in value.inputs:
+                    j = index.get(id(prod))
+                    if j is not None and j != i:
+                        dg.add_edge(j, i)
+                    elif j == i:
+                        dg.add_edge(i, i)
+        return dg
+
+    def find_cycle(self) -> list[str] | None:
+        """Names of nodes on a cycle, or None when the graph is acyclic."""
+        dg = self.dependency_graph()
+        try:
+            cycle = nx.find_cycle(dg)
+        except nx.NetworkXNoCycle:
+            return None
+        nodes = self.gs.nodes
+        return [nodes[u].name or nodes[u].op for u, _ in cycle]
+
+    def toposort(self) -> bool:
+        """Stable topological sort (keeps the current order where it is already valid).
+
+        Returns True if the order changed. Raises ValueError on a cycle.
+        """
+        dg = self.dependency_graph()
+        try:
+            order = list(nx.lexicographical_topological_sort(dg))
+        except nx.NetworkXUnfeasible as exc:
+            raise ValueError(f"graph '{self.name}' has a cycle through nodes {self.find_cycle()}") from exc
+        changed = order != list(range(len(order)))
+        if changed:
+            old = list(self.gs.nodes)
+            self.gs.nodes = [old[i] for i in order]
+        for sub in self.subgraphs():
+            changed |= sub.toposort()
+        return changed
+
+    # -- printing ------------------------------------------------------------------------
+    def to_text(self) -> str:
+        """This graph as ONNX text syntax (for debugging and golden tests)."""
+        if self.parent is None:
+            return onnx.printer.to_text(self.model.to_proto().graph)
+        sub = gs.Graph(nodes=list(self.gs.nodes), inputs=list(self.gs.inputs),
+                       outputs=list(self.gs.outputs), name=self.gs.name, opset=self.gs.opset)
+        proto = gs.export_onnx(sub, do_type_check=False)
+        return onnx.printer.to_text(proto.graph)
+
+
+def _all_reads(node: Node) -> list[Value]:
+    """Values a node reads: its inputs plus outer-scope values its subgraphs use."""
+    reads = [v for v in node.inputs if v.name]
+    for sg in node_subgraphs(node):
+        reads.extend(_outer_reads(sg))
+    return reads
+
+
+def _outer_reads(sg: gs.Graph) -> list[Value]:
+    local: set[int] = {id(v) for v in sg.inputs}
+    for node in sg.nodes:
+        local.update(id(v) for v in node.outputs)
+    found: list[Value] = []
+    for node in sg.nodes:
+        for value in _all_reads(node):
+            if id(value) not in local and not isinstance(value, gs.Constant):
+                found.append(value)
+            elif isinstance(value, gs.Constant) and value.inputs:
+                found.append(value)
+    return found

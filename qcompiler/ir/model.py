@@ -1,0 +1,238 @@
+"""Model: an ONNX model held as a mutable onnx-graphsurgeon graph plus what ONNX keeps around it.
+
+Loading validates the file and turns every way it can be bad into one :class:`UserError`
+naming the file and the node at fault. Saving writes a temp file and renames it, so a failed
+save never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import UserError
+from .graph import Graph, node_subgraphs
+
+__all__ = ["Model", "load_model"]
+
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER  # noqa: E402
+
+_GS_LOGGER.severity = _GS_LOGGER.ERROR
+
+_TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
+
+
+class Model:
+    """The unit every pass works on: the main :class:`Graph` plus opsets and metadata."""
+
+    def __init__(self, proto: onnx.ModelProto, source: str = "<model>") -> None:
+        self.source = source
+        self.ir_version = int(proto.ir_version)
+        self.opsets: dict[str, int] = {}
+        for imp in proto.opset_import:
+            self.opsets["" if imp.domain == "ai.onnx" else imp.domain] = int(imp.version)
+        self.producer_name = proto.producer_name
+        self.producer_version = proto.producer_version
+        self.domain = proto.domain
+        self.model_version = proto.model_version
+        self.doc_string = proto.doc_string
+        self.metadata: dict[str, str] = {p.key: p.value for p in proto.metadata_props}
+        self._gs = gs.import_onnx(proto)
+        self._names: set[str] = set()
+        self._counters: dict[str, int] = {}
+        for g in self.graph.walk():
+            for node in g.gs.nodes:
+                self._names.add(node.name)
+                self._names.update(v.name for v in node.outputs)
+            self._names.update(g.values().keys())
+
+    def _replace_contents(self, proto: onnx.ModelProto) -> None:
+        """Re-import from a proto (used by whole-model rewrites such as opset conversion)."""
+        fresh = Model(proto, self.source)
+        self.ir_version, self.opsets, self._gs = fresh.ir_version, fresh.opsets, fresh._gs
+        self._names |= fresh._names
+
+    # -- access --------------------------------------------------------------------------
+    @property
+    def graph(self) -> Graph:
+        return Graph(self._gs, self)
+
+    def opset(self, domain: str = "") -> int | None:
+        return self.opsets.get("" if domain == "ai.onnx" else domain)
+
+    def require_opset(self, domain: str, version: int) -> None:
+        """Declare a domain a rewrite starts using (e.g. com.microsoft for contrib kernels)."""
+        domain = "" if domain == "ai.onnx" else domain
+        if domain not in self.opsets:
+            self.opsets[domain] = version
+
+    def fresh_name(self, hint: str) -> str:
+        """A name no node or value in the model uses yet; deterministic for a given history."""
+        hint = hint or "v"
+        if hint not in self._names:
+            self._names.add(hint)
+            return hint
+        n = self._counters.get(hint, 0)
+        while True:
+            n += 1
+            cand = f"{hint}_{n}"
+            if cand not in self._names:
+                self._counters[hint] = n
+                self._names.add(cand)
+                return cand
+
+    def reserve_name(self, name: str) -> None:
+        self._names.add(name)
+
+    # -- export --------------------------------------------------------------------------
+    def to_proto(self) -> onnx.ModelProto:
+        self._gs.opset = self.opsets.get("", self._gs.opset)
+        proto = gs.export_onnx(self._gs, do_type_check=False)
+        del proto.opset_import[:]
+        used = _used_domains(self._gs)
+        for domain in sorted(set(self.opsets) | used):
+            version = self.opsets.get(domain, 1)
+            proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        proto.ir_version = max(self.ir_version, _min_ir_version(self.opsets))
+        proto.producer_name = self.producer_name
+        proto.producer_version = self.producer_version
+        proto.domain = self.domain
+        proto.model_version = self.model_version
+        proto.doc_string = self.doc_string
+        del proto.metadata_props[:]
+        for key in sorted(self.metadata):
+            proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=self.metadata[key]))
+        return proto
+
+    def save(self, path: str | os.PathLike[str]) -> int:
+        """Write atomically (temp file + rename). Returns the bytes written (model + external data)."""
+        return save_proto(self.to_proto(), path)
+
+
+def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
+    out = Path(path)
+    directory = out.parent if str(out.parent) else Path(".")
+    if not directory.is_dir():
+        raise UserError(f"{out}: cannot write output: directory '{directory}' does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UserError(f"{out}: cannot write output: directory '{directory}' is not writable")
+    large = proto.ByteSize() > _TWO_GB if _fits(proto) else True
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    data_name = out.name + ".data"
+    tmp_data = directory / (Path(tmp).name + ".data")
+    try:
+        if large:
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            # the model refers to the data file by name: rewrite it to the final name
+            _rename_external(tmp, tmp_data.name, data_name)
+            os.replace(tmp_data, directory / data_name)
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(proto.SerializeToString(deterministic=True))
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write output: {exc.strerror or exc}") from exc
+    finally:
+        for leftover in (Path(tmp), tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+    size = out.stat().st_size
+    if large and (directory / data_name).exists():
+        size += (directory / data_name).stat().st_size
+    return size
+
+
+def _fits(proto: onnx.ModelProto) -> bool:
+    try:
+        proto.ByteSize()
+        return True
+    except Exception:  # protobuf refuses to size messages above 2 GB
+        return False
+
+
+def _rename_external(model_path: str, old: str, new: str) -> None:
+    m = onnx.load(model_path, load_external_data=False)
+    for t in onnx.external_data_helper._get_all_tensors(m):
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    with open(model_path, "wb") as fh:
+        fh.write(m.SerializeToString(deterministic=True))
+
+
+def _used_domains(graph: gs.Graph) -> set[str]:
+    used: set[str] = set()
+    for node in graph.nodes:
+        used.add("" if node.domain in (None, "ai.onnx") else node.domain)
+        for sg in node_subgraphs(node):
+            used |= _used_domains(sg)
+    return used
+
+
+def _min_ir_version(opsets: dict[str, int]) -> int:
+    try:
+        return int(onnx.helper.find_min_ir_version_for(
+            [onnx.helper.make_opsetid(d, v) for d, v in opsets.items()], ignore_unknown=True))
+    except Exception:
+        return 3
+
+
+def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) -> Model:
+    """Load and validate a model file (or take a ModelProto, which is copied, never changed)."""
+    if isinstance(path, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(path)
+        source = "<ModelProto>"
+    else:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: no such model file")
+        try:
+            proto = onnx.load(str(p), load_external_data=True)
+        except Exception as exc:  # protobuf DecodeError, missing external data, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{p}: not a readable ONNX model ({first})") from exc
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise UserError(f"{source}: not an ONNX model (no IR version, graph or opset import)")
+    try:
+        model = Model(proto, source)
+    except Exception as exc:
+        raise UserError(f"{source}: cannot import graph ({exc})") from exc
+    if check:
+        from .verify import verify_model
+
+        problems = verify_model(model, sorted_check=False)
+        if problems:
+            raise UserError(f"{source}: invalid model: {problems[0]}")
+        model.graph.toposort()
+        try:
+            if not _fits(proto) or proto.ByteSize() > _TWO_GB:
+                if isinstance(path, (str, os.PathLike)):
+                    onnx.checker.check_model(str(path))
+            else:
+                onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc
+    return model
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file via temp + rename (reports, tables)."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from exc

@@ -1,0 +1,174 @@
+"""Passes and the manager that runs them.
+
+A pass is a frozen dataclass with a kebab-case ``name`` and typed option fields; the same
+object is its pipeline text (``insert-qdq{per-channel=true}``). ``run`` changes the model in
+place through a :class:`Rewriter` obtained from the context and returns a
+:class:`PassResult`. The manager checks that ``modified`` agrees with what the rewriter saw,
+and adds the instrumentation a compiler engineer expects (print IR, time, verify, stop after,
+disable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
+
+from .errors import PassFailure, UserError
+from .ir import Model, Rewriter, verify_model
+from .ir.verify import VerificationError
+
+if TYPE_CHECKING:
+    from .target import Target
+
+__all__ = ["Pass", "PassResult", "PassContext", "PassManager", "Instrumentation", "pass_summary"]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns: whether it changed the model."""
+
+    modified: bool
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of every pass, built-in or third-party.
+
+    Subclasses set ``name`` (kebab-case), declare options as dataclass fields with defaults
+    and type hints, say in the docstring what they rewrite and require, and implement
+    :meth:`run`. ``in_place`` documents that the pass edits the model it is given.
+    """
+
+    name: ClassVar[str] = ""
+    in_place: ClassVar[bool] = True
+
+    def run(self, model: Model, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.run")
+
+    def spec(self) -> str:
+        """This pass as pipeline text, listing options that differ from their defaults."""
+        opts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            opts.append(f"{f.name.replace('_', '-')}={_format_value(value)}")
+        return self.name + ("{" + ",".join(opts) + "}" if opts else "")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def pass_summary(cls: type[Pass]) -> str:
+    """The first sentence of a pass's docstring (its one-line description)."""
+    doc = (cls.__doc__ or "").strip()
+    para = " ".join(doc.split("\n\n")[0].split())
+    cut = para.find(". ")
+    return para if cut < 0 else para[: cut + 1]
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read besides the model: the target, calibration data, options,
+    and ``analysis`` (facts passes hand to later passes; never saved into the model)."""
+
+    target: "Target"
+    calibration: Any = None
+    mode: str = "static"
+    format: str = "qdq"
+    analysis: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = False
+    verbose: bool = False
+    log: Callable[[str], None] = field(default=lambda msg: None)
+    _rewriters: list[Rewriter] = field(default_factory=list)
+    _listeners: list[Callable[[str, str], None]] = field(default_factory=list)
+
+    def rewriter(self, model: Model) -> Rewriter:
+        """The rewriter a pass must use; the manager counts its changes."""
+        rw = Rewriter(model, self._listeners)
+        self._rewriters.append(rw)
+        return rw
+
+    def changes(self) -> int:
+        return sum(rw.changes for rw in self._rewriters)
+
+
+@dataclass
+class Instrumentation:
+    print_ir_after: set[str] = field(default_factory=set)  # pass names, or {"all"}
+    time_passes: bool = False
+    verify_each: bool = True
+    stop_after: str | None = None
+    disabled: set[str] = field(default_factory=set)
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+
+
+class PassManager:
+    """Runs passes in order with instrumentation; records one report row per pass."""
+
+    def __init__(self, passes: Sequence[Pass], instrumentation: Instrumentation | None = None) -> None:
+        self.passes = list(passes)
+        self.inst = instrumentation or Instrumentation()
+        self.records: list[dict[str, Any]] = []
+
+    def run(self, model: Model, ctx: PassContext) -> bool:
+        inst = self.inst
+        ran: list[str] = []
+        any_modified = False
+        names = {p.name for p in self.passes}
+        if inst.stop_after and inst.stop_after not in names:
+            raise UserError(f"--stop-after {inst.stop_after}: no such pass in the pipeline ({', '.join(p.name for p in self.passes)})")
+        for p in self.passes:
+            if p.name in inst.disabled:
+                self.records.append({"name": p.name, "spec": p.spec(), "seconds": 0.0, "modified": False,
+                                     "skipped": True})
+                continue
+            before = ctx.changes()
+            start = time.perf_counter()
+            try:
+                result = p.run(model, ctx)
+            except UserError:
+                raise
+            except Exception as exc:
+                raise PassFailure(p.name, ran, exc) from exc
+            changed = ctx.changes() - before
+            if changed:
+                for g in [model.graph]:
+                    g.toposort()
+            seconds = time.perf_counter() - start
+            if not isinstance(result, PassResult):
+                raise PassFailure(p.name, ran, TypeError(f"run() returned {type(result).__name__}, not PassResult"))
+            if result.modified != bool(changed):
+                raise PassFailure(p.name, ran, AssertionError(
+                    f"reported modified={result.modified} but its rewriters made {changed} changes"))
+            ran.append(p.name)
+            any_modified |= result.modified
+            self.records.append({"name": p.name, "spec": p.spec(), "seconds": round(seconds, 6),
+                                 "modified": result.modified, "changes": changed})
+            if inst.verify_each and result.modified:
+                problems = verify_model(model)
+                if problems:
+                    raise PassFailure(p.name, ran[:-1], VerificationError(
+                        f"IR invalid after pass: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")))
+            if "all" in inst.print_ir_after or p.name in inst.print_ir_after:
+                inst.stream.write(f"// ----- IR after {p.spec()} -----\n{model.graph.to_text()}\n")
+            if inst.stop_after == p.name:
+                break
+        if inst.time_passes:
+            total = sum(r["seconds"] for r in self.records) or 1e-12
+            inst.stream.write(f"{'pass':<28}{'seconds':>10}{'%':>7}  modified\n")
+            for r in self.records:
+                inst.stream.write(f"{r['name']:<28}{r['seconds']:>10.4f}{100 * r['seconds'] / total:>7.1f}  "
+                                  f"{'skipped' if r.get('skipped') else r['modified']}\n")
+            inst.stream.write(f"{'total':<28}{total:>10.4f}\n")
+        return any_modified

@@ -1,0 +1,157 @@
+"""Which nodes a target runs in integer, with what roles for their inputs, and why the
+others stay float. Shared by ``insert-qdq`` (which acts on it), ``qcompiler inspect`` (which
+shows it) and third-party passes; the target decides, this module only reads the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .ir import Graph, Model, Node, Value
+from .target import OpConfig, Target
+
+__all__ = ["NodePlan", "Plan", "plan_quantization", "weight_axis", "is_float", "producer_op"]
+
+
+@dataclass
+class NodePlan:
+    node: Node
+    graph: Graph
+    config: OpConfig
+    roles: list[str]          # per input: activation | weight | bias | float
+    tail: Node | None = None  # fused activation whose output is the group's output
+
+    @property
+    def output(self) -> Value:
+        return (self.tail or self.node).outputs[0]
+
+
+@dataclass
+class Plan:
+    nodes: dict[str, NodePlan] = field(default_factory=dict)
+    float_nodes: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, str] = field(default_factory=dict)  # tail name -> head name
+
+
+def is_float(value: Value, ranges: Mapping[str, object] | None = None) -> bool:
+    if isinstance(value, gs.Constant):
+        return np.asarray(value.values).dtype.kind == "f"
+    if value.dtype is None:
+        return ranges is not None and value.name in ranges
+    try:
+        return np.dtype(value.dtype) == np.float32
+    except TypeError:
+        return False
+
+
+def producer_op(value: Value) -> str | None:
+    return value.inputs[0].op if value.inputs else None
+
+
+def weight_axis(node: Node, weight: np.ndarray) -> int | None:
+    """The output-channel axis of an op's weight (a fact of the op, not of the target)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul":
+        return weight.ndim - 1 if weight.ndim >= 2 else None
+    return None
+
+
+def _group_tail(node: Node, graph: Graph, target: Target, groups: Mapping[str, str]) -> Node | None:
+    tail_name = groups.get(node.name)
+    if not tail_name:
+        return None
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or graph.is_graph_output(out):
+        return None
+    tail = out.outputs[0]
+    return tail if tail.name == tail_name and target.fused_with(node.op, tail.op) else None
+
+
+def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, object] | None = None,
+                      groups: Mapping[str, str] | None = None, exclude: Sequence[str] = ()) -> Plan:
+    """Decide, node by node, what runs in integer under ``target`` (static mode).
+
+    ``ranges`` (tensor name -> calibrated range) makes missing calibration a reason to stay
+    float; ``groups`` (head node -> fused activation node) comes from ``group-activations``.
+    """
+    plan = Plan()
+    groups = groups or {}
+    excluded = set(exclude)
+    for graph in model.graph.walk():
+        for node in graph.gs.nodes:
+            reason = _why_float(node, graph, model, target, ranges, plan, excluded, groups)
+            if reason is not None:
+                plan.float_nodes[node.name] = reason
+    # a fused tail stays float only if its head does
+    for tail, head in list(plan.fused.items()):
+        if head not in plan.nodes:
+            del plan.fused[tail]
+            plan.float_nodes.setdefault(tail, f"fused activation of float node '{head}'")
+        else:
+            plan.float_nodes.pop(tail, None)
+    return plan
+
+
+def _why_float(node: Node, graph: Graph, model: Model, target: Target,
+               ranges: Mapping[str, object] | None, plan: Plan, excluded: set[str],
+               groups: Mapping[str, str]) -> str | None:
+    if node.op in ("QuantizeLinear", "DequantizeLinear"):
+        return None
+    domain = "" if node.domain in (None, "ai.onnx") else node.domain
+    if domain:
+        return f"op domain '{domain}' is not quantized by qcompiler"
+    if node.name in excluded:
+        return "excluded by option"
+    if node.name in groups.values():
+        return None  # a fused activation: decided with its head
+    if node.op in target.passthrough:
+        return None  # integer or float, decided by its input at insertion time
+    cfg = target.op(node.op)
+    if cfg is None:
+        return f"target '{target.name}' runs {node.op} in float (no integer kernel or Q/DQ rule)"
+    if (model.opset(domain) or 0) < cfg.min_opset:
+        return f"{node.op} needs opset >= {cfg.min_opset} on target '{target.name}'"
+    roles: list[str] = []
+    for i, value in enumerate(node.inputs):
+        role = cfg.inputs[i] if i < len(cfg.inputs) else "float"
+        if not value.name or role in ("float", "any"):
+            roles.append("float")
+            continue
+        produced_by_dq = producer_op(value) == "DequantizeLinear"
+        if role == "weight" and not isinstance(value, gs.Constant):
+            role = "activation"
+        if role == "bias":
+            if cfg.bias.dtype == "float":
+                roles.append("float")
+                continue
+            if not isinstance(value, gs.Constant) and not produced_by_dq:
+                return f"bias '{value.name}' is not a constant"
+        if role in ("activation", "weight") and not produced_by_dq and not is_float(value, ranges):
+            return f"input '{value.name}' is not float32"
+        if role == "weight" and isinstance(value, gs.Constant):
+            w = np.asarray(value.values)
+            if cfg.weight.per_channel and weight_axis(node, w) is None:
+                return f"weight '{value.name}' has no per-channel axis for {node.op}"
+        if (role == "activation" and ranges is not None and not produced_by_dq
+                and not isinstance(value, gs.Constant) and value.name not in ranges):
+            return f"no calibration range for input '{value.name}'"
+        roles.append(role)
+    if "activation" not in roles and "weight" not in roles:
+        return "no input to quantize"
+    if node.op == "Gemm":
+        if float(node.attrs.get("beta", 1.0)) != 1.0 and len(node.inputs) > 2:
+            return "Gemm with beta != 1 has no integer kernel"
+    tail = _group_tail(node, graph, target, groups)
+    if tail is not None:
+        plan.fused[tail.name] = node.name
+    plan.nodes[node.name] = NodePlan(node, graph, cfg, roles, tail)
+    return None

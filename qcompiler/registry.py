@@ -1,0 +1,191 @@
+"""The pass registry: name -> "module:Class", loaded only when a pass is used.
+
+Built-in passes are listed here the same way a third party lists theirs in the
+``qcompiler.passes`` entry-point group, so they go through the same door. A plugin file or
+module given with ``--plugin`` contributes every :class:`Pass` subclass it defines (an
+explicit scan of what the module defines, not registration as an import side effect).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import sys
+import types
+import typing
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .pass_manager import Pass, pass_summary
+from .pipeline import PassSpec
+
+__all__ = ["PassRegistry", "BUILTIN_PASSES", "default_registry"]
+
+BUILTIN_PASSES: dict[str, str] = {
+    "infer-shapes": "qcompiler.passes.infer_shapes:InferShapes",
+    "upgrade-opset": "qcompiler.passes.upgrade_opset:UpgradeOpset",
+    "canonicalize": "qcompiler.passes.canonicalize:Canonicalize",
+    "fold-constants": "qcompiler.passes.fold_constants:FoldConstants",
+    "fuse-conv-bn": "qcompiler.passes.fuse_conv_bn:FuseConvBn",
+    "fuse-pad-conv": "qcompiler.passes.fuse_pad_conv:FusePadConv",
+    "fold-matmul-add": "qcompiler.passes.fold_matmul_add:FoldMatmulAdd",
+    "group-activations": "qcompiler.passes.group_activations:GroupActivations",
+    "calibrate": "qcompiler.passes.calibrate:Calibrate",
+    "insert-qdq": "qcompiler.passes.insert_qdq:InsertQdq",
+    "lower-qoperator": "qcompiler.passes.lower_qoperator:LowerQoperator",
+    "cleanup-qdq": "qcompiler.passes.cleanup_qdq:CleanupQdq",
+    "quantize-dynamic": "qcompiler.passes.quantize_dynamic:QuantizeDynamic",
+}
+
+
+class PassRegistry:
+    def __init__(self, refs: dict[str, str] | None = None, *, use_entry_points: bool = True) -> None:
+        self._refs: dict[str, str] = dict(BUILTIN_PASSES if refs is None else refs)
+        self._classes: dict[str, type[Pass]] = {}
+        self._origin: dict[str, str] = {n: "builtin" for n in self._refs}
+        if use_entry_points:
+            for ep in entry_points(group="qcompiler.passes"):
+                if ep.name not in self._refs:
+                    self._refs[ep.name] = ep.value
+                    self._origin[ep.name] = f"entry point ({ep.dist.name if ep.dist else '?'})"
+
+    def names(self) -> list[str]:
+        return sorted(set(self._refs) | set(self._classes))
+
+    def register(self, cls: type[Pass], origin: str = "api") -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Pass) and cls.name):
+            raise UserError(f"{cls!r} is not a Pass subclass with a name")
+        self._classes[cls.name] = cls
+        self._origin[cls.name] = origin
+
+    def origin(self, name: str) -> str:
+        return self._origin.get(name, "?")
+
+    def get(self, name: str) -> type[Pass]:
+        if name in self._classes:
+            return self._classes[name]
+        ref = self._refs.get(name)
+        if ref is None:
+            close = difflib.get_close_matches(name, self.names(), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown pass '{name}'{hint}; 'qcompiler passes' lists them")
+        module_name, _, attr = ref.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(f"pass '{name}': cannot load '{ref}' ({exc})") from exc
+        self._classes[name] = cls
+        return cls
+
+    def load_plugin(self, spec: str) -> list[str]:
+        """Load a plugin file (``path/to/file.py``) or importable module; returns pass names."""
+        if spec.endswith(".py") or Path(spec).is_file():
+            path = Path(spec)
+            if not path.is_file():
+                raise UserError(f"--plugin {spec}: no such file")
+            mod_name = f"qcompiler_plugin_{path.stem}"
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise UserError(f"--plugin {spec}: cannot load as a Python module")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:
+                raise UserError(f"--plugin {spec}: error while importing: {type(exc).__name__}: {exc}") from exc
+        else:
+            try:
+                module = importlib.import_module(spec)
+            except ImportError as exc:
+                raise UserError(f"--plugin {spec}: cannot import module ({exc})") from exc
+        found = _passes_defined_in(module)
+        if not found:
+            raise UserError(f"--plugin {spec}: defines no Pass subclass with a name")
+        for cls in found:
+            self.register(cls, origin=f"plugin {spec}")
+        return [c.name for c in found]
+
+    def instantiate(self, spec: PassSpec) -> Pass:
+        cls = self.get(spec.name)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, raw in spec.options:
+            attr = key.replace("-", "_")
+            if attr not in fields:
+                known = ", ".join(k.replace("_", "-") for k in fields) or "none"
+                raise UserError(f"pass '{spec.name}': unknown option '{key}' (options: {known})")
+            kwargs[attr] = _convert(spec.name, key, raw, hints.get(attr, str))
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"pass '{spec.name}': {exc}") from exc
+
+    def options(self, name: str) -> list[tuple[str, str, Any]]:
+        """(option, type, default) rows for ``qcompiler passes``."""
+        cls = self.get(name)
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append((f.name.replace("_", "-"), _type_name(hints.get(f.name, str)), default))
+        return rows
+
+    def summary(self, name: str) -> str:
+        return pass_summary(self.get(name))
+
+
+def _passes_defined_in(module: types.ModuleType) -> list[type[Pass]]:
+    found = []
+    for value in vars(module).values():
+        if (isinstance(value, type) and issubclass(value, Pass) and value is not Pass
+                and value.__module__ == module.__name__ and value.name):
+            found.append(value)
+    return sorted(found, key=lambda c: c.name)
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t)).replace("typing.", "")
+
+
+def _convert(pass_name: str, key: str, raw: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if raw in ("none", "None", ""):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if raw.lower() in ("true", "1", "yes", "on"):
+                return True
+            if raw.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint is int:
+            return int(raw, 0)
+        if hint is float:
+            return float(raw)
+        if origin in (tuple, list):
+            body = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+            items = [s.strip() for s in body.split(",") if s.strip()] if body else []
+            inner = args[0] if args else str
+            return tuple(_convert(pass_name, key, s, inner) for s in items)
+        return raw
+    except ValueError:
+        raise UserError(f"pass '{pass_name}': option '{key}={raw}' is not a valid {_type_name(hint)}") from None
+
+
+_default: PassRegistry | None = None
+
+
+def default_registry() -> PassRegistry:
+    global _default
+    if _default is None:
+        _default = PassRegistry()
+    return _default

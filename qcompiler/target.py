@@ -1,0 +1,336 @@
+"""Hardware targets as data: the schema, the loader, and the lookup tables passes read.
+
+A target file (TOML, read with the standard library's ``tomllib``) says which ops run in
+integer, with which dtypes, symmetry, granularity and scale rules, which kernels they lower
+to, which ops pass quantized data through, and which op chains fuse. Passes never test a
+target's name; they ask this module. Every error cites the file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import tomllib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .quant import DTYPES, QType, qrange
+
+__all__ = ["Target", "OpConfig", "TensorRule", "load_target", "builtin_targets", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+# -- schema: key -> expected type (a tuple of allowed values for enums) --------------------
+_TENSOR_RULE = {
+    "dtype": tuple(DTYPES) + ("float",),
+    "symmetric": bool,
+    "granularity": ("per-tensor", "per-channel"),
+    "narrow_range": bool,
+    "bits": int,
+    "range": list,
+    "scale": ("float", "power-of-two"),
+}
+_OP = {
+    "kernel": str,
+    "inputs": list,
+    "output": ("quantized", "float"),
+    "activation": dict,
+    "weight": dict,
+    "bias": dict,
+    "min_opset": int,
+    "prefer_gemm": bool,
+    "note": str,
+}
+_ROLES = ("activation", "weight", "bias", "float", "any")
+_SCHEMA: dict[str, Any] = {
+    "schema": int,
+    "name": str,
+    "description": str,
+    "extends": str,
+    "defaults": {
+        "format": ("qdq", "qoperator"),
+        "mode": ("static", "dynamic"),
+        "pipeline": str,
+        "dynamic_pipeline": str,
+        "calibration_method": str,
+        "quantize_graph_outputs": bool,
+        "float_precision": ("fp32", "fp16"),
+        "min_opset": int,
+    },
+    "isa": {"arch": str, "vnni": bool, "int16_pair_saturation": bool, "notes": str},
+    "quantization": {"activation": _TENSOR_RULE, "weight": _TENSOR_RULE, "bias": _TENSOR_RULE},
+    "ops": ("table-of", _OP),
+    "passthrough": {"ops": list},
+    "fused": ("array-of", {"ops": list, "note": str}),
+    "fixed_qparams": ("table-of", {"scale": float, "zero_point": int, "note": str}),
+    "dynamic": {"ops": ("table-of", _OP), "weight": _TENSOR_RULE, "activation": _TENSOR_RULE},
+}
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """Resolved quantization rule for one kind of tensor."""
+
+    dtype: str
+    symmetric: bool
+    per_channel: bool
+    qtype: QType | None  # None when dtype is "float"
+
+
+@dataclass(frozen=True)
+class OpConfig:
+    op_type: str
+    kernel: str | None
+    inputs: tuple[str, ...]
+    output_quantized: bool
+    activation: TensorRule
+    weight: TensorRule
+    bias: TensorRule
+    min_opset: int
+    prefer_gemm: bool
+
+    @property
+    def kernel_domain(self) -> str:
+        return self.kernel.rsplit(".", 1)[0] if self.kernel and "." in self.kernel else ""
+
+    @property
+    def kernel_op(self) -> str | None:
+        return self.kernel.rsplit(".", 1)[-1] if self.kernel else None
+
+
+def _validate(data: Any, schema: Any, where: str, src: str) -> None:
+    if isinstance(schema, tuple) and schema and schema[0] == "table-of":
+        if not isinstance(data, dict):
+            raise UserError(f"{src}: key '{where}' must be a table")
+        for k, v in data.items():
+            _validate(v, schema[1], f"{where}.{k}", src)
+        return
+    if isinstance(schema, tuple) and schema and schema[0] == "array-of":
+        if not isinstance(data, list):
+            raise UserError(f"{src}: key '{where}' must be an array of tables")
+        for i, v in enumerate(data):
+            _validate(v, schema[1], f"{where}[{i}]", src)
+        return
+    if isinstance(schema, dict):
+        if not isinstance(data, dict):
+            raise UserError(f"{src}: key '{where}' must be a table")
+        for k, v in data.items():
+            key = f"{where}.{k}" if where else k
+            if k not in schema:
+                close = difflib.get_close_matches(k, list(schema), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise UserError(f"{src}: unknown key '{key}'{hint}")
+            _validate(v, schema[k], key, src)
+        return
+    if isinstance(schema, tuple):
+        if data not in schema:
+            raise UserError(f"{src}: key '{where}' = {data!r} must be one of {', '.join(map(str, schema))}")
+        return
+    if schema is float:
+        ok = isinstance(data, (int, float)) and not isinstance(data, bool)
+    elif schema is int:
+        ok = isinstance(data, int) and not isinstance(data, bool)
+    else:
+        ok = isinstance(data, schema)
+    if not ok:
+        raise UserError(f"{src}: key '{where}' must be {schema.__name__}, not {type(data).__name__}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def builtin_targets() -> dict[str, Path]:
+    """Built-in target files shipped in the package, plus ``qcompiler.targets`` entry points."""
+    found: dict[str, Path] = {}
+    root = importlib.resources.files("qcompiler.targets")
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            found[entry.name[:-5]] = Path(str(entry))
+    for ep in entry_points(group="qcompiler.targets"):
+        found.setdefault(ep.name, Path(ep.value))
+    return found
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read target file ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from exc
+
+
+def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Target":
+    """Load a target by built-in name or by path to a ``.toml`` file, resolving ``extends``."""
+    if isinstance(spec, Target):
+        return spec
+    text = str(spec)
+    builtins = builtin_targets()
+    if text.endswith(".toml") or Path(text).is_file():
+        path = Path(text)
+        if not path.is_file():
+            raise UserError(f"{path}: no such target file")
+    elif text in builtins:
+        path = builtins[text]
+    else:
+        close = difflib.get_close_matches(text, list(builtins), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown target '{text}'{hint}; built-in targets: {', '.join(builtins)}")
+    data = _read(path)
+    _validate(data, _SCHEMA, "", str(path))
+    for key in ("name", "description"):
+        if key not in data:
+            raise UserError(f"{path}: missing required key '{key}'")
+    if data.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise UserError(f"{path}: key 'schema' = {data['schema']} is not supported (this qcompiler reads {SCHEMA_VERSION})")
+    if "extends" in data:
+        parent_name = data["extends"]
+        if parent_name in _seen:
+            raise UserError(f"{path}: key 'extends' = '{parent_name}' forms a cycle")
+        parent_spec = parent_name
+        sibling = path.parent / f"{parent_name}.toml"
+        if parent_name not in builtins and sibling.is_file():
+            parent_spec = str(sibling)
+        try:
+            parent = load_target(parent_spec, _seen + (data["name"],))
+        except UserError as exc:
+            raise UserError(f"{path}: key 'extends': {exc}") from exc
+        merged = _merge(parent.data, {k: v for k, v in data.items() if k != "extends"})
+        merged["extends"] = parent_name
+        data = merged
+    return Target(data, path)
+
+
+class Target:
+    """A resolved target; the accessors are the only way passes read it."""
+
+    def __init__(self, data: dict[str, Any], path: Path | None = None) -> None:
+        self.data = data
+        self.path = path
+        src = str(path) if path else "<target>"
+        self.name: str = data["name"]
+        self.description: str = data.get("description", "")
+        d = data.get("defaults", {})
+        self.default_format: str = d.get("format", "qdq")
+        self.default_mode: str = d.get("mode", "static")
+        self.calibration_method: str = d.get("calibration_method", "minmax")
+        self.quantize_graph_outputs: bool = d.get("quantize_graph_outputs", False)
+        self.min_opset: int = d.get("min_opset", 13)
+        self._pipelines = {"static": d.get("pipeline", ""), "dynamic": d.get("dynamic_pipeline", "")}
+        q = data.get("quantization", {})
+        self._rules = {k: q.get(k, {}) for k in ("activation", "weight", "bias")}
+        self.passthrough: frozenset[str] = frozenset(data.get("passthrough", {}).get("ops", []))
+        # each fused pattern is a chain of steps; a step lists alternatives as "Relu|Clip"
+        self.fused: tuple[tuple[frozenset[str], ...], ...] = tuple(
+            tuple(frozenset(str(step).split("|")) for step in f["ops"]) for f in data.get("fused", []))
+        for i, raw in enumerate(data.get("fused", [])):
+            if len(raw["ops"]) < 2 or not all(isinstance(x, str) and x for x in raw["ops"]):
+                raise UserError(f"{src}: key 'fused[{i}].ops' must list at least two op types")
+        self.fixed: dict[str, tuple[float, int]] = {
+            op: (float(v["scale"]), int(v["zero_point"])) for op, v in data.get("fixed_qparams", {}).items()}
+        self.ops: dict[str, OpConfig] = {
+            op: self._op_config(op, cfg, src, f"ops.{op}") for op, cfg in data.get("ops", {}).items()}
+        dyn = data.get("dynamic", {})
+        self.dynamic_ops: dict[str, OpConfig] = {
+            op: self._op_config(op, cfg, src, f"dynamic.ops.{op}", dyn) for op, cfg in dyn.get("ops", {}).items()}
+        for key in ("activation", "weight", "bias"):
+            self._rule(self._rules[key], src, f"quantization.{key}")  # validate eagerly
+
+    # -- construction helpers --------------------------------------------------------------
+    def _rule(self, raw: dict[str, Any], src: str, where: str) -> TensorRule:
+        dtype = raw.get("dtype", "float")
+        symmetric = bool(raw.get("symmetric", False))
+        per_channel = raw.get("granularity", "per-tensor") == "per-channel"
+        if dtype == "float":
+            return TensorRule(dtype, symmetric, per_channel, None)
+        explicit = raw.get("range")
+        if explicit is not None:
+            info_lo, info_hi = qrange(dtype)
+            if (len(explicit) != 2 or not all(isinstance(x, int) for x in explicit)
+                    or not info_lo <= explicit[0] < explicit[1] <= info_hi):
+                raise UserError(f"{src}: key '{where}.range' must be [lo, hi] integers within {dtype}'s range")
+        lo, hi = qrange(dtype, narrow=bool(raw.get("narrow_range", False)), bits=raw.get("bits"),
+                        explicit=tuple(explicit) if explicit else None)
+        qtype = QType(dtype=dtype, symmetric=symmetric, qmin=lo, qmax=hi,
+                      power_of_two=raw.get("scale", "float") == "power-of-two")
+        return TensorRule(dtype, symmetric, per_channel, qtype)
+
+    def _op_config(self, op: str, cfg: dict[str, Any], src: str, where: str,
+                   section: dict[str, Any] | None = None) -> OpConfig:
+        roles = tuple(cfg.get("inputs", ["activation"]))
+        for r in roles:
+            if r not in _ROLES:
+                raise UserError(f"{src}: key '{where}.inputs' has role '{r}'; roles are {', '.join(_ROLES)}")
+        base = self._rules if section is None else {k: _merge(self._rules[k], section.get(k, {})) for k in self._rules}
+        rules = {k: self._rule(_merge(base[k], cfg.get(k, {})), src, f"{where}.{k}") for k in base}
+        return OpConfig(op, cfg.get("kernel"), roles, cfg.get("output", "quantized") == "quantized",
+                        rules["activation"], rules["weight"], rules["bias"], int(cfg.get("min_opset", 1)),
+                        bool(cfg.get("prefer_gemm", False)))
+
+    # -- lookups ----------------------------------------------------------------------------
+    def pipeline(self, mode: str) -> str:
+        return self._pipelines.get(mode, "")
+
+    def activation_rule(self) -> TensorRule:
+        return self._rule(self._rules["activation"], str(self.path), "quantization.activation")
+
+    def op(self, op_type: str, mode: str = "static") -> OpConfig | None:
+        return (self.dynamic_ops if mode == "dynamic" else self.ops).get(op_type)
+
+    def fused_with(self, first: str, second: str) -> bool:
+        """Whether ``second`` directly after ``first`` runs inside one kernel (no Q/DQ between)."""
+        return any(first in p[0] and second in p[1] for p in self.fused)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "format": self.default_format,
+                "mode": self.default_mode, "source": str(self.path) if self.path else None}
+
+    def to_toml(self) -> str:
+        """The resolved target (extends applied) as TOML text, for ``targets --show``."""
+        return _dump_toml(self.data)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(type(v))
+
+
+def _dump_toml(data: dict[str, Any], prefix: str = "") -> str:
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        if isinstance(v, list):
+            for item in v:
+                lines.append(f"\n[[{name}]]")
+                lines.append(_dump_toml(item, f"{name}.").strip())
+        else:
+            lines.append(f"\n[{name}]")
+            body = _dump_toml(v, f"{name}.").strip()
+            if body:
+                lines.append(body)
+    return "\n".join(lines) + "\n"
