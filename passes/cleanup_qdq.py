@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler import Match, Model, Op, Pass, PassContext, PassResult, QParams, QType, Rewriter, Rule, apply_rules
@@ -17,9 +18,23 @@ def _const(v: gs.Tensor | None) -> np.ndarray | None:
     return np.asarray(v.values) if isinstance(v, gs.Constant) else None
 
 
+def _omitted_zp_dtype(node: gs.Node) -> np.dtype | None:
+    """The integer type ONNX implies when the zero point is omitted: a QuantizeLinear's
+    `output_dtype` (opset 21+; uint8 by default), a DequantizeLinear's input type (None: unknown)."""
+    if node.op == "QuantizeLinear":
+        to = int(node.attrs.get("output_dtype", 0))
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to)) if to else np.dtype(np.uint8)
+    dtype = node.inputs[0].dtype
+    return np.dtype(dtype) if dtype is not None else None
+
+
 def _params(node: gs.Node) -> tuple[np.ndarray | None, np.ndarray | None, int]:
     scale = _const(node.inputs[1])
-    zp = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros((), np.uint8)
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        zp = _const(node.inputs[2])
+    else:
+        dtype = _omitted_zp_dtype(node)
+        zp = np.zeros((), dtype) if dtype is not None else None
     return scale, zp, int(node.attrs.get("axis", 1))
 
 
@@ -49,6 +64,8 @@ def _fold_q_const(m: Match, rw: Rewriter) -> bool:
     scale, zp, axis = _params(q)
     if scale is None or zp is None or (len(q.inputs) > 2 and q.inputs[2].name and zp is None):
         return False
+    if zp.dtype.kind not in "iu":
+        return False  # int4/float8 (ml_dtypes) storage: leave it to run time
     info = np.iinfo(zp.dtype)
     qp = QParams(scale.astype(np.float32), zp, QType(zp.dtype.name, False, int(info.min), int(info.max)),
                  axis if scale.size > 1 else None)

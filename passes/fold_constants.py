@@ -94,6 +94,10 @@ class FoldConstants(Pass):
         try:
             proto_node = onnx.helper.make_node(node.op, in_names, out_names, **attrs)
             opset = model.opset("") or 17
+            if node.op == "DequantizeLinear" and opset < 19:
+                # onnx.reference implements DequantizeLinear only from opset 19; versions 10-18
+                # compute the same for their (integer) input types
+                opset = 19
             graph = onnx.helper.make_graph(
                 [proto_node], "fold",
                 [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)

@@ -159,6 +159,7 @@ class LowerQoperator(Pass):
             return PassResult(False)
         rw = ctx.rewriter(model)
         lowered: list[str] = []
+        replaced: set[str] = set()
         for graph in list(model.graph.walk()):
             for node in graph.nodes:
                 if not node.outputs:
@@ -170,12 +171,14 @@ class LowerQoperator(Pass):
                 cfg = ctx.target.op(node.op)
                 if cfg is None or not cfg.kernel or cfg.kernel_op not in KERNELS:
                     continue
+                original = node.name
                 name = self._lower(rw, graph, node, cfg.kernel_op, cfg.kernel_domain)
                 if name:
                     lowered.append(name)
+                    replaced.add(original)
         rw.cleanup(model.graph)
         previous = set(ctx.analysis.get("lowered", []))
-        ctx.analysis["lowered"] = sorted(previous | set(lowered))
+        ctx.analysis["lowered"] = sorted((previous - replaced) | set(lowered))
         return PassResult(rw.modified)
 
     @staticmethod

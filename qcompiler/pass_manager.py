@@ -143,8 +143,10 @@ class PassManager:
                 raise PassFailure(p.name, ran, exc) from exc
             changed = ctx.changes() - before
             if changed:
-                for g in [model.graph]:
-                    g.toposort()
+                try:
+                    model.graph.toposort()
+                except ValueError as exc:  # the pass left a cycle: blame it, like verify-each would
+                    raise PassFailure(p.name, ran, VerificationError(f"IR invalid after pass: {exc}")) from exc
             seconds = time.perf_counter() - start
             if not isinstance(result, PassResult):
                 raise PassFailure(p.name, ran, TypeError(f"run() returned {type(result).__name__}, not PassResult"))

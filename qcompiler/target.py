@@ -193,14 +193,18 @@ def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Ta
         raise UserError(f"{path}: key 'schema' = {data['schema']} is not supported (this qcompiler reads {SCHEMA_VERSION})")
     if "extends" in data:
         parent_name = data["extends"]
-        if parent_name in _seen:
-            raise UserError(f"{path}: key 'extends' = '{parent_name}' forms a cycle")
         parent_spec = parent_name
         sibling = path.parent / f"{parent_name}.toml"
         if parent_name not in builtins and sibling.is_file():
             parent_spec = str(sibling)
+        # files already on the chain are tracked by resolved path too: names need not match file names
+        own = str(path.resolve())
+        parent_path = (str(Path(parent_spec).resolve()) if parent_spec != parent_name
+                       else str(builtins[parent_name].resolve()) if parent_name in builtins else None)
+        if parent_name in _seen or parent_path in _seen + (own,):
+            raise UserError(f"{path}: key 'extends' = '{parent_name}' forms a cycle")
         try:
-            parent = load_target(parent_spec, _seen + (data["name"],))
+            parent = load_target(parent_spec, _seen + (data["name"], own))
         except UserError as exc:
             raise UserError(f"{path}: key 'extends': {exc}") from exc
         merged = _merge(parent.data, {k: v for k, v in data.items() if k != "extends"})

@@ -213,13 +213,14 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
         problems = verify_model(model, sorted_check=False)
         if problems:
             raise UserError(f"{source}: invalid model: {problems[0]}")
-        model.graph.toposort()
+        reordered = model.graph.toposort()
         try:
             if not _fits(proto) or proto.ByteSize() > _TWO_GB:
                 if isinstance(path, (str, os.PathLike)):
                     onnx.checker.check_model(str(path))
             else:
-                onnx.checker.check_model(proto)
+                # onnx's checker insists on topological order: check the sorted graph
+                onnx.checker.check_model(model.to_proto() if reordered else proto)
         except onnx.checker.ValidationError as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc

@@ -76,7 +76,7 @@ class Rewriter:
         self._note("erase", f"{node.op} '{node.name}'")
 
     def set_input(self, node: Node, index: int, value: Value) -> None:
-        if node.inputs[index] is value:
+        if index < len(node.inputs) and node.inputs[index] is value:
             return
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
