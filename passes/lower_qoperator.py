@@ -159,7 +159,6 @@ class LowerQoperator(Pass):
             return PassResult(False)
         rw = ctx.rewriter(model)
         lowered: list[str] = []
-        replaced: set[str] = set()
         for graph in list(model.graph.walk()):
             for node in graph.nodes:
                 if not node.outputs:
@@ -171,14 +170,12 @@ class LowerQoperator(Pass):
                 cfg = ctx.target.op(node.op)
                 if cfg is None or not cfg.kernel or cfg.kernel_op not in KERNELS:
                     continue
-                original = node.name
                 name = self._lower(rw, graph, node, cfg.kernel_op, cfg.kernel_domain)
                 if name:
                     lowered.append(name)
-                    replaced.add(original)
         rw.cleanup(model.graph)
         previous = set(ctx.analysis.get("lowered", []))
-        ctx.analysis["lowered"] = sorted((previous - replaced) | set(lowered))
+        ctx.analysis["lowered"] = sorted(previous | set(lowered))
         return PassResult(rw.modified)
 
     @staticmethod
@@ -221,10 +218,10 @@ class LowerQoperator(Pass):
             return None
         inputs, attrs = built
         final = out[0] if out is not None else (tail or node).outputs[0]
-        name = node.name + "_quant"
+        name = node.name
         for n in ([q] if q is not None else []) + ([tail] if tail is not None else []) + [node]:
             rw.erase_node(graph, n)
-        rw.create_node(graph, kernel, inputs, [final], attrs, name=name, domain=domain)
+        rw.create_node(graph, kernel, inputs, [final], attrs, name=name, domain=domain, reuse_name=True)
         return name
 
     @staticmethod

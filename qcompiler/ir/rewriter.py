@@ -51,10 +51,11 @@ class Rewriter:
     # -- nodes ---------------------------------------------------------------------------
     def create_node(self, graph: Graph, op: str, inputs: Sequence[Value], outputs: Sequence[Value],
                     attrs: dict[str, Any] | None = None, *, name: str | None = None,
-                    domain: str = "", before: Node | None = None) -> Node:
+                    domain: str = "", before: Node | None = None, reuse_name: bool = False) -> Node:
         """Insert a node (before ``before`` if given, else at the end; order is restored
-        by the pass manager's stable topological sort)."""
-        node = gs.Node(op=op, name=self.model.fresh_name(name or op), attrs=dict(attrs or {}),
+        by the pass manager's stable topological sort). ``reuse_name`` keeps ``name`` as
+        given: for a node that replaces an erased one, so reports can name it as the user knows it."""
+        node = gs.Node(op=op, name=name if (reuse_name and name) else self.model.fresh_name(name or op), attrs=dict(attrs or {}),
                        inputs=list(inputs), outputs=list(outputs), domain=domain or None)
         if domain:
             self.model.require_opset(domain, 1)
