@@ -8,9 +8,55 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import Model, Pass, PassContext, PassResult, RangeCollector, UserError, run_collect
+from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, RangeCollector, UserError, run_collect
 
 __all__ = ["Calibrate"]
+
+
+def _weighted_inputs(model: Model) -> dict[str, int]:
+    """Activations multiplied by a constant weight, with the axis their channels lie on;
+    their per-channel means let insert-qdq correct the bias shift weight rounding causes."""
+    axes: dict[str, int] = {}
+    for node in model.graph.gs.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        if not isinstance(node.inputs[1], gs.Constant) or isinstance(node.inputs[0], gs.Constant):
+            continue
+        if node.op == "Conv":
+            axes[node.inputs[0].name] = 1
+        elif node.op == "Gemm":
+            axes[node.inputs[0].name] = 0 if int(node.attrs.get("transA", 0)) else -1
+        else:
+            axes[node.inputs[0].name] = -1
+    return axes
+
+
+def _moment_specs(model: Model, max_dim: int) -> dict[str, list[tuple[str, PatchSpec]]]:
+    """Per activation, the (node, window) pairs whose input second moments to accumulate."""
+    specs: dict[str, list[tuple[str, PatchSpec]]] = {}
+    for node in model.graph.gs.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or isinstance(node.inputs[0], gs.Constant) or w.shape is None:
+            continue
+        shape = list(w.shape)
+        if node.op == "Conv":
+            if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                continue
+            k = int(np.prod(shape[1:]))
+            spec = PatchSpec(tuple(shape[2:]), tuple(node.attrs.get("pads", ())), tuple(node.attrs.get("strides", ())),
+                             tuple(node.attrs.get("dilations", ())), int(node.attrs.get("group", 1)))
+        else:
+            if len(shape) != 2:
+                continue
+            trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+            k = shape[1] if trans_b else shape[0]
+            spec = PatchSpec(trans=node.op == "Gemm" and bool(int(node.attrs.get("transA", 0))))
+        if k > max_dim:
+            continue
+        specs.setdefault(node.inputs[0].name, []).append((node.name, spec))
+    return specs
 
 
 @dataclass(frozen=True)
@@ -27,6 +73,8 @@ class Calibrate(Pass):
     name = "calibrate"
     method: str = "minmax"
     limit: int = 0
+    second_moments: bool = True
+    max_moment_dim: int = 4608
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.method != "minmax":
@@ -56,8 +104,12 @@ class Calibrate(Pass):
                         collector.update(name, feed[name])
                 yield feed
 
-        count = run_collect(model.to_proto(), names, feeds(), collector)
+        specs = _moment_specs(model, self.max_moment_dim) if self.second_moments else {}
+        count = run_collect(model.to_proto(), names, feeds(), collector, channel_axes=_weighted_inputs(model),
+                            moment_specs=specs)
+        ctx.analysis["input_moments"] = collector.moments
         ctx.analysis["ranges"] = collector.ranges()
+        ctx.analysis["channel_means"] = collector.means()
         ctx.report["calibration"] = {"method": self.method, "samples": count,
                                      "tensors": len(ctx.analysis["ranges"]),
                                      "seconds": round(time.perf_counter() - start, 3)}

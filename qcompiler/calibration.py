@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["InputSpec", "CalibrationData", "load_calibration", "input_specs", "RangeCollector"]
+__all__ = ["InputSpec", "CalibrationData", "load_calibration", "input_specs", "RangeCollector", "PatchSpec",
+           "input_patches"]
 
 Feed = dict[str, np.ndarray]
 
@@ -171,12 +172,89 @@ def load_calibration(source: Any, specs: list[InputSpec], *, limit: int | None =
     return CalibrationData(source, specs, limit=limit)
 
 
+@dataclass(frozen=True)
+class PatchSpec:
+    """How a layer reads its input: a Conv's window (kernel, pads, strides, dilations, group)
+    or a plain matrix product (``kernel`` empty). Used to form the input vectors whose second
+    moments (x x^T) drive error-minimising weight rounding."""
+
+    kernel: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    group: int = 1
+    trans: bool = False  # Gemm transA: channels on axis 0
+
+
+def input_patches(arr: np.ndarray, spec: PatchSpec) -> np.ndarray:
+    """Input vectors [G, K, P] the layer multiplies by its weight rows (im2col for Conv), in
+    the weight's flattening order (channel, then kernel positions)."""
+    if not spec.kernel:
+        x = arr.T if spec.trans else arr
+        return x.reshape(-1, x.shape[-1]).T[None]
+    nd = len(spec.kernel)
+    n, c = arr.shape[:2]
+    pads = spec.pads or (0,) * (2 * nd)
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
+    x = np.pad(arr, width)
+    dil = spec.dilations or (1,) * nd
+    strides = spec.strides or (1,) * nd
+    win = tuple(d * (k - 1) + 1 for d, k in zip(dil, spec.kernel))
+    view = np.lib.stride_tricks.sliding_window_view(x, win, axis=tuple(range(2, 2 + nd)))
+    sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
+        + tuple(slice(None, None, d) for d in dil)
+    view = view[sl]  # [N, C, O1.., K1..]
+    # -> [C, K1.., N, O1..] in one copy, then [G, (C/G)*Ksz, P]
+    order = (1,) + tuple(range(2 + nd, 2 + 2 * nd)) + (0,) + tuple(range(2, 2 + nd))
+    flat = np.ascontiguousarray(view.transpose(order))
+    ksz = int(np.prod(spec.kernel))
+    g = spec.group
+    return flat.reshape(g, (c // g) * ksz, -1)
+
+
 class RangeCollector:
     """Running per-tensor min/max (the ``minmax`` method); exact under any batching or order."""
 
     def __init__(self) -> None:
         self.mins: dict[str, float] = {}
         self.maxs: dict[str, float] = {}
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.moments: dict[str, np.ndarray] = {}
+        self.max_positions = 2048
+
+    def update_moment(self, key: str, arr: np.ndarray, spec: PatchSpec) -> None:
+        """Accumulate sum(x x^T) over the layer's input vectors (mergeable by addition)."""
+        if spec.kernel and spec.group == 1 and all(k == 1 for k in spec.kernel) \
+                and not any(spec.pads) and all(s == 1 for s in spec.strides or (1,)):
+            x = np.moveaxis(arr, 1, 0).reshape(arr.shape[1], -1).astype(np.float32)
+            step = -(-x.shape[1] // self.max_positions)
+            if step > 1:
+                x = np.ascontiguousarray(x[:, ::step])
+            m = (x @ x.T).astype(np.float64)[None]  # 1x1 conv: a channel covariance, one GEMM
+        else:
+            patches = input_patches(arr.astype(np.float32), spec)
+            step = -(-patches.shape[2] // self.max_positions)
+            if step > 1:  # large feature maps: evenly spaced positions estimate the moments well
+                patches = np.ascontiguousarray(patches[:, :, ::step])
+            m = np.matmul(patches, np.swapaxes(patches, 1, 2)).astype(np.float64)
+        self.moments[key] = self.moments[key] + m if key in self.moments else m
+
+    def update_mean(self, name: str, arr: np.ndarray, axis: int) -> None:
+        """Accumulate the per-channel mean along ``axis`` (for bias correction)."""
+        if arr.size == 0 or arr.ndim == 0:
+            return
+        moved = np.moveaxis(arr.astype(np.float64), axis, -1).reshape(-1, arr.shape[axis])
+        total = moved.sum(axis=0)
+        if name in self.sums and self.sums[name].shape == total.shape:
+            self.sums[name] += total
+            self.counts[name] += moved.shape[0]
+        else:
+            self.sums[name] = total
+            self.counts[name] = moved.shape[0]
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {k: self.sums[k] / max(self.counts[k], 1) for k in sorted(self.sums)}
 
     def update(self, name: str, arr: np.ndarray) -> None:
         if arr.size == 0:
@@ -191,13 +269,22 @@ class RangeCollector:
     def merge(self, other: "RangeCollector") -> None:
         for k, v in other.mins.items():
             self.update(k, np.array([v, other.maxs[k]]))
+        for k, total in other.sums.items():
+            if k in self.sums:
+                self.sums[k] = self.sums[k] + total
+                self.counts[k] += other.counts[k]
+            else:
+                self.sums[k], self.counts[k] = total.copy(), other.counts[k]
+        for k, m in other.moments.items():
+            self.moments[k] = self.moments[k] + m if k in self.moments else m.copy()
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         return {k: (self.mins[k], self.maxs[k]) for k in sorted(self.mins)}
 
 
 def run_collect(model_proto: Any, names: Iterable[str], data: Iterable[Feed], collector: RangeCollector,
-                threads: int = 0) -> int:
+                threads: int = 0, channel_axes: Mapping[str, int] | None = None,
+                moment_specs: Mapping[str, list[tuple[str, PatchSpec]]] | None = None) -> int:
     """Run ``model_proto`` on every sample with ``names`` exposed as outputs; returns sample count."""
     import onnx
     import onnxruntime as ort
@@ -216,11 +303,21 @@ def run_collect(model_proto: Any, names: Iterable[str], data: Iterable[Feed], co
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in sess.get_outputs()]
     observe = set(names)
+    axes = dict(channel_axes or {})
     count = 0
     for feed in data:
         outs = sess.run(None, feed)
         for n, arr in zip(out_names, outs):
             if n in observe and isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
                 collector.update(n, arr)
+                if n in axes and arr.ndim:
+                    collector.update_mean(n, arr, axes[n])
+                for key, spec in (moment_specs or {}).get(n, ()):
+                    collector.update_moment(key, arr, spec)
+        for n, axis in axes.items():
+            if n in feed and feed[n].dtype.kind == "f":
+                collector.update_mean(n, feed[n], axis)
+                for key, spec in (moment_specs or {}).get(n, ()):
+                    collector.update_moment(key, feed[n], spec)
         count += 1
     return count

@@ -116,6 +116,8 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
     if node.op in target.passthrough:
         return None  # integer or float, decided by its input at insertion time
     cfg = target.op(node.op)
+    if cfg is not None:
+        cfg = cfg.for_node(node)
     if cfg is None:
         return f"target '{target.name}' runs {node.op} in float (no integer kernel or Q/DQ rule)"
     if (model.opset(domain) or 0) < cfg.min_opset:

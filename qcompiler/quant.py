@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QType", "QParams", "qrange", "compute_qparams", "quantize", "dequantize", "DTYPES"]
+__all__ = ["QType", "QParams", "qrange", "compute_qparams", "weight_qparams", "gptq_round", "quantize", "dequantize", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "uint8": np.dtype(np.uint8), "int8": np.dtype(np.int8),
@@ -29,6 +29,7 @@ class QType:
     qmin: int = 0
     qmax: int = 255
     power_of_two: bool = False
+    pair_sum_max: int = 0  # >0: any two |q| of one channel sum to at most this (int16 pair accumulation)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -92,6 +93,33 @@ def compute_qparams(rmin: np.ndarray | float, rmax: np.ndarray | float, qtype: Q
     return QParams(np.asarray(scale, dtype=np.float32), np.asarray(zp).astype(qtype.np_dtype), qtype, axis)
 
 
+def weight_qparams(w: np.ndarray, qtype: QType, axis: int | None) -> QParams:
+    """QParams for a constant weight, per tensor (``axis`` None) or per channel.
+
+    With ``qtype.pair_sum_max`` the scale of each channel is raised just enough that its two
+    largest magnitudes sum to at most that many steps: kernels that add products in int16
+    pairs (x86 u8s8 without VNNI) then never saturate, whatever order they pair weights in,
+    while a channel with one outlier keeps almost the full 8-bit resolution.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        qp = compute_qparams(float(w.min()), float(w.max()), qtype)
+        flat = np.abs(w).reshape(1, -1)
+    else:
+        other = tuple(d for d in range(w.ndim) if d != axis)
+        qp = compute_qparams(w.min(axis=other), w.max(axis=other), qtype, axis=axis)
+        flat = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1)
+    if not qtype.pair_sum_max or not qtype.symmetric or flat.shape[1] < 2:
+        return qp
+    top2 = -np.partition(-flat, 1, axis=1)[:, :2]
+    need = (top2[:, 0].astype(np.float64) + top2[:, 1]) / qtype.pair_sum_max
+    scale = np.maximum(qp.scale.reshape(-1).astype(np.float64), need)
+    if qtype.power_of_two:
+        scale = 2.0 ** np.ceil(np.log2(np.where(scale > 0, scale, 1.0)))
+    scale = scale.astype(np.float32)
+    return QParams(scale.reshape(qp.scale.shape), qp.zero_point, qtype, qp.axis)
+
+
 def _bshape(p: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     scale = p.scale.astype(np.float32)
     zp = p.zero_point.astype(np.int64)
@@ -112,3 +140,66 @@ def quantize(x: np.ndarray, p: QParams) -> np.ndarray:
 def dequantize(q: np.ndarray, p: QParams) -> np.ndarray:
     scale, zp = _bshape(p, q.ndim)
     return ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
+
+
+def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+               qmin: int, qmax: int, *, damp: float = 0.01, pair_sum_max: int = 0) -> np.ndarray:
+    """Choose integer weights that minimise the layer's output error, not the weight error.
+
+    ``w`` is [G, R, K] (G independent groups of R output rows over K inputs), ``hessian`` is
+    [G, K, K] = sum of x x^T over calibration inputs, ``scale``/``zero_point`` are per row
+    [G, R]. Columns are quantized one at a time and the rounding error of each is pushed onto
+    the columns not yet quantized, weighted by the inverse Hessian (the GPTQ/OBQ update), so
+    errors cancel on the data the layer actually sees. Returns integer codes [G, R, K].
+    """
+    g_count, rows, k = w.shape
+    h = hessian.astype(np.float64).copy()
+    diag = np.einsum("gkk->gk", h)
+    dead = diag <= 0
+    idx = np.arange(k)
+    h[:, idx, idx] += damp * np.maximum(diag.mean(axis=1, keepdims=True), 1e-12) + dead
+    try:
+        lower = np.linalg.cholesky(h)
+        inv_lower = np.linalg.inv(lower)
+        h_inv = np.swapaxes(inv_lower, 1, 2) @ inv_lower
+        upper = np.swapaxes(np.linalg.cholesky(h_inv), 1, 2)
+    except np.linalg.LinAlgError:
+        return np.clip(np.rint(w / scale[..., None]) + zero_point[..., None], qmin, qmax).astype(np.int64)
+    work = w.astype(np.float64).copy()
+    s = scale.astype(np.float64)
+    z = zero_point.astype(np.float64)
+    codes = np.empty(w.shape, dtype=np.int64)
+    block = 128
+    for b0 in range(0, k, block):  # lazy batched updates: exact, but mostly matrix products
+        b1 = min(b0 + block, k)
+        errs = np.empty((g_count, rows, b1 - b0))
+        for j in range(b0, b1):
+            col = work[:, :, j]
+            q = np.clip(np.rint(col / s) + z, qmin, qmax)
+            codes[:, :, j] = q
+            err = (col - (q - z) * s) / upper[:, j, j][:, None]
+            errs[:, :, j - b0] = err
+            if j + 1 < b1:
+                work[:, :, j + 1:b1] -= err[:, :, None] * upper[:, None, j, j + 1:b1]
+        if b1 < k:
+            work[:, :, b1:] -= errs @ upper[:, b0:b1, b1:]
+    if pair_sum_max:
+        codes = _enforce_pair_sum(codes, zero_point.astype(np.int64), pair_sum_max)
+    return codes
+
+
+def _enforce_pair_sum(codes: np.ndarray, zero_point: np.ndarray, limit: int) -> np.ndarray:
+    """Shrink the largest magnitude of any row whose two largest magnitudes exceed ``limit``."""
+    mag = np.abs(codes - zero_point[..., None])
+    flat = mag.reshape(-1, mag.shape[-1])
+    cflat = codes.reshape(-1, codes.shape[-1])
+    zflat = np.broadcast_to(zero_point[..., None], codes.shape).reshape(-1, codes.shape[-1])[:, 0]
+    if flat.shape[1] < 2:
+        return codes
+    top2 = -np.partition(-flat, 1, axis=1)[:, :2]
+    for r in np.nonzero(top2.sum(axis=1) > limit)[0]:
+        j = int(np.argmax(flat[r]))
+        allowed = limit - int(top2[r, 1])
+        sign = 1 if cflat[r, j] >= zflat[r] else -1
+        cflat[r, j] = zflat[r] + sign * allowed
+    return cflat.reshape(codes.shape)

@@ -32,6 +32,7 @@ _TENSOR_RULE = {
     "bits": int,
     "range": list,
     "scale": ("float", "power-of-two"),
+    "pair_sum_max": int,
 }
 _OP = {
     "kernel": str,
@@ -44,6 +45,9 @@ _OP = {
     "prefer_gemm": bool,
     "note": str,
 }
+# op variants: facts of a node (not of the target) that select a sub-table of overrides
+_VARIANTS = ("depthwise",)
+_OP["depthwise"] = {k: v for k, v in _OP.items()}
 _ROLES = ("activation", "weight", "bias", "float", "any")
 _SCHEMA: dict[str, Any] = {
     "schema": int,
@@ -91,6 +95,13 @@ class OpConfig:
     bias: TensorRule
     min_opset: int
     prefer_gemm: bool
+    variants: "dict[str, OpConfig]" = None  # type: ignore[assignment]
+
+    def for_node(self, node: Any) -> "OpConfig":
+        """The configuration for one node: a variant's overrides where the node is one."""
+        if self.variants and "depthwise" in self.variants and _is_depthwise(node):
+            return self.variants["depthwise"]
+        return self
 
     @property
     def kernel_domain(self) -> str:
@@ -264,7 +275,8 @@ class Target:
         lo, hi = qrange(dtype, narrow=bool(raw.get("narrow_range", False)), bits=raw.get("bits"),
                         explicit=tuple(explicit) if explicit else None)
         qtype = QType(dtype=dtype, symmetric=symmetric, qmin=lo, qmax=hi,
-                      power_of_two=raw.get("scale", "float") == "power-of-two")
+                      power_of_two=raw.get("scale", "float") == "power-of-two",
+                      pair_sum_max=int(raw.get("pair_sum_max", 0)))
         return TensorRule(dtype, symmetric, per_channel, qtype)
 
     def _op_config(self, op: str, cfg: dict[str, Any], src: str, where: str,
@@ -275,9 +287,14 @@ class Target:
                 raise UserError(f"{src}: key '{where}.inputs' has role '{r}'; roles are {', '.join(_ROLES)}")
         base = self._rules if section is None else {k: _merge(self._rules[k], section.get(k, {})) for k in self._rules}
         rules = {k: self._rule(_merge(base[k], cfg.get(k, {})), src, f"{where}.{k}") for k in base}
+        variants = {}
+        for v in _VARIANTS:
+            if v in cfg:
+                merged = _merge({k: x for k, x in cfg.items() if k not in _VARIANTS}, cfg[v])
+                variants[v] = self._op_config(op, merged, src, f"{where}.{v}", section)
         return OpConfig(op, cfg.get("kernel"), roles, cfg.get("output", "quantized") == "quantized",
                         rules["activation"], rules["weight"], rules["bias"], int(cfg.get("min_opset", 1)),
-                        bool(cfg.get("prefer_gemm", False)))
+                        bool(cfg.get("prefer_gemm", False)), variants)
 
     # -- lookups ----------------------------------------------------------------------------
     def pipeline(self, mode: str) -> str:
@@ -300,6 +317,15 @@ class Target:
     def to_toml(self) -> str:
         """The resolved target (extends applied) as TOML text, for ``targets --show``."""
         return _dump_toml(self.data)
+
+
+def _is_depthwise(node: Any) -> bool:
+    """A grouped Conv with one input channel per group (a fact of the node)."""
+    group = int(getattr(node, "attrs", {}).get("group", 1))
+    if node.op != "Conv" or group <= 1 or len(node.inputs) < 2:
+        return False
+    shape = node.inputs[1].shape
+    return shape is not None and len(shape) >= 2 and shape[1] == 1
 
 
 def _toml_value(v: Any) -> str:
