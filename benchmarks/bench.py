@@ -259,11 +259,14 @@ def _peak_rss_mb() -> float:
 
 
 def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str, out_path: str, bench_dir: str,
-                 calib: int) -> None:
+                 calib: int, scratch: str) -> None:
     """Child process body: load calibration, import, then time only the compile call(s).
-    ``job=None`` only imports both tools (the idle baseline)."""
+    ``job=None`` only imports both tools (the idle baseline). Runs in ``scratch`` as its working
+    directory: ORT's symbolic shape inference leaves ~90 MB temporary files in the current
+    directory when it fails, and they must not land in the repository."""
     result: dict[str, Any]
     try:
+        os.chdir(scratch)
         if job is None:
             import qcompiler  # noqa: F401
             import onnxruntime.quantization  # noqa: F401
@@ -285,10 +288,13 @@ def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str,
 
 def run_job(job: Job | None, model: str, model_path: Path, out_path: Path, bench_dir: Path, calib: int,
             timeout: float) -> dict[str, Any]:
-    """Run one compile job in a fresh 'spawn' child; returns its result dict (never raises)."""
+    """Run one compile job in a fresh 'spawn' child, in a scratch working directory next to
+    ``out_path`` that is removed afterwards; returns its result dict (never raises)."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_entry, args=(send, job, model, str(model_path), str(out_path), str(bench_dir), calib))
+    scratch = Path(tempfile.mkdtemp(prefix="scratch.", dir=out_path.parent))
+    proc = ctx.Process(target=_child_entry, args=(send, job, model, str(model_path), str(out_path), str(bench_dir),
+                                                  calib, str(scratch)))
     proc.start()
     send.close()
     result: dict[str, Any] | None = None
@@ -301,6 +307,7 @@ def run_job(job: Job | None, model: str, model_path: Path, out_path: Path, bench
     except EOFError:
         pass
     proc.join()
+    shutil.rmtree(scratch, ignore_errors=True)
     if result is None:
         code = proc.exitcode
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
@@ -784,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="qc-bench."))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        idle = run_job(None, "", Path(), Path(), args.bench_dir, 0, 300)
+        idle = run_job(None, "", Path(), work / "idle", args.bench_dir, 0, 300)
         idle_rss = idle.get("peak_rss_mb") if idle["ok"] else None
         sections = [header(args, idle_rss)]
         for name in args.models:

@@ -9,8 +9,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, RangeCollector, UserError, run_collect
+from qcompiler.calibration import HistogramCollector, mse_range
 
 __all__ = ["Calibrate"]
+
+
+def _limited(data, limit: int):
+    for i, feed in enumerate(data):
+        if limit and i >= limit:
+            return
+        yield feed
 
 
 def _weighted_inputs(model: Model) -> dict[str, int]:
@@ -64,6 +72,12 @@ class Calibrate(Pass):
     """Run the current (float) model in onnxruntime over the calibration samples and record
     each float activation's min/max in the analysis (`ranges`), for insert-qdq.
 
+    Methods: `minmax` (observed range) and `mse` (a second pass histograms each tensor over
+    its observed range and picks the clipping range with the least expected quantization
+    error; heavy-tailed activations such as hard-swish outputs gain most). The default is the
+    target's `defaults.calibration_method`. The second pass also accumulates, over the first
+    `moment-samples` samples, the input second moments that GPTQ rounding in insert-qdq uses.
+
     Why here, mid-pipeline: ranges are observed on the graph after fusions, so they describe
     exactly the tensors that get quantized. Values already quantized (inputs of an existing
     QuantizeLinear, from quantization-aware training) are not observed. Streaming: each
@@ -71,14 +85,17 @@ class Calibrate(Pass):
     """
 
     name = "calibrate"
-    method: str = "minmax"
+    method: str = ""
     limit: int = 0
     second_moments: bool = True
+    moment_samples: int = 16
+    clip_weight: float = 1.0
     max_moment_dim: int = 4608
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if self.method != "minmax":
-            raise UserError(f"pass 'calibrate': method '{self.method}' is not available (methods: minmax)")
+        method = self.method or ctx.target.calibration_method
+        if method not in ("minmax", "mse"):
+            raise UserError(f"pass 'calibrate': method '{method}' is not available (methods: minmax, mse)")
         if ctx.calibration is None:
             raise UserError("pass 'calibrate' needs calibration data (--calibration PATH)")
         start = time.perf_counter()
@@ -104,13 +121,29 @@ class Calibrate(Pass):
                         collector.update(name, feed[name])
                 yield feed
 
+        proto = model.to_proto()
         specs = _moment_specs(model, self.max_moment_dim) if self.second_moments else {}
-        count = run_collect(model.to_proto(), names, feeds(), collector, channel_axes=_weighted_inputs(model),
-                            moment_specs=specs)
-        ctx.analysis["input_moments"] = collector.moments
-        ctx.analysis["ranges"] = collector.ranges()
+        count = run_collect(proto, names, feeds(), collector, channel_axes=_weighted_inputs(model))
+        ranges = collector.ranges()
+        moments: dict = {}
+        histograms = method == "mse"
+        if histograms or specs:
+            # second pass: histograms over the now known ranges, and layer input moments
+            hist = HistogramCollector(ranges if histograms else {})
+            run_collect(proto, names if histograms else list(specs), _limited(ctx.calibration, self.limit),
+                        hist, moment_specs=specs, moment_limit=self.moment_samples)
+            moments = hist.moments
+            if histograms:
+                qtype = ctx.target.activation_rule().qtype
+                levels = (qtype.qmax - qtype.qmin) if qtype is not None else 255
+                symmetric = bool(qtype and qtype.symmetric)
+                for name, counts in hist.counts.items():
+                    lo, hi = ranges[name]
+                    ranges[name] = mse_range(counts, lo, hi, levels, symmetric, self.clip_weight)
+        ctx.analysis["input_moments"] = moments
+        ctx.analysis["ranges"] = ranges
         ctx.analysis["channel_means"] = collector.means()
-        ctx.report["calibration"] = {"method": self.method, "samples": count,
+        ctx.report["calibration"] = {"method": method, "samples": count,
                                      "tensors": len(ctx.analysis["ranges"]),
                                      "seconds": round(time.perf_counter() - start, 3)}
         return PassResult(False)

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import UserError
 
 __all__ = ["InputSpec", "CalibrationData", "load_calibration", "input_specs", "RangeCollector", "PatchSpec",
-           "input_patches"]
+           "input_patches", "HistogramCollector", "mse_range"]
 
 Feed = dict[str, np.ndarray]
 
@@ -284,7 +284,8 @@ class RangeCollector:
 
 def run_collect(model_proto: Any, names: Iterable[str], data: Iterable[Feed], collector: RangeCollector,
                 threads: int = 0, channel_axes: Mapping[str, int] | None = None,
-                moment_specs: Mapping[str, list[tuple[str, PatchSpec]]] | None = None) -> int:
+                moment_specs: Mapping[str, list[tuple[str, PatchSpec]]] | None = None,
+                moment_limit: int = 0) -> int:
     """Run ``model_proto`` on every sample with ``names`` exposed as outputs; returns sample count."""
     import onnx
     import onnxruntime as ort
@@ -306,18 +307,76 @@ def run_collect(model_proto: Any, names: Iterable[str], data: Iterable[Feed], co
     axes = dict(channel_axes or {})
     count = 0
     for feed in data:
+        moments_now = not moment_limit or count < moment_limit
         outs = sess.run(None, feed)
         for n, arr in zip(out_names, outs):
             if n in observe and isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
                 collector.update(n, arr)
                 if n in axes and arr.ndim:
                     collector.update_mean(n, arr, axes[n])
-                for key, spec in (moment_specs or {}).get(n, ()):
+                for key, spec in (moment_specs or {}).get(n, ()) if moments_now else ():
                     collector.update_moment(key, arr, spec)
         for n, axis in axes.items():
             if n in feed and feed[n].dtype.kind == "f":
                 collector.update_mean(n, feed[n], axis)
-                for key, spec in (moment_specs or {}).get(n, ()):
+                for key, spec in (moment_specs or {}).get(n, ()) if moments_now else ():
                     collector.update_moment(key, feed[n], spec)
         count += 1
     return count
+
+
+class HistogramCollector:
+    """Fixed-range histograms (the ranges found by a min/max pass), mergeable by addition and
+    independent of batch size or order: the same data gives the same counts."""
+
+    def __init__(self, ranges: Mapping[str, tuple[float, float]], bins: int = 2048) -> None:
+        self.ranges = dict(ranges)
+        self.bins = bins
+        self.counts: dict[str, np.ndarray] = {}
+        self.moments: dict[str, np.ndarray] = {}
+        self.max_positions = 2048
+
+    def update(self, name: str, arr: np.ndarray) -> None:
+        if name not in self.ranges or arr.size == 0:
+            return
+        lo, hi = self.ranges[name]
+        if not hi > lo:
+            return
+        idx = ((arr.astype(np.float64).reshape(-1) - lo) * (self.bins / (hi - lo))).astype(np.int64)
+        counts = np.bincount(np.clip(idx, 0, self.bins - 1), minlength=self.bins)
+        self.counts[name] = self.counts[name] + counts if name in self.counts else counts
+
+    update_moment = RangeCollector.update_moment
+
+    def update_mean(self, name: str, arr: np.ndarray, axis: int) -> None:  # means come from pass 1
+        return None
+
+
+def mse_range(counts: np.ndarray, lo: float, hi: float, levels: int, symmetric: bool,
+              clip_weight: float = 1.0) -> tuple[float, float]:
+    """The clipping range [lo', hi'] within [lo, hi] that minimises the expected squared
+    quantization error of the histogrammed values with ``levels`` integer steps: rounding
+    noise step^2/12 inside the range, squared distance to the bound outside it (times
+    ``clip_weight``: clipped outliers often matter more downstream than rounding noise)."""
+    bins = counts.shape[0]
+    centers = lo + (np.arange(bins) + 0.5) * ((hi - lo) / bins)
+    c = counts.astype(np.float64)
+    fractions = np.linspace(0.05, 1.0, 96)
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        cand_lo, cand_hi = -amax * fractions, amax * fractions
+    else:
+        his = max(hi, 0.0) * fractions
+        los = min(lo, 0.0) * fractions
+        grid_lo, grid_hi = np.meshgrid(los, his, indexing="ij")
+        cand_lo, cand_hi = grid_lo.reshape(-1), grid_hi.reshape(-1)
+    best, best_err = (lo, hi), np.inf
+    for start in range(0, cand_lo.shape[0], 512):
+        lo_c, hi_c = cand_lo[start:start + 512, None], cand_hi[start:start + 512, None]
+        step = np.maximum(hi_c - lo_c, 1e-12) / levels
+        clipped = np.clip(centers[None, :], lo_c, hi_c)
+        err = (clip_weight * (centers[None, :] - clipped) ** 2 + step**2 / 12.0) @ c
+        i = int(np.argmin(err))
+        if err[i] < best_err:
+            best_err, best = float(err[i]), (float(lo_c[i, 0]), float(hi_c[i, 0]))
+    return best

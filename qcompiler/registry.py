@@ -32,6 +32,8 @@ BUILTIN_PASSES: dict[str, str] = {
     "fold-constants": "qcompiler.passes.fold_constants:FoldConstants",
     "fuse-conv-bn": "qcompiler.passes.fuse_conv_bn:FuseConvBn",
     "fuse-pad-conv": "qcompiler.passes.fuse_pad_conv:FusePadConv",
+    "fold-conv-affine": "qcompiler.passes.fold_conv_affine:FoldConvAffine",
+    "fuse-hardswish": "qcompiler.passes.fuse_hardswish:FuseHardswish",
     "fold-matmul-add": "qcompiler.passes.fold_matmul_add:FoldMatmulAdd",
     "group-activations": "qcompiler.passes.group_activations:GroupActivations",
     "calibrate": "qcompiler.passes.calibrate:Calibrate",

@@ -42,7 +42,7 @@ def test_builtin_targets_are_listed() -> None:
 
 
 def test_ort_cpu_loads_with_expected_rules() -> None:
-    """ort-cpu: u8 asymmetric activations, s8 symmetric per-channel weights in [-64, 64], QOperator."""
+    """ort-cpu: u8 asymmetric activations, s8 symmetric per-channel weights in [-127, 127] with a pair-sum limit of 128 (depthwise: none), QOperator."""
     t = load_target("ort-cpu")
     assert t.name == "ort-cpu" and t.default_format == "qoperator" and t.default_mode == "static"
     act = t.activation_rule()
@@ -52,7 +52,8 @@ def test_ort_cpu_loads_with_expected_rules() -> None:
     assert conv is not None and conv.kernel == "QLinearConv" and conv.kernel_domain == ""
     assert conv.inputs == ("activation", "weight", "bias")
     assert (conv.weight.dtype, conv.weight.symmetric, conv.weight.per_channel) == ("int8", True, True)
-    assert (conv.weight.qtype.qmin, conv.weight.qtype.qmax) == (-64, 64)
+    assert (conv.weight.qtype.qmin, conv.weight.qtype.qmax, conv.weight.qtype.pair_sum_max) == (-127, 127, 128)
+    assert conv.variants["depthwise"].weight.qtype.pair_sum_max == 0
     gemm = t.op("Gemm")
     assert gemm.kernel_domain == "com.microsoft" and gemm.kernel_op == "QGemm"
     assert t.fused_with("Conv", "Relu") and not t.fused_with("Relu", "Conv")

@@ -38,9 +38,9 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 
 
 def test_opset12_model_becomes_opset13() -> None:
-    """Converted to the target's min_opset (13); Unsqueeze's axes moves from attribute to input."""
+    """Converted to min-version 13; Unsqueeze's axes moves from attribute to input."""
     proto = _model(12)
-    model, _, pm = run_pass(proto, "upgrade-opset")
+    model, _, pm = run_pass(proto, "upgrade-opset", (("min-version", "13"),))
     assert modified(pm)
     out = model.to_proto()
     assert _default_opset(out) == 13
@@ -74,8 +74,8 @@ def test_opset17_model_untouched() -> None:
 
 
 def test_min_version_option() -> None:
-    """min-version=15 raises an opset-13 model to 15; the default (target minimum 13) would not."""
-    proto = _model(13)
+    """min-version=15 raises an opset-14 model to 15; the default (target minimum 14) would not."""
+    proto = _model(14)
     model, _, pm = run_pass(proto, "upgrade-opset")
     assert not modified(pm)
     model, _, pm = run_pass(proto, "upgrade-opset", (("min-version", "15"),))
@@ -85,10 +85,10 @@ def test_min_version_option() -> None:
 
 
 def test_target_min_opset_used_by_default(tmp_path: Path) -> None:
-    """With min-version unset, the target's defaults.min_opset decides (here 14)."""
+    """With min-version unset, the target's defaults.min_opset decides (here 16)."""
     toml = tmp_path / "newer.toml"
-    toml.write_text('schema = 1\nname = "newer"\ndescription = "min opset 14"\nextends = "ort-cpu"\n'
-                    "[defaults]\nmin_opset = 14\n")
+    toml.write_text('schema = 1\nname = "newer"\ndescription = "min opset 16"\nextends = "ort-cpu"\n'
+                    "[defaults]\nmin_opset = 16\n")
     model, _, pm = run_pass(_model(13), "upgrade-opset", target=toml)
     assert modified(pm)
-    assert model.opset("") == 14
+    assert model.opset("") == 16
