@@ -137,6 +137,7 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
         else:
             with open(tmp, "wb") as fh:
                 fh.write(proto.SerializeToString(deterministic=True))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     except OSError as exc:
         raise UserError(f"{out}: cannot write output: {exc.strerror or exc}") from exc
@@ -148,6 +149,12 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     if large and (directory / data_name).exists():
         size += (directory / data_name).stat().st_size
     return size
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fits(proto: onnx.ModelProto) -> bool:
@@ -234,6 +241,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from exc
