@@ -54,8 +54,8 @@ def _after(m: Match, rw: Rewriter) -> bool:
     else:
         bias = bias + c
     dtype = np.asarray(conv.inputs[1].values).dtype
-    rw.set_input(conv, 1, rw.constant(conv.inputs[1].name + "_affine", weight.astype(dtype)))
-    rw.set_input(conv, 2, rw.constant(conv.name + "_bias_affine", bias.astype(dtype)))
+    rw.set_input(conv, 1, rw.constant(conv.inputs[1].name, weight.astype(dtype)))
+    rw.set_input(conv, 2, rw.constant(conv.name + "_bias", bias.astype(dtype)))
     out = node.outputs[0]
     rw.erase_node(m.graph, node)
     rw.replace_all_uses(m.graph, out, conv.outputs[0])
@@ -84,8 +84,8 @@ def _before(m: Match, rw: Rewriter) -> bool:
     else:
         bias = bias + (weight * c.reshape(shape)).sum(axis=tuple(range(1, rank)))
     dtype = np.asarray(conv.inputs[1].values).dtype
-    rw.set_input(conv, 1, rw.constant(conv.inputs[1].name + "_affine", weight.astype(dtype)))
-    rw.set_input(conv, 2, rw.constant(conv.name + "_bias_affine", bias.astype(dtype)))
+    rw.set_input(conv, 1, rw.constant(conv.inputs[1].name, weight.astype(dtype)))
+    rw.set_input(conv, 2, rw.constant(conv.name + "_bias", bias.astype(dtype)))
     rw.set_input(conv, 0, x)
     rw.erase_node(m.graph, node)
     return True

@@ -31,8 +31,8 @@ def _fold(m: Match, rw: Rewriter) -> bool:
     new_w = (weight.astype(np.float64) * s.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
     new_b = ((bias - mean) * s + beta).astype(weight.dtype)
     graph = m.graph
-    rw.set_input(conv, 1, rw.constant(conv.inputs[1].name + "_bn", new_w))
-    rw.set_input(conv, 2, rw.constant(conv.name + "_bias_bn", new_b))
+    rw.set_input(conv, 1, rw.constant(conv.inputs[1].name, new_w))
+    rw.set_input(conv, 2, rw.constant(conv.name + "_bias", new_b))
     out = bn.outputs[0]
     rw.erase_node(graph, bn)
     rw.replace_all_uses(graph, out, conv.outputs[0])

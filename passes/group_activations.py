@@ -18,7 +18,8 @@ class GroupActivations(Pass):
 
     Why: inside a group there is no Q/DQ: the group's output is quantized once, after the
     activation, whose clipping the output range then absorbs. Requires the head's output to be
-    read only by the activation, and Clip bounds to be constants. Does not change the graph.
+    read only by the activation, Clip bounds to be constants, and (unless the target quantizes
+    graph outputs) the activation's output not to be a graph output. Does not change the graph.
     """
 
     name = "group-activations"
@@ -36,6 +37,8 @@ class GroupActivations(Pass):
                 tail = readers[0]
                 if not ctx.target.fused_with(node.op, tail.op):
                     continue
+                if any(graph.is_graph_output(o) for o in tail.outputs) and not ctx.target.quantize_graph_outputs:
+                    continue  # the group's output stays float: better the head's output is quantized
                 if tail.op == "Clip" and not all(isinstance(v, gs.Constant) for v in tail.inputs[1:] if v.name):
                     continue
                 groups[node.name] = tail.name

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import Model, Pass, PassContext, PassResult, UserError, compute_qparams, quantize
+from qcompiler import Model, Pass, PassContext, PassResult, UserError, compute_qparams, quantize, weight_qparams
 
 __all__ = ["QuantizeDynamic"]
 
@@ -86,10 +86,8 @@ class QuantizeDynamic(Pass):
                     floats[node.name] = f"{w.shape[0]} input features > max-k {self.max_k}"
                     continue
                 qtype = cfg.weight.qtype
-                if cfg.weight.per_channel:
-                    qp = compute_qparams(w.min(axis=0), w.max(axis=0), qtype, axis=1)
-                else:
-                    qp = compute_qparams(float(w.min()), float(w.max()), qtype)
+                # the pair-sum limit matters here too: DynamicQuantizeMatMul is a u8s8 GEMM
+                qp = weight_qparams(w, qtype, 1 if cfg.weight.per_channel else None)
                 wq = rw.constant(w_val.name + "_quantized", quantize(w, qp))
                 ws = rw.constant(w_val.name + "_scale", qp.scale)
                 wz = rw.constant(w_val.name + "_zero_point", qp.zero_point)

@@ -8,6 +8,7 @@ save never leaves a partial output behind.
 from __future__ import annotations
 
 import logging
+import re
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,8 @@ from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER  # noqa: E402
 
 _GS_LOGGER.severity = _GS_LOGGER.ERROR
 
-_TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
+_TWO_GB = 2**31 - 2**20
+_SUFFIX = re.compile(r"_\d+$")  # leave headroom below protobuf's hard limit
 
 
 class Model:
@@ -75,6 +77,9 @@ class Model:
     def fresh_name(self, hint: str) -> str:
         """A name no node or value in the model uses yet; deterministic for a given history."""
         hint = hint or "v"
+        base = _SUFFIX.sub("", hint)
+        if base != hint and base in self._names:
+            hint = base  # "w_1" asked again -> "w_2", not "w_1_1": names stay short
         if hint not in self._names:
             self._names.add(hint)
             return hint

@@ -49,11 +49,21 @@ def test_groups_recorded_and_graph_unchanged() -> None:
 def test_add_relu_grouped() -> None:
     """ort-cpu also fuses Add+Relu (QLinearAdd with a clamped output range)."""
     nodes = [helper.make_node("Add", ["x", "b"], ["s"], name="add"),
-             helper.make_node("Relu", ["s"], ["y"], name="relu")]
+             helper.make_node("Relu", ["s"], ["r"], name="relu"),
+             helper.make_node("Neg", ["r"], ["y"], name="neg")]
     proto = make_model(nodes, [tensor("x", [3])], [tensor("y", [3])], [init("b", rand([3], seed=2))])
     _, ctx, pm = run_pass(proto, "group-activations")
     assert ctx.analysis["groups"] == {"add": "relu"}
     assert not modified(pm)
+
+
+def test_activation_that_is_graph_output_not_grouped() -> None:
+    """The group's output would be a float graph output: the head's own output is quantized instead."""
+    nodes = [helper.make_node("Add", ["x", "b"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["y"], name="relu")]
+    proto = make_model(nodes, [tensor("x", [3])], [tensor("y", [3])], [init("b", rand([3], seed=2))])
+    _, ctx, _ = run_pass(proto, "group-activations")
+    assert ctx.analysis["groups"] == {}
 
 
 def test_head_output_that_is_graph_output_not_grouped() -> None:
