@@ -130,7 +130,7 @@ class Calibrate(Pass):
         if histograms or specs:
             # second pass: histograms over the now known ranges, and layer input moments
             hist = HistogramCollector(ranges if histograms else {})
-            run_collect(proto, names if histograms else list(specs), _limited(ctx.calibration, self.limit),
+            run_collect(proto, (names + inputs) if histograms else list(specs), _limited(ctx.calibration, self.limit),
                         hist, moment_specs=specs, moment_limit=self.moment_samples)
             moments = hist.moments
             if histograms:
@@ -139,7 +139,7 @@ class Calibrate(Pass):
                 symmetric = bool(qtype and qtype.symmetric)
                 for name, counts in hist.counts.items():
                     lo, hi = ranges[name]
-                    ranges[name] = mse_range(counts, lo, hi, levels, symmetric, self.clip_weight)
+                    ranges[name] = mse_range(counts, lo, hi, levels, symmetric, self.clip_weight, hist.zeros.get(name, 0))
         ctx.analysis["input_moments"] = moments
         ctx.analysis["ranges"] = ranges
         ctx.analysis["channel_means"] = collector.means()

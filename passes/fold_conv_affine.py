@@ -41,10 +41,10 @@ def _after(m: Match, rw: Rewriter) -> bool:
     node, conv = m.root, m.nodes["conv"]
     const = m.values["c"]
     parts = _conv_parts(conv)
-    rank = len(conv.outputs[0].shape) if conv.outputs[0].shape is not None else 4
     if parts is None or not isinstance(const, gs.Constant):
         return False
     weight, bias = parts
+    rank = weight.ndim  # a Conv's output has its weight's rank, known even when shapes are not
     c = _per_channel(np.asarray(const.values), weight.shape[0], rank)
     if c is None:
         return False
@@ -78,6 +78,8 @@ def _before(m: Match, rw: Rewriter) -> bool:
     c = _per_channel(np.asarray(const.values), weight.shape[1], rank)
     if c is None:
         return False
+    if x.shape is None or len(x.shape) != rank or x.shape[1] != weight.shape[1]:
+        return False  # the constant would broadcast x up to more channels: Conv(x) alone is invalid
     shape = (1, -1) + (1,) * (rank - 2)
     if node.op == "Mul":
         weight = weight * c.reshape(shape)

@@ -31,7 +31,8 @@ def _fuse(m: Match, rw: Rewriter) -> bool:
     out = div.outputs[0]
     new = rw.value(out.name + "_hardswish", dtype=out.dtype, shape=out.shape)
     rw.create_node(m.graph, "HardSwish", [x], [new], name=div.name + "_hardswish", before=add)
-    rw.erase_node(m.graph, div)
+    for node in (div, mul, clip, add):  # single-use chain: nothing else reads it, drop it all
+        rw.erase_node(m.graph, node)
     rw.replace_all_uses(m.graph, out, new)
     return True
 

@@ -76,7 +76,16 @@ class InsertQdq(Pass):
         passthrough: list[str] = []
         floats = dict(plan.float_nodes)
 
+        owner: dict[int, Graph] = {}  # the graph that defines each value (outer scope for branches)
+        for g in model.graph.walk():
+            for v in g.gs.inputs:
+                owner[id(v)] = g
+            for n in g.gs.nodes:
+                for v in n.outputs:
+                    owner[id(v)] = g
+
         def want(value: Value, graph: Graph, qtype: QType, fixed: tuple[float, int] | None = None) -> None:
+            graph = owner.get(id(value), graph)
             if id(value) in act or producer_op(value) == "DequantizeLinear":
                 return
             if any(c.op == "QuantizeLinear" for c in value.outputs):

@@ -316,11 +316,15 @@ def run_collect(model_proto: Any, names: Iterable[str], data: Iterable[Feed], co
                     collector.update_mean(n, arr, axes[n])
                 for key, spec in (moment_specs or {}).get(n, ()) if moments_now else ():
                     collector.update_moment(key, arr, spec)
-        for n, axis in axes.items():
-            if n in feed and feed[n].dtype.kind == "f":
-                collector.update_mean(n, feed[n], axis)
-                for key, spec in (moment_specs or {}).get(n, ()) if moments_now else ():
-                    collector.update_moment(key, feed[n], spec)
+        for n, arr in feed.items():  # graph inputs are observed like any activation
+            if arr.dtype.kind != "f" or n in out_names:
+                continue
+            if n in observe:
+                collector.update(n, arr)
+            if n in axes:
+                collector.update_mean(n, arr, axes[n])
+            for key, spec in (moment_specs or {}).get(n, ()) if moments_now else ():
+                collector.update_moment(key, arr, spec)
         count += 1
     return count
 
@@ -333,6 +337,7 @@ class HistogramCollector:
         self.ranges = dict(ranges)
         self.bins = bins
         self.counts: dict[str, np.ndarray] = {}
+        self.zeros: dict[str, int] = {}
         self.moments: dict[str, np.ndarray] = {}
         self.max_positions = 2048
 
@@ -342,9 +347,11 @@ class HistogramCollector:
         lo, hi = self.ranges[name]
         if not hi > lo:
             return
-        idx = ((arr.astype(np.float64).reshape(-1) - lo) * (self.bins / (hi - lo))).astype(np.int64)
+        flat = arr.astype(np.float64).reshape(-1)
+        idx = ((flat - lo) * (self.bins / (hi - lo))).astype(np.int64)
         counts = np.bincount(np.clip(idx, 0, self.bins - 1), minlength=self.bins)
         self.counts[name] = self.counts[name] + counts if name in self.counts else counts
+        self.zeros[name] = self.zeros.get(name, 0) + int(np.count_nonzero(flat == 0.0))
 
     update_moment = RangeCollector.update_moment
 
@@ -353,14 +360,19 @@ class HistogramCollector:
 
 
 def mse_range(counts: np.ndarray, lo: float, hi: float, levels: int, symmetric: bool,
-              clip_weight: float = 1.0) -> tuple[float, float]:
+              clip_weight: float = 1.0, zeros: int = 0) -> tuple[float, float]:
     """The clipping range [lo', hi'] within [lo, hi] that minimises the expected squared
     quantization error of the histogrammed values with ``levels`` integer steps: rounding
     noise step^2/12 inside the range, squared distance to the bound outside it (times
-    ``clip_weight``: clipped outliers often matter more downstream than rounding noise)."""
+    ``clip_weight``: clipped outliers often matter more downstream than rounding noise).
+    ``zeros`` exact zeros (ReLU outputs, padding) are always representable: no noise."""
     bins = counts.shape[0]
     centers = lo + (np.arange(bins) + 0.5) * ((hi - lo) / bins)
     c = counts.astype(np.float64)
+    noisy = c.copy()
+    if zeros and lo <= 0.0 <= hi:
+        zbin = min(int((0.0 - lo) * bins / (hi - lo)), bins - 1) if hi > lo else 0
+        noisy[zbin] = max(noisy[zbin] - zeros, 0.0)
     fractions = np.linspace(0.05, 1.0, 96)
     if symmetric:
         amax = max(abs(lo), abs(hi))
@@ -375,7 +387,7 @@ def mse_range(counts: np.ndarray, lo: float, hi: float, levels: int, symmetric: 
         lo_c, hi_c = cand_lo[start:start + 512, None], cand_hi[start:start + 512, None]
         step = np.maximum(hi_c - lo_c, 1e-12) / levels
         clipped = np.clip(centers[None, :], lo_c, hi_c)
-        err = (clip_weight * (centers[None, :] - clipped) ** 2 + step**2 / 12.0) @ c
+        err = (clip_weight * (centers[None, :] - clipped) ** 2) @ c + (step[:, 0] ** 2 / 12.0) * noisy.sum()
         i = int(np.argmin(err))
         if err[i] < best_err:
             best_err, best = float(err[i]), (float(lo_c[i, 0]), float(hi_c[i, 0]))

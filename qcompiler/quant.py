@@ -117,6 +117,15 @@ def weight_qparams(w: np.ndarray, qtype: QType, axis: int | None) -> QParams:
     if qtype.power_of_two:
         scale = 2.0 ** np.ceil(np.log2(np.where(scale > 0, scale, 1.0)))
     scale = scale.astype(np.float32)
+    # float32 rounding of the scale can push two quotients over their .5 ties: check the
+    # actual codes and nudge offending channels' scales up until the bound holds
+    for _ in range(8):
+        codes = np.abs(np.rint(flat / scale.reshape(-1, 1).astype(np.float64)))
+        top = -np.partition(-codes, 1, axis=1)[:, :2]
+        bad = top.sum(axis=1) > qtype.pair_sum_max
+        if not bad.any():
+            break
+        scale = np.where(bad, np.nextafter(scale * np.float32(1 + 2**-20), np.float32(np.inf)), scale).astype(np.float32)
     return QParams(scale.reshape(qp.scale.shape), qp.zero_point, qtype, qp.axis)
 
 

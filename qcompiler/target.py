@@ -165,7 +165,15 @@ def builtin_targets() -> dict[str, Path]:
         if entry.name.endswith(".toml"):
             found[entry.name[:-5]] = Path(str(entry))
     for ep in entry_points(group="qcompiler.targets"):
-        found.setdefault(ep.name, Path(ep.value))
+        # "package:file.toml" names a resource inside an installed package; else a path
+        if ":" in ep.value and not Path(ep.value).is_file():
+            package, _, resource = ep.value.partition(":")
+            try:
+                found.setdefault(ep.name, Path(str(importlib.resources.files(package) / resource)))
+            except ModuleNotFoundError:
+                continue
+        else:
+            found.setdefault(ep.name, Path(ep.value))
     return found
 
 

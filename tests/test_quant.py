@@ -8,7 +8,6 @@ quantize() is checked against onnx.reference's QuantizeLinear, ties included.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -199,9 +198,6 @@ def test_pair_sum_per_tensor() -> None:
     assert int(np.sort(q)[-2:].sum()) <= 128
 
 
-@pytest.mark.xfail(strict=True, reason="bug in qcompiler/quant.py weight_qparams: the pair-sum scale "
-                   "(top1 + top2) / 128 is rounded to float32 *down*, so both quotients land just above "
-                   ".5 and round up: 74 + 55 = 129 > 128")
 def test_pair_sum_bound_float32_rounding() -> None:
     """Two weights whose quotients sit on .5 ties: float32 scale rounding must not push them over."""
     w = np.array([[1.667074, -1.2361298]], np.float32)

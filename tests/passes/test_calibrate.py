@@ -1,0 +1,263 @@
+"""calibrate: observed ranges (minmax exact, invariant to sample order and batching), the mse
+clipping search against a brute-force reference on the raw samples, degenerate all-zero
+tensors, and the per-channel means / input second moments insert-qdq relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import qcompiler
+from _util import init, make_model, rand, run_ort, tensor
+
+
+def calibrate(proto: onnx.ModelProto, feeds: Any, **options: object) -> dict[str, Any]:
+    """Run the calibrate pass alone on ort-cpu (uint8 asymmetric activations); its analysis."""
+    model = qcompiler.load_model(proto)
+    ctx = qcompiler.PassContext(target=qcompiler.load_target("ort-cpu"),
+                                calibration=qcompiler.load_calibration(feeds, qcompiler.input_specs(model)))
+    opts = tuple((k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in options.items())
+    pm = qcompiler.PassManager([qcompiler.default_registry().instantiate(qcompiler.PassSpec("calibrate", opts))])
+    pm.run(model, ctx)
+    assert not pm.records[-1]["modified"]  # calibration never changes the graph
+    return ctx.analysis
+
+
+def intermediates(proto: onnx.ModelProto, names: Sequence[str], samples: Sequence[Mapping[str, np.ndarray]]
+                  ) -> dict[str, list[np.ndarray]]:
+    """The float model's tensors ``names`` per sample, computed independently in onnxruntime."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in samples:
+        for n, arr in zip(names, run_ort(exposed, dict(feed))):
+            out[n].append(arr)
+    return out
+
+
+def _conv_relu(batch: int | str = 1) -> onnx.ModelProto:
+    """x -> Conv(3x3, pad 1) -> c -> Relu -> y."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return make_model(nodes, [tensor("x", [batch, 3, 6, 6])], [tensor("y", [batch, 4, 6, 6])],
+                      [init("w", rand([4, 3, 3, 3], seed=1)), init("b", rand([4], seed=2))])
+
+
+# -- minmax ---------------------------------------------------------------------------------------
+
+
+def test_minmax_ranges_are_data_extremes() -> None:
+    """minmax: a graph input's and an intermediate tensor's ranges equal np.min/np.max over all
+    samples (the intermediate computed separately in onnxruntime)."""
+    proto = _conv_relu()
+    xs = np.random.default_rng(0).standard_normal((5, 1, 3, 6, 6)).astype(np.float32) * 2
+    samples = [{"x": x} for x in xs]
+    ranges = calibrate(proto, samples, method="minmax")["ranges"]
+    assert ranges["x"] == (float(xs.min()), float(xs.max()))
+    c = np.stack(intermediates(proto, ["c"], samples)["c"])
+    assert ranges["c"] == (float(c.min()), float(c.max()))
+    y = np.maximum(c, 0)
+    assert ranges["y"] == (float(y.min()), float(y.max()))
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_ranges_invariant_to_order_and_batching(method: str) -> None:
+    """The same samples, reversed or regrouped into batches of 2, give identical ranges
+    (streaming min/max and fixed-range histograms are order- and batch-free)."""
+    proto = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])],
+                       [tensor("x", ["N", 3, 6, 6])], [tensor("c", ["N", 4, 6, 6])], [init("w", rand([4, 3, 3, 3], seed=1))])
+    xs = np.random.default_rng(1).laplace(0, 1, (8, 3, 6, 6)).astype(np.float32)
+    base = calibrate(proto, [{"x": xs[i:i + 1]} for i in range(8)], method=method)
+    reversed_ = calibrate(proto, [{"x": xs[i:i + 1]} for i in reversed(range(8))], method=method)
+    batched = calibrate(proto, {"x": xs.reshape(4, 2, 3, 6, 6)}, method=method)  # 4 samples of batch 2
+    assert set(base["ranges"]) == {"x", "c"}
+    assert base["ranges"] == reversed_["ranges"] == batched["ranges"]
+    for other in (reversed_, batched):
+        for name, mean in base["channel_means"].items():
+            np.testing.assert_allclose(other["channel_means"][name], mean, rtol=1e-12, atol=1e-12)
+
+
+# -- mse ------------------------------------------------------------------------------------------
+
+
+def _abs_laplace_quantiles(n: int, outliers: int) -> np.ndarray:
+    """|Laplace(0, 1)| at evenly spaced quantiles (a smooth heavy tail, no sampling noise), the
+    smallest ``outliers`` values replaced by outliers spread over [15, 30]."""
+    p = (np.arange(n) + 0.5) / n
+    v = np.abs(np.log(1 - 2 * np.abs(p - 0.5)))
+    v[:outliers] = np.linspace(15, 30, outliers)
+    return v.astype(np.float32)
+
+
+def _qdq_mse_one_sided(v: np.ndarray, highs: np.ndarray) -> np.ndarray:
+    """Brute force: the actual uint8 quantize-dequantize MSE of the raw values ``v`` (all >= 0)
+    for each clip range [0, hi] (scale (hi - 0) / 255 stored as float32, zero point 0)."""
+    x = v.astype(np.float64)[None, :]
+    errs = []
+    for chunk in np.array_split(highs, max(1, len(highs) // 32)):
+        scale = (chunk.astype(np.float32) / np.float32(255)).astype(np.float64)[:, None]
+        q = np.clip(np.rint(x / scale), 0, 255)
+        errs.append(np.mean((q * scale - x) ** 2, axis=1))
+    return np.concatenate(errs)
+
+
+def _abs_model(shape: list[int]) -> onnx.ModelProto:
+    return make_model([helper.make_node("Abs", ["x"], ["t"], name="abs")], [tensor("x", shape)], [tensor("t", shape)])
+
+
+def test_mse_matches_brute_force() -> None:
+    """mse on a heavy-tailed one-sided tensor: narrower than minmax, and its range is the one a
+    brute-force search over the same clip candidates (fractions 0.05..1 in steps of 0.01 of the
+    observed max, scored by the actual QDQ error of the raw samples) picks, to within 2
+    histogram bins; its actual error is within 0.1% of the best on a fine grid (every bin)."""
+    v = _abs_laplace_quantiles(16384, 8)
+    signs = np.where(np.arange(v.size) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    x = (v * signs).reshape(4, 1, 1, 64, 64)  # |x| = v, so the Abs output holds exactly v
+    analysis = calibrate(_abs_model([1, 1, 64, 64]), {"x": x}, method="mse")
+    lo, hi = analysis["ranges"]["t"]
+    top = float(v.max())
+    bin_width = top / 2048
+    assert lo == 0.0 and hi < top - 10 * bin_width  # narrower than minmax
+
+    candidates = top * np.linspace(0.05, 1.0, 96)
+    best = candidates[int(np.argmin(_qdq_mse_one_sided(v, candidates)))]
+    assert abs(hi - best) <= 2 * bin_width
+
+    fine = top * np.arange(103, 2049) / 2048
+    fine_best = float(_qdq_mse_one_sided(v, fine).min())
+    chosen, minmax = _qdq_mse_one_sided(v, np.array([hi, top]))
+    assert chosen <= 1.001 * fine_best
+    assert chosen < minmax
+
+
+def test_mse_narrower_on_two_sided_heavy_tail() -> None:
+    """A two-sided Laplace tensor with outliers: mse clips the range on both ends, and the
+    clipped range has a lower actual uint8 QDQ error than the full range."""
+    rng = np.random.default_rng(0)
+    x = rng.laplace(0, 1, (4, 1, 1, 64, 64)).astype(np.float32)
+    flat = x.reshape(-1)
+    idx = rng.choice(flat.size, 8, replace=False)
+    flat[idx] = np.where(np.arange(8) % 2 == 0, 1, -1) * np.linspace(15, 30, 8)
+    proto = make_model([helper.make_node("Identity", ["x"], ["t"], name="id")],
+                       [tensor("x", [1, 1, 64, 64])], [tensor("t", [1, 1, 64, 64])])
+    mm = calibrate(proto, {"x": x}, method="minmax")["ranges"]["t"]
+    ms = calibrate(proto, {"x": x}, method="mse")["ranges"]["t"]
+    assert mm == (float(flat.min()), float(flat.max()))
+    assert mm[0] < ms[0] < 0 < ms[1] < mm[1]
+
+    def qdq_mse(lo: float, hi: float) -> float:
+        qp = qcompiler.compute_qparams(lo, hi, qcompiler.QType("uint8", False, 0, 255))
+        return float(np.mean((qcompiler.dequantize(qcompiler.quantize(flat, qp), qp) - flat) ** 2))
+
+    assert qdq_mse(*ms) < qdq_mse(*mm)
+
+
+def test_mse_applies_to_graph_inputs() -> None:
+    """The graph input itself is a quantized activation (it feeds the first Conv): mse must clip
+    its heavy tail too."""
+    v = _abs_laplace_quantiles(16384, 8)
+    x = v.reshape(4, 1, 1, 64, 64)
+    ranges = calibrate(_abs_model([1, 1, 64, 64]), {"x": x}, method="mse")["ranges"]
+    assert ranges["x"][1] < float(v.max())
+
+
+def test_mse_on_relu_output_with_exact_zeros() -> None:
+    """Half the values exactly 0 (a ReLU output): the chosen range is still near-optimal for the
+    actual QDQ error (within 0.5% of a fine brute-force search) and no worse than minmax."""
+    v = _abs_laplace_quantiles(16384, 8)
+    x = np.concatenate([v, -v]).reshape(8, 1, 1, 64, 64)  # Relu(x): v and as many zeros
+    proto = make_model([helper.make_node("Relu", ["x"], ["t"], name="relu")],
+                       [tensor("x", [1, 1, 64, 64])], [tensor("t", [1, 1, 64, 64])])
+    lo, hi = calibrate(proto, {"x": x}, method="mse")["ranges"]["t"]
+    relu = np.concatenate([v, np.zeros_like(v)])
+    top = float(v.max())
+    fine_best = float(_qdq_mse_one_sided(relu, top * np.arange(103, 2049) / 2048).min())
+    chosen, minmax = _qdq_mse_one_sided(relu, np.array([hi, top]))
+    assert chosen <= minmax
+    assert chosen <= 1.005 * fine_best
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_all_zero_tensors(method: str) -> None:
+    """An all-zero graph input and an all-zero intermediate don't crash calibration, get the
+    valid range (0, 0), and the compiled model (finite positive scales) still computes the
+    float output, which is then the bias alone, to within half an int32 bias step."""
+    zero = np.zeros((1, 3, 4, 4), np.float32)
+    nodes = [helper.make_node("Mul", ["x", "zero"], ["m"], name="mul"),
+             helper.make_node("Conv", ["m", "w", "b"], ["y"], name="conv")]
+    proto = make_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", [1, 2, 4, 4])],
+                       [init("zero", zero), init("w", rand([2, 3, 1, 1], seed=3)), init("b", rand([2], seed=4))])
+    analysis = calibrate(proto, {"x": np.zeros((3, 1, 3, 4, 4), np.float32)}, method=method)
+    assert analysis["ranges"]["x"] == (0.0, 0.0)
+    assert analysis["ranges"]["m"] == (0.0, 0.0)
+    result = qcompiler.compile(proto, target="ort-cpu", calibration={"x": rand([3, 1, 3, 4, 4], seed=5)},
+                               pipeline=qcompiler.load_target("ort-cpu").pipeline("static").replace(
+                                   "calibrate", f"calibrate{{method={method}}}"))
+    scales = [t for t in result.proto.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(np.isfinite(onnx.numpy_helper.to_array(t)).all() and
+                          (onnx.numpy_helper.to_array(t) > 0).all() for t in scales)
+    bias_step = next(onnx.numpy_helper.to_array(t) for t in result.proto.graph.initializer if t.name == "b_scale")
+    feeds = {"x": rand([1, 3, 4, 4], seed=6)}
+    err = np.abs(run_ort(result.proto, feeds)[0] - run_ort(proto, feeds)[0])
+    assert (err <= 0.5 * bias_step.reshape(1, -1, 1, 1) + 1e-6).all()
+
+
+# -- channel means and input moments --------------------------------------------------------------
+
+
+def _means_model(conv_reads_input: bool) -> onnx.ModelProto:
+    """[Relu ->] 1x1 Conv -> GlobalAveragePool -> Flatten -> Gemm(transB) -> y."""
+    conv_in = "x" if conv_reads_input else "r"
+    nodes = [helper.make_node("Conv", [conv_in, "w", "b"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten", axis=1),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="gemm", transB=1)]
+    if not conv_reads_input:
+        nodes.insert(0, helper.make_node("Relu", ["x"], ["r"], name="relu"))
+    return make_model(nodes, [tensor("x", [2, 3, 5, 5])], [tensor("y", [2, 4])],
+                      [init("w", rand([6, 3, 1, 1], seed=7)), init("b", rand([6], seed=8)),
+                       init("wg", rand([4, 6], seed=9)), init("bg", rand([4], seed=10))])
+
+
+@pytest.mark.parametrize(("conv_reads_input", "method"), [
+    (False, "minmax"), (False, "mse"), (True, "minmax"),
+    (True, "mse"),
+])
+def test_channel_means_and_moments(conv_reads_input: bool, method: str) -> None:
+    """channel_means[input] = per-channel mean over batch and positions; input_moments[node] =
+    sum over all positions of x x^T (1x1 Conv: channels; Gemm: features), all samples included."""
+    proto = _means_model(conv_reads_input)
+    xs = np.random.default_rng(11).standard_normal((5, 2, 3, 5, 5)).astype(np.float32) + 0.5
+    samples = [{"x": x} for x in xs]
+    analysis = calibrate(proto, samples, method=method, moment_samples=100)
+    conv_in = "x" if conv_reads_input else "r"
+    acts = intermediates(proto, [conv_in, "f"], samples)
+    a = np.concatenate(acts[conv_in]).astype(np.float64)     # [10, 3, 5, 5]
+    f = np.concatenate(acts["f"]).astype(np.float64)         # [10, 6]
+    np.testing.assert_allclose(analysis["channel_means"][conv_in], a.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(analysis["channel_means"]["f"], f.mean(axis=0), rtol=1e-6, atol=1e-7)
+    cols = np.moveaxis(a, 1, 0).reshape(3, -1)               # one column per (sample, position)
+    moments = analysis["input_moments"]
+    assert moments["conv"].shape == (1, 3, 3) and moments["gemm"].shape == (1, 6, 6)
+    np.testing.assert_allclose(moments["conv"][0], cols @ cols.T, rtol=1e-5)
+    np.testing.assert_allclose(moments["gemm"][0], f.T @ f, rtol=1e-5)
+
+
+def test_moment_samples_limits_moments() -> None:
+    """moment-samples=2 accumulates the moments of the first two samples only (ranges still
+    see all samples)."""
+    proto = _means_model(False)
+    xs = np.random.default_rng(12).standard_normal((5, 2, 3, 5, 5)).astype(np.float32)
+    samples = [{"x": x} for x in xs]
+    analysis = calibrate(proto, samples, method="minmax", moment_samples=2)
+    f = np.concatenate(intermediates(proto, ["f"], samples[:2])["f"]).astype(np.float64)
+    np.testing.assert_allclose(analysis["input_moments"]["gemm"][0], f.T @ f, rtol=1e-5)
+    assert analysis["ranges"]["x"] == (float(xs.min()), float(xs.max()))
