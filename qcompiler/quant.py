@@ -120,7 +120,7 @@ def weight_qparams(w: np.ndarray, qtype: QType, axis: int | None) -> QParams:
     # float32 rounding of the scale can push two quotients over their .5 ties: check the
     # actual codes and nudge offending channels' scales up until the bound holds
     for _ in range(8):
-        codes = np.abs(np.rint(flat / scale.reshape(-1, 1).astype(np.float64)))
+        codes = np.abs(np.rint(flat.astype(np.float32) / scale.reshape(-1, 1)))  # as quantize() divides
         top = -np.partition(-codes, 1, axis=1)[:, :2]
         bad = top.sum(axis=1) > qtype.pair_sum_max
         if not bad.any():
