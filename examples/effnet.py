@@ -8,6 +8,7 @@ them into the model's input, and comparing a compiled model with the float one.
 from __future__ import annotations
 
 import collections
+import json
 import os
 from pathlib import Path
 
@@ -63,3 +64,11 @@ def op_histogram(path: str | os.PathLike[str]) -> dict[str, int]:
     """Node count per op type of a saved model (main graph)."""
     counts = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
     return dict(sorted(counts.items()))
+
+
+def write_json(path: Path | None, summary: dict) -> None:
+    """Write a step's printed numbers as JSON (``--json``), creating the folder."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")

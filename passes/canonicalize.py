@@ -6,7 +6,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler import Graph, Model, Node, Pass, PassContext, PassResult, Rewriter

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qcompiler import Match, Model, Op, Pass, PassContext, PassResult, QParams, QType, Rewriter, Rule, apply_rules
-from qcompiler import AnyValue, Const, quantize
+from qcompiler import Const, quantize
 
 __all__ = ["CleanupQdq", "RULES"]
 

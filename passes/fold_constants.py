@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 
-from qcompiler import Graph, Model, Node, Pass, PassContext, PassResult, node_subgraphs
+from qcompiler import Model, Node, Pass, PassContext, PassResult, node_subgraphs
 
 __all__ = ["FoldConstants"]
 

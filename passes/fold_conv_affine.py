@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import AnyValue, Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
 
 __all__ = ["FoldConvAffine", "RULES"]
 

@@ -14,7 +14,7 @@ from .ir import (AnyValue, Const, Constant, Graph, Match, Model, Node, Op, Rewri
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager, PassResult
 from .pipeline import PassSpec, format_pipeline, parse_pipeline
 from .plan import NodePlan, Plan, is_float, plan_quantization, producer_op, weight_axis
-from .quant import QParams, QType, compute_qparams, dequantize, gptq_round, qrange, quantize, weight_qparams, gptq_round
+from .quant import QParams, QType, compute_qparams, dequantize, gptq_round, qrange, quantize, weight_qparams
 from .registry import PassRegistry, default_registry
 from .target import OpConfig, Target, TensorRule, builtin_targets, load_target
 from .version import __version__

@@ -11,7 +11,6 @@ images. Works from any directory.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -108,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.runs} interleaved runs, batch 1, {effnet.THREADS} threads)")
     print(f"  fidelity  top-1 agreement {fid['top1_agreement']:.2f}, mean logits cosine "
           f"{fid['logits_cosine']:.3f} vs fp32 on {len(x_eval)} eval images")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    effnet.write_json(args.json, summary)
     return 0
 
 

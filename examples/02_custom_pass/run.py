@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
           f"max |logit difference| {summary['max_abs_logit_diff']:.3f} on {len(x_eval)} eval images")
     for k, f in fid.items():
         print(f"  {k:<8} vs fp32: top-1 agreement {f['top1_agreement']:.2f}, logits cosine {f['logits_cosine']:.3f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    effnet.write_json(args.json, summary)
     return 0
 
 

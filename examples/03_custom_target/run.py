@@ -11,7 +11,6 @@ model on the 48 bundled eval images. Works from any directory.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vs fp32 on {len(x_eval)} eval images")
     for key in ("top1_agreement", "logits_cosine"):
         print(f"  {key:<18}" + "".join(f"{c[key]:>14.3f}" for c in columns))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    effnet.write_json(args.json, summary)
     return 0
 
 
