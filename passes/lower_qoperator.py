@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -19,6 +19,7 @@ class _Operands:
 
     ins: list[tuple[Value, Value, Value | None]]   # (int value, scale, zero point) per input
     out: tuple[Value, Value, Value] | None         # (Q output, y_scale, y_zero_point)
+    zeros: dict = field(default_factory=dict)      # dtype -> shared scalar zero point
 
 
 def _dq_operand(value: Value) -> tuple[Value, Value, Value | None] | None:
@@ -40,13 +41,27 @@ def _zp(rw: Rewriter, op: tuple[Value, Value, Value | None], like: Value) -> Val
     return rw.constant("zero_point", np.zeros(np.asarray(op[1].values).shape, dtype))
 
 
+def _wzp(rw: Rewriter, o: _Operands, i: int) -> Value:
+    """A Conv weight's zero point; an all-zero per-channel vector becomes one shared scalar
+    (QLinearConv takes a scalar with per-channel scales; QGemm does not)."""
+    op = o.ins[i]
+    zp = op[2]
+    if isinstance(zp, gs.Constant):
+        arr = np.asarray(zp.values)
+        if arr.size > 1 and not arr.any():
+            if arr.dtype.str not in o.zeros:
+                o.zeros[arr.dtype.str] = rw.constant("weight_zero_point", np.zeros((), arr.dtype))
+            return o.zeros[arr.dtype.str]
+    return _zp(rw, op, op[0])
+
+
 def _conv(rw, o: _Operands, node: Node):
     (x, xs, xz), (w, ws, wz) = o.ins[0], o.ins[1]
     if not (_scalar(xs) and o.out is not None):
         return None
     if len(node.inputs) > 2 and node.inputs[2].name and (len(o.ins) < 3 or o.ins[2] is None):
         return None  # float bias: QLinearConv needs int32
-    inputs = [x, xs, _zp(rw, o.ins[0], x), w, ws, _zp(rw, o.ins[1], w), o.out[1], o.out[2]]
+    inputs = [x, xs, _zp(rw, o.ins[0], x), w, ws, _wzp(rw, o, 1), o.out[1], o.out[2]]
     if len(o.ins) > 2 and o.ins[2] is not None:
         inputs.append(o.ins[2][0])
     return inputs, {k: v for k, v in node.attrs.items()}
@@ -158,6 +173,7 @@ class LowerQoperator(Pass):
         if ctx.format != "qoperator":
             return PassResult(False)
         rw = ctx.rewriter(model)
+        zeros: dict[str, Value] = {}  # shared scalar zero points, one per dtype
         lowered: list[str] = []
         for graph in list(model.graph.walk()):
             for node in graph.nodes:
@@ -170,7 +186,7 @@ class LowerQoperator(Pass):
                 cfg = ctx.target.op(node.op)
                 if cfg is None or not cfg.kernel or cfg.kernel_op not in KERNELS:
                     continue
-                name = self._lower(rw, graph, node, cfg.kernel_op, cfg.kernel_domain)
+                name = self._lower(rw, graph, node, cfg.kernel_op, cfg.kernel_domain, zeros)
                 if name:
                     lowered.append(name)
         rw.cleanup(model.graph)
@@ -185,7 +201,8 @@ class LowerQoperator(Pass):
             return None
         return readers[0]
 
-    def _lower(self, rw: Rewriter, graph: Graph, node: Node, kernel: str, domain: str) -> str | None:
+    def _lower(self, rw: Rewriter, graph: Graph, node: Node, kernel: str, domain: str,
+               zeros: dict[str, Value]) -> str | None:
         ins = []
         for i, value in enumerate(node.inputs):
             if not value.name:
@@ -213,7 +230,7 @@ class LowerQoperator(Pass):
             out = (q.outputs[0], q.inputs[1], zp)
         elif kernel not in _FLOAT_OUTPUT_OK:
             return None
-        built = KERNELS[kernel](rw, _Operands(ins, out), node)
+        built = KERNELS[kernel](rw, _Operands(ins, out, zeros), node)
         if built is None:
             return None
         inputs, attrs = built

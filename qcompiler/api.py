@@ -49,7 +49,11 @@ class CompileResult:
     @property
     def proto(self) -> onnx.ModelProto:
         if self._proto is None:
-            self._proto = self.model.to_proto()
+            proto = self.model.to_proto()
+            # intermediate shape annotations are for passes; onnxruntime infers its own, and on
+            # small models they are the largest part of the file after the weights
+            del proto.graph.value_info[:]
+            self._proto = proto
         return self._proto
 
     def save(self, path: str | os.PathLike[str]) -> int:
