@@ -297,7 +297,9 @@ def run_collect(model_proto: Any, names: Iterable[str], data: Iterable[Feed], co
     for n in wanted:
         proto.graph.output.append(onnx.ValueInfoProto(name=n))
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # basic optimizations (constant folding, redundant node removal) keep every value asked
+    # for as an output, and run the float model faster than no optimization at all
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
@@ -347,9 +349,12 @@ class HistogramCollector:
         lo, hi = self.ranges[name]
         if not hi > lo:
             return
-        flat = arr.astype(np.float64).reshape(-1)
-        idx = ((flat - lo) * (self.bins / (hi - lo))).astype(np.int64)
-        counts = np.bincount(np.clip(idx, 0, self.bins - 1), minlength=self.bins)
+        flat = arr.reshape(-1)
+        # bin index in float32 (values are float32 already); the last edge belongs to the last bin
+        idx = ((flat - np.float32(lo)) * np.float32(self.bins / (hi - lo))).astype(np.int32)
+        np.minimum(idx, self.bins - 1, out=idx)
+        np.maximum(idx, 0, out=idx)
+        counts = np.bincount(idx, minlength=self.bins)
         self.counts[name] = self.counts[name] + counts if name in self.counts else counts
         self.zeros[name] = self.zeros.get(name, 0) + int(np.count_nonzero(flat == 0.0))
 
@@ -366,6 +371,10 @@ def mse_range(counts: np.ndarray, lo: float, hi: float, levels: int, symmetric: 
     noise step^2/12 inside the range, squared distance to the bound outside it (times
     ``clip_weight``: clipped outliers often matter more downstream than rounding noise).
     ``zeros`` exact zeros (ReLU outputs, padding) are always representable: no noise."""
+    if counts.shape[0] > 512 and counts.shape[0] % 512 == 0:
+        # search on 512 bins: 4x less work, ranges still resolved to 1/512 of the span
+        group = counts.shape[0] // 512
+        counts = counts.reshape(512, group).sum(axis=1)
     bins = counts.shape[0]
     centers = lo + (np.arange(bins) + 0.5) * ((hi - lo) / bins)
     c = counts.astype(np.float64)
