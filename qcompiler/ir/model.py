@@ -26,8 +26,8 @@ from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER  # noqa: E402
 
 _GS_LOGGER.severity = _GS_LOGGER.ERROR
 
-_TWO_GB = 2**31 - 2**20
-_SUFFIX = re.compile(r"_\d+$")  # leave headroom below protobuf's hard limit
+_TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
+_SUFFIX = re.compile(r"_\d+$")  # a counter suffix added by fresh_name
 
 
 class Model:
