@@ -112,18 +112,10 @@ class Calibrate(Pass):
         collector = RangeCollector()
         inputs = [v.name for v in graph.inputs if not isinstance(v, gs.Constant)]
 
-        def feeds():
-            for i, feed in enumerate(ctx.calibration):
-                if self.limit and i >= self.limit:
-                    return
-                for name in inputs:
-                    if feed[name].dtype.kind == "f":
-                        collector.update(name, feed[name])
-                yield feed
-
         proto = model.to_proto()
         specs = _moment_specs(model, self.max_moment_dim) if self.second_moments else {}
-        count = run_collect(proto, names, feeds(), collector, channel_axes=_weighted_inputs(model))
+        count = run_collect(proto, names + inputs, _limited(ctx.calibration, self.limit), collector,
+                            channel_axes=_weighted_inputs(model))
         ranges = collector.ranges()
         moments: dict = {}
         histograms = method == "mse"

@@ -147,11 +147,9 @@ class InsertQdq(Pass):
         zp = rw.constant(f"{base}_zero_point", qp.zero_point)
         q = rw.value(f"{base}_quantized", dtype=qp.qtype.np_dtype, shape=value.shape)
         dq = rw.value(f"{base}_dequantized", dtype=np.float32, shape=value.shape)
-        rw.replace_all_uses(graph, value, dq)
-        # replace_all_uses may have renamed a graph output; Q reads the original value
-        src = value
+        rw.replace_all_uses(graph, value, dq)  # may rename a graph output; Q still reads `value`
         first = graph.nodes[0] if not value.inputs and graph.nodes else None
-        rw.create_node(graph, "QuantizeLinear", [src, scale, zp], [q], name=f"{base}_QuantizeLinear", before=first)
+        rw.create_node(graph, "QuantizeLinear", [value, scale, zp], [q], name=f"{base}_QuantizeLinear", before=first)
         rw.create_node(graph, "DequantizeLinear", [q, scale, zp], [dq], name=f"{base}_DequantizeLinear",
                        before=first)
 

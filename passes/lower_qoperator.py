@@ -56,7 +56,7 @@ def _wzp(rw: Rewriter, o: _Operands, i: int) -> Value:
 
 
 def _conv(rw, o: _Operands, node: Node):
-    (x, xs, xz), (w, ws, wz) = o.ins[0], o.ins[1]
+    (x, xs, _), (w, ws, _) = o.ins[0], o.ins[1]
     if not (_scalar(xs) and o.out is not None):
         return None
     if len(node.inputs) > 2 and node.inputs[2].name and (len(o.ins) < 3 or o.ins[2] is None):
@@ -68,14 +68,14 @@ def _conv(rw, o: _Operands, node: Node):
 
 
 def _matmul(rw, o: _Operands, node: Node):
-    (a, as_, az), (b, bs, bz) = o.ins[0], o.ins[1]
+    (a, as_, _), (b, bs, _) = o.ins[0], o.ins[1]
     if o.out is None or not _scalar(as_):
         return None
     return [a, as_, _zp(rw, o.ins[0], a), b, bs, _zp(rw, o.ins[1], b), o.out[1], o.out[2]], {}
 
 
 def _gemm(rw, o: _Operands, node: Node):
-    (a, as_, az), (b, bs, bz) = o.ins[0], o.ins[1]
+    (a, as_, _), (b, bs, _) = o.ins[0], o.ins[1]
     if not _scalar(as_):
         return None
     if len(node.inputs) > 2 and node.inputs[2].name and (len(o.ins) < 3 or o.ins[2] is None):
