@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, RangeCollector, UserError, run_collect
-from qcompiler.calibration import HistogramCollector, mse_range
+from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, QType, Target, UserError
+from qcompiler.calib_cache import cache_key, data_digest, load_cached, store_cached
+from qcompiler.calib_dist import run_sharded
+from qcompiler.calib_engine import DEFAULT_MEMORY, Job, Progress, make_groups, parse_memory, peak_rss_mb, tensor_bytes
+from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histogram_kind, moving_average_range,
+                                     mse_range, percentile_range)
+from qcompiler.calibration import Statistics
+from qcompiler.rangefile import check_pinned, read_ranges
 
 __all__ = ["Calibrate"]
-
-
-def _limited(data, limit: int):
-    for i, feed in enumerate(data):
-        if limit and i >= limit:
-            return
-        yield feed
 
 
 def _weighted_inputs(model: Model) -> dict[str, int]:
@@ -67,40 +68,124 @@ def _moment_specs(model: Model, max_dim: int) -> dict[str, list[tuple[str, Patch
     return specs
 
 
+def _pinned_only(model: Model, ctx: PassContext, pinned: dict[str, tuple[float, float]], path: str) -> None:
+    """No calibration data but a range file: accept it only if it pins every float tensor
+    calibrate would observe (then no model run is needed)."""
+    graph = model.graph
+    wanted = [v.name for v in graph.inputs if not isinstance(v, gs.Constant)]
+    for node in graph.gs.nodes:
+        if node.op != "QuantizeLinear":
+            wanted += [v.name for v in node.outputs if v.name and not any(c.op == "QuantizeLinear" for c in v.outputs)
+                       and (v.dtype is None or np.dtype(v.dtype).kind == "f")]
+    known = [n for n in wanted if n not in pinned]
+    check_pinned(pinned, wanted, path)
+    if known:
+        raise UserError(f"pass 'calibrate' needs calibration data (--calibration PATH): range file {path} "
+                        f"does not pin tensor '{known[0]}' ({len(known)} tensors unpinned)")
+    ctx.analysis["input_moments"], ctx.analysis["channel_means"] = {}, {}
+    ctx.analysis["ranges"] = {n: pinned[n] for n in sorted(set(wanted))}
+    ctx.report["calibration"] = {"method": "pinned", "samples": 0, "tensors": len(set(wanted)), "seconds": 0.0}
+
+
+def _tensor_qtype(value: Any, target: Target) -> QType | None:
+    """The activation QType ``value`` will be quantized with: its producer's output rule if
+    the target quantizes that op's output, else its first consumer's input rule, else the
+    target-wide activation rule (mirrors the order insert-qdq visits tensors in)."""
+    producer = value.inputs[0] if value.inputs else None
+    if producer is not None:
+        cfg = target.op(producer.op)
+        cfg = cfg.for_node(producer) if cfg is not None else None
+        if cfg is not None and cfg.output_quantized and cfg.activation.qtype is not None:
+            return cfg.activation.qtype
+    for consumer in value.outputs:
+        cfg = target.op(consumer.op)
+        cfg = cfg.for_node(consumer) if cfg is not None else None
+        if cfg is not None and cfg.activation.qtype is not None:
+            return cfg.activation.qtype
+    return target.activation_rule().qtype
+
+
+def _check_method(method: str, where: str) -> str:
+    if method not in METHODS:
+        raise UserError(f"pass 'calibrate': {where} '{method}' is not available (methods: {', '.join(METHODS)})")
+    return method
+
+
+def parse_overrides(items: tuple[str, ...]) -> dict[str, str]:
+    """``("Softmax=minmax", "/node/name=percentile")`` -> {key: method}; the method is after
+    the last '=' (node names may contain '=')."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, method = item.rpartition("=")
+        if not sep or not key.strip():
+            raise UserError(f"pass 'calibrate': override '{item}' must be KEY=METHOD (KEY: a node name or op type)")
+        out[key.strip()] = _check_method(method.strip(), f"override '{key.strip()}': method")
+    return out
+
+
 @dataclass(frozen=True)
 class Calibrate(Pass):
     """Run the current (float) model in onnxruntime over the calibration samples and record
-    each float activation's min/max in the analysis (`ranges`), for insert-qdq.
+    each float activation's clipping range in the analysis (`ranges`), for insert-qdq.
 
-    Methods: `minmax` (observed range) and `mse` (a second pass histograms each tensor over
-    its observed range and picks the clipping range with the least expected quantization
-    error; heavy-tailed activations such as hard-swish outputs gain most). The default is the
-    target's `defaults.calibration_method`. The second pass also accumulates, over the first
-    `moment-samples` samples, the input second moments that GPTQ rounding in insert-qdq uses.
+    Methods (`method`, default the target's `defaults.calibration_method`; per producer node
+    name or op type with `overrides=[Softmax=minmax,/node/name=percentile]`, node names win):
+    `minmax` (observed range; with `momentum` > 0 a moving average of per-sample extremes),
+    `percentile` (`percentile`, default 99.99, from a histogram), `entropy` (TensorRT-style KL
+    threshold on the |x| histogram) and `mse` (least expected quantization error). Each range
+    is chosen for the dtype, symmetry and levels the target gives that tensor; tensors whose
+    producer the target pins with fixed qparams only get min/max (no histogram).
 
-    Why here, mid-pipeline: ranges are observed on the graph after fusions, so they describe
-    exactly the tensors that get quantized. Values already quantized (inputs of an existing
-    QuantizeLinear, from quantization-aware training) are not observed. Streaming: each
-    sample's tensors are reduced and dropped. Requires calibration data. Does not change the graph.
+    Engine: phase 1 streams the data for min/max and channel means; phase 2 histograms each
+    tensor over its phase-1 range (counts independent of batching, order and sharding) and
+    accumulates, over the first `moment-samples` samples, the input second moments GPTQ
+    rounding in insert-qdq uses. Observed tensors are split into groups that fit `memory`
+    (default 1GB) with one run per group. `cache` (a directory) stores the statistics keyed
+    by graph, data and options; `workers` / `scheduler` shard samples over local processes
+    or a Dask cluster. Ranges are observed on the graph after fusions, so they describe
+    exactly the tensors that get quantized; values already quantized (QAT) are not observed.
+    Requires calibration data, unless `ranges-file` (a range JSON, see docs/calibration.md) pins
+    every observed tensor; its ranges override calibrated ones. Does not change the graph.
     """
 
     name = "calibrate"
     method: str = ""
+    overrides: tuple[str, ...] = ()
+    percentile: float = 99.99
+    momentum: float = 0.0
+    bins: int = 2048
     limit: int = 0
     second_moments: bool = True
     moment_samples: int = 16
     clip_weight: float = 1.0
     max_moment_dim: int = 4608
+    memory: str = DEFAULT_MEMORY
+    cache: str = ""
+    workers: int = 1
+    scheduler: str = ""
+    ranges_file: str = ""  # range JSON whose ranges override calibrated ones (qcompiler.rangefile; H2)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        method = self.method or ctx.target.calibration_method
-        if method not in ("minmax", "mse"):
-            raise UserError(f"pass 'calibrate': method '{method}' is not available (methods: minmax, mse)")
+        method = _check_method(self.method or ctx.target.calibration_method, "method")
+        overrides = parse_overrides(self.overrides)
+        if not 0.0 < self.percentile <= 100.0:
+            raise UserError(f"pass 'calibrate': option 'percentile={self.percentile}' must be in (0, 100]")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"pass 'calibrate': option 'momentum={self.momentum}' must be in [0, 1)")
+        if self.bins < 16:
+            raise UserError(f"pass 'calibrate': option 'bins={self.bins}' must be at least 16")
+        if self.workers < 1:
+            raise UserError(f"pass 'calibrate': option 'workers={self.workers}' must be at least 1")
+        budget = parse_memory(self.memory)
+        pinned = read_ranges(self.ranges_file) if self.ranges_file else {}
+        if ctx.calibration is None and pinned:  # every tensor pinned: no data, no model runs
+            _pinned_only(model, ctx, pinned, self.ranges_file)
+            return PassResult(False)
         if ctx.calibration is None:
             raise UserError("pass 'calibrate' needs calibration data (--calibration PATH)")
         start = time.perf_counter()
         graph = model.graph
-        names: list[str] = []
+        values: dict[str, Any] = {}
         for node in graph.gs.nodes:
             if node.op == "QuantizeLinear":
                 continue
@@ -108,34 +193,122 @@ class Calibrate(Pass):
                 if not value.name or any(c.op == "QuantizeLinear" for c in value.outputs):
                     continue
                 if value.dtype is None or np.dtype(value.dtype).kind == "f":
-                    names.append(value.name)
-        collector = RangeCollector()
-        inputs = [v.name for v in graph.inputs if not isinstance(v, gs.Constant)]
+                    values[value.name] = value
+        names = list(values)
+        input_values = {v.name: v for v in graph.inputs if not isinstance(v, gs.Constant)}
+        inputs = list(input_values)
+        known = {n.name for n in graph.gs.nodes} | {n.op for n in graph.gs.nodes} | set(inputs)
+        for key in overrides:
+            if key not in known:
+                raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
+                                f"of the model")
 
-        proto = model.to_proto()
+        # per tensor: method, grid, histogram kind
+        plan: dict[str, tuple[str, RangeTarget, str | None]] = {}
+        fixed = 0
+        for n, value in list(values.items()) + list(input_values.items()):
+            producer = value.inputs[0] if value.inputs else None
+            m = overrides.get(producer.name if producer is not None else n) or (
+                overrides.get(producer.op) if producer is not None else None) or method
+            if producer is not None and producer.op in ctx.target.fixed:
+                m, fixed = "minmax", fixed + 1  # qparams pinned by the target: min/max is enough
+            grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
+            plan[n] = (m, grid, histogram_kind(m, grid))
+        per_sample = frozenset(n for n, (m, _, _) in plan.items() if m == "minmax" and self.momentum > 0)
         specs = _moment_specs(model, self.max_moment_dim) if self.second_moments else {}
-        count = run_collect(proto, names + inputs, _limited(ctx.calibration, self.limit), collector,
-                            channel_axes=_weighted_inputs(model))
-        ranges = collector.ranges()
-        moments: dict = {}
-        histograms = method == "mse"
-        if histograms or specs:
-            # second pass: histograms over the now known ranges, and layer input moments
-            hist = HistogramCollector(ranges if histograms else {})
-            run_collect(proto, (names + inputs) if histograms else list(specs), _limited(ctx.calibration, self.limit),
-                        hist, moment_specs=specs, moment_limit=self.moment_samples)
-            moments = hist.moments
-            if histograms:
-                qtype = ctx.target.activation_rule().qtype
-                levels = (qtype.qmax - qtype.qmin) if qtype is not None else 255
-                symmetric = bool(qtype and qtype.symmetric)
-                for name, counts in hist.counts.items():
-                    lo, hi = ranges[name]
-                    ranges[name] = mse_range(counts, lo, hi, levels, symmetric, self.clip_weight, hist.zeros.get(name, 0))
-        ctx.analysis["input_moments"] = moments
+
+        proto = model.to_proto().SerializeToString()
+        options = {"plan": {n: [m, g.levels, g.symmetric, k] for n, (m, g, k) in sorted(plan.items())},
+                   "percentile": self.percentile, "momentum": self.momentum, "bins": self.bins,
+                   "limit": self.limit, "moments": sorted(specs), "moment_samples": self.moment_samples}
+        stats: Statistics | None = None
+        cache_state = "off"
+        key = ""
+        if self.cache:
+            digest, _ = data_digest(ctx.calibration, self.limit)
+            key = cache_key(proto, digest, options)
+            stats = load_cached(self.cache, key)
+            cache_state = "hit" if stats is not None else "miss"
+        info = {"groups": 0, "runs": 0, "model_runs": 0}
+        if stats is None:
+            stats = self._collect(model, ctx, proto, names, inputs, plan, per_sample, specs, budget, info)
+            if self.cache:
+                store_cached(self.cache, key, stats)
+
+        ranges = stats.ranges()
+        for n, (m, grid, kind) in plan.items():
+            if n not in ranges:
+                continue
+            lo, hi = ranges[n]
+            if n in stats.hist:
+                counts = stats.hist[n]
+                if m == "mse":
+                    ranges[n] = mse_range(counts, lo, hi, grid.levels, grid.symmetric, self.clip_weight,
+                                          stats.zeros.get(n, 0))
+                elif m == "percentile":
+                    ranges[n] = percentile_range(counts, lo, hi, self.percentile, kind or "signed")
+                elif m == "entropy":
+                    ranges[n] = entropy_range(counts, lo, hi, grid, stats.zeros.get(n, 0))
+            elif n in per_sample and stats.per_sample.get(n):
+                ranges[n] = moving_average_range(*stats.sample_extremes(n), self.momentum)
+        ctx.analysis["input_moments"] = stats.moments
         ctx.analysis["ranges"] = ranges
-        ctx.analysis["channel_means"] = collector.means()
-        ctx.report["calibration"] = {"method": method, "samples": count,
-                                     "tensors": len(ctx.analysis["ranges"]),
-                                     "seconds": round(time.perf_counter() - start, 3)}
+        if pinned:  # imported ranges override calibrated ones
+            check_pinned(pinned, ranges, self.ranges_file)
+            ranges.update(pinned)
+        ctx.analysis["channel_means"] = stats.means()
+        used: dict[str, int] = {}
+        for n in ranges:
+            used[plan[n][0]] = used.get(plan[n][0], 0) + 1
+        ctx.report["calibration"] = {
+            "method": method, "overrides": dict(sorted(overrides.items())), "tensors_per_method": dict(sorted(used.items())),
+            "percentile": self.percentile if "percentile" in used else None,
+            "momentum": self.momentum or None, "samples": stats.samples, "tensors": len(ranges),
+            "fixed_qparams_tensors": fixed, "seconds": round(time.perf_counter() - start, 3),
+            "peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": peak_rss_mb(children=True) if self.workers > 1 else None,
+            "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
+            "model_runs": info["model_runs"], "cache": cache_state, "workers": self.workers,
+            "scheduler": self.scheduler or None, "real_data": bool(getattr(ctx.calibration, "real_data", True)),
+        }
         return PassResult(False)
+
+    def _collect(self, model: Model, ctx: PassContext, proto: bytes, names: list[str], inputs: list[str],
+                 plan: dict[str, tuple[str, RangeTarget, str | None]], per_sample: frozenset[str],
+                 specs: dict[str, list[tuple[str, PatchSpec]]], budget: int, info: dict[str, int]) -> Statistics:
+        data = ctx.calibration
+        first = next(iter(data), None)
+        if first is None:
+            raise UserError("pass 'calibrate': the calibration set is empty")
+        sizes, probe = tensor_bytes(model, names, first)
+        groups1 = make_groups(names, sizes, budget)
+        has_phase2 = any(k is not None for _, _, k in plan.values())
+        progress = Progress(not ctx.quiet and sys.stderr.isatty() and self.workers <= 1 and not self.scheduler,
+                            len(groups1) * (2 if has_phase2 else 1))
+        # input second moments need no ranges: collected in the first pass, so minmax runs once
+        job1 = Job(proto, groups1, inputs, track=frozenset(names + inputs), per_sample=per_sample,
+                   channel_axes=_weighted_inputs(model), moment_specs=specs, moment_limit=self.moment_samples,
+                   limit=self.limit)
+        stats, runs = run_sharded(job1, data, workers=self.workers, scheduler=self.scheduler, progress=progress)
+        info["groups"], info["runs"], info["model_runs"] = len(groups1), len(groups1), runs + probe
+        ranges = stats.ranges()
+        hist_spec: dict[str, tuple[str, float, float, int]] = {}
+        for n, (_, _, kind) in plan.items():
+            if kind is None or n not in ranges:
+                continue
+            lo, hi = ranges[n]
+            lo, hi = (0.0, max(abs(lo), abs(hi))) if kind == "abs" else (lo, hi)
+            if hi > lo:
+                hist_spec[n] = (kind, lo, hi, self.bins)
+        if hist_spec:
+            names2 = [n for n in names if n in hist_spec]
+            inputs2 = [n for n in inputs if n in hist_spec]
+            groups2 = make_groups(names2, sizes, budget)
+            job2 = Job(proto, groups2, inputs2, hist_spec=hist_spec, limit=self.limit)
+            stats2, runs2 = run_sharded(job2, data, workers=self.workers, scheduler=self.scheduler, progress=progress)
+            stats2.samples = 0  # counted in phase 1
+            stats.merge(stats2)
+            info["groups"] = max(info["groups"], len(groups2))
+            info["runs"] += len(groups2)
+            info["model_runs"] += runs2
+        progress.close()
+        return stats

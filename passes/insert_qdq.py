@@ -6,10 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter,
+from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter, TensorRule,
                        UserError, Value, compute_qparams, dequantize, gptq_round, plan_quantization, producer_op, quantize, weight_axis,
                        weight_qparams)
+from qcompiler.calib_methods import weight_mse_clip
+from qcompiler.plan import partitions, reduction_axis
+from qcompiler.quant import INT_RANGES
 
 __all__ = ["InsertQdq", "qparams_of"]
 
@@ -30,10 +35,20 @@ def qparams_of(value: Value) -> QParams | None:
     dtype = (np.asarray(zp_val.values).dtype if zp_val is not None
              else (np.dtype(q_in.dtype) if q_in.dtype is not None else np.dtype(np.uint8)))
     zp = np.asarray(zp_val.values) if zp_val is not None else np.zeros(s.shape, dtype=dtype)
-    info = np.iinfo(dtype)
+    name = np.dtype(dtype).name
+    lo, hi = INT_RANGES[name] if name in INT_RANGES else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
     axis = int(dq.attrs.get("axis", 1)) if s.ndim == 1 and s.size > 1 else None
-    return QParams(s, zp.astype(dtype), QType(np.dtype(dtype).name, bool(np.all(zp == 0)), int(info.min),
-                                               int(info.max)), axis)
+    return QParams(s, zp.astype(dtype), QType(name, bool(np.all(zp == 0)), lo, hi), axis)
+
+
+def _int_constant(rw: Rewriter, hint: str, array: np.ndarray) -> gs.Constant:
+    """An integer initializer; 4-bit arrays (ml_dtypes) are stored packed as ONNX INT4/UINT4,
+    which onnx-graphsurgeon's exporter cannot write from a numpy array itself."""
+    array = np.asarray(array)
+    if array.dtype.name not in ("int4", "uint4"):
+        return rw.constant(hint, array)
+    name = rw.model.fresh_name(hint)
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,11 @@ class InsertQdq(Pass):
     errors of a channel's weights otherwise add up to a systematic offset that accumulates
     through the network (depthwise convs with 9 weights per channel suffer most).
 
+    The target's rules decide the rest: 16-bit activations, power-of-two scales, encoding
+    ranges (`encoding_min`/`encoding_max` clamp the calibrated range), blocked (and 4-bit,
+    stored packed) weights along the op's reduction axis. The integer regions (connected
+    integer nodes, with the values crossing to and from float) go to `report["partitions"]`.
+
     Requires `calibrate` (ranges) and uses `group-activations` groups if present. Edits in place.
     `exclude` lists node names to keep float.
     """
@@ -63,6 +83,7 @@ class InsertQdq(Pass):
     bias_correction: bool = True
     rounding: str = "gptq"
     exclude: tuple[str, ...] = ()
+    weight_range: str = "minmax"  # minmax | mse: per-channel clip minimising weight QDQ error (calibrate H1)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         ranges = ctx.analysis.get("ranges")
@@ -84,7 +105,9 @@ class InsertQdq(Pass):
                 for v in n.outputs:
                     owner[id(v)] = g
 
-        def want(value: Value, graph: Graph, qtype: QType, fixed: tuple[float, int] | None = None) -> None:
+        def want(value: Value, graph: Graph, rule: TensorRule, fixed: tuple[float, int] | None = None) -> None:
+            qtype = rule.qtype
+            assert qtype is not None
             graph = owner.get(id(value), graph)
             if id(value) in act or producer_op(value) == "DequantizeLinear":
                 return
@@ -96,7 +119,7 @@ class InsertQdq(Pass):
                 arr = np.asarray(value.values)
                 qp = compute_qparams(float(arr.min()), float(arr.max()), qtype)
             else:
-                lo, hi = ranges[value.name]
+                lo, hi = rule.clamp(*ranges[value.name])  # a target's encoding range limits calibration
                 qp = compute_qparams(lo, hi, qtype)
             act[id(value)] = (value, graph, qp)
 
@@ -104,16 +127,16 @@ class InsertQdq(Pass):
             for node in graph.gs.nodes:
                 np_ = plan.nodes.get(node.name)
                 if np_ is not None and np_.node is node:
-                    qtype = np_.config.activation.qtype
-                    if qtype is None:
+                    rule = np_.config.activation
+                    if rule.qtype is None:
                         continue
                     for value, role in zip(node.inputs, np_.roles):
                         if role == "activation":
-                            want(value, graph, qtype)
+                            want(value, graph, rule)
                     out = np_.output
                     publish = not graph.is_graph_output(out) or target.quantize_graph_outputs
                     if np_.config.output_quantized and publish and (out.name in ranges or node.op in target.fixed):
-                        want(out, graph, qtype, target.fixed.get((np_.tail or node).op))
+                        want(out, graph, rule, target.fixed.get((np_.tail or node).op))
                 elif node.op in target.passthrough and node.inputs:
                     src = node.inputs[0]
                     entry = act.get(id(src))
@@ -125,6 +148,10 @@ class InsertQdq(Pass):
                     act[id(out)] = (out, graph, entry[2])
                     passthrough.append(node.name)
 
+        integer = sorted(plan.nodes) + sorted(plan.fused) + sorted(passthrough)
+        parts = partitions(model, integer)
+        ctx.analysis["partitions"] = parts
+        ctx.report["partitions"] = parts
         input_names = {name: np_.node.inputs[0].name for name, np_ in plan.nodes.items() if np_.node.inputs}
         for value, graph, qp in act.values():
             self._insert_pair(rw, graph, value, qp)
@@ -144,7 +171,7 @@ class InsertQdq(Pass):
     def _insert_pair(rw: Rewriter, graph: Graph, value: Value, qp: QParams) -> None:
         base = value.name
         scale = rw.constant(f"{base}_scale", qp.scale)
-        zp = rw.constant(f"{base}_zero_point", qp.zero_point)
+        zp = _int_constant(rw, f"{base}_zero_point", qp.zero_point)
         q = rw.value(f"{base}_quantized", dtype=qp.qtype.np_dtype, shape=value.shape)
         dq = rw.value(f"{base}_dequantized", dtype=np.float32, shape=value.shape)
         rw.replace_all_uses(graph, value, dq)  # may rename a graph output; Q still reads `value`
@@ -166,24 +193,36 @@ class InsertQdq(Pass):
             if qtype is None:
                 continue
             w = np.asarray(value.values).astype(np.float32)
-            axis = weight_axis(node, w) if (cfg.weight.per_channel and self.per_channel) else None
+            block = cfg.weight.block_size
+            if block:
+                axis = reduction_axis(node, w)  # plan_quantization checked it exists
+            else:
+                axis = weight_axis(node, w) if (cfg.weight.per_channel and self.per_channel) else None
             if axis is not None and (model.opset("") or 0) < 13:
                 axis = None  # DequantizeLinear has no axis before opset 13
-            key = (value.name, axis, qtype)
+            key = (value.name, axis, qtype, block)
             if key not in cache:
-                qp = weight_qparams(w, qtype, axis)
-                codes = _gptq_codes(node, w, qp, moment) if (moment is not None and i == 1) else None
-                wq = rw.constant(f"{value.name}_quantized", codes if codes is not None else quantize(w, qp))
+                if self.weight_range not in ("minmax", "mse"):
+                    raise UserError(f"pass 'insert-qdq': weight-range '{self.weight_range}' is not one of minmax, mse")
+                src = weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" and not block else w
+                qp = weight_qparams(src, qtype, axis, block)
+                if not block and i == 1:
+                    qp = _bias_safe(qp, node, np_, cfg.bias.dtype)
+                codes = _gptq_codes(node, w, qp, moment) if (moment is not None and i == 1 and not block) else None
+                stored = codes if codes is not None else quantize(w, qp)
+                wq = _int_constant(rw, f"{value.name}_quantized", stored)
                 scale = rw.constant(f"{value.name}_scale", qp.scale)
-                zp = rw.constant(f"{value.name}_zero_point", qp.zero_point)
+                zp = _int_constant(rw, f"{value.name}_zero_point", qp.zero_point)
                 out = rw.value(f"{value.name}_dequantized", dtype=np.float32, shape=list(w.shape))
                 attrs = {"axis": axis} if axis is not None else {}
+                if block:
+                    attrs["block_size"] = block
                 rw.create_node(np_.graph, "DequantizeLinear", [wq, scale, zp], [out], attrs,
                                name=f"{value.name}_DequantizeLinear", before=node)
-                cache[key] = (out, qp, np.asarray(wq.values))
+                cache[key] = (out, qp, stored)  # not wq.values: reading a lazy 4-bit constant unpacks it
             out, w_qp, stored = cache[key]
             rw.set_input(node, i, out)
-            if mean is not None and i == 1:
+            if mean is not None and i == 1 and not w_qp.block_size:
                 delta = dequantize(stored, w_qp) - w
                 shift = _output_shift(node, delta, mean)
         if shift is not None and node.op == "Conv" and "bias" in cfg.inputs and len(np_.roles) < 3:
@@ -267,3 +306,30 @@ def _gptq_codes(node: gs.Node, w: np.ndarray, qp: QParams, moment: np.ndarray) -
     codes = gptq_round(w3, moment, scale.reshape(g, rows), zp.reshape(g, rows), qp.qtype.qmin, qp.qtype.qmax,
                        pair_sum_max=qp.qtype.pair_sum_max)
     return unflatten(codes).astype(qp.qtype.np_dtype)
+
+
+def _bias_safe(qp: QParams, node: gs.Node, np_: NodePlan, bias_dtype: str) -> QParams:
+    """Raise weight scales whose int32 bias could not be stored: a channel of (near-)zero
+    weights gets a scale so small that bias / (x_scale * w_scale) overflows int32, or that the
+    product is a float32 subnormal. Such channels quantize to zero weights either way; the
+    larger scale keeps their bias exact. Other channels are unchanged."""
+    bias_idx = next((j for j, r in enumerate(np_.roles) if r == "bias"), None)
+    if (bias_dtype != "int32" or bias_idx is None or not isinstance(node.inputs[bias_idx], gs.Constant)
+            or not qp.qtype.symmetric):
+        return qp
+    x_qp = InsertQdq._input_qparams(node)
+    if x_qp is None:
+        return qp
+    x_s = float(x_qp.scale)
+    b = np.abs(np.asarray(node.inputs[bias_idx].values, dtype=np.float64).reshape(-1))
+    tiny = float(np.finfo(np.float32).tiny)
+    floor = np.maximum(b / (x_s * (2**31 - 1)) * 1.01, 2 * tiny / x_s)
+    scale = qp.scale.astype(np.float64)
+    if floor.size != scale.size:
+        floor = np.full(scale.shape, floor.max()) if scale.size == 1 else np.broadcast_to(floor.max(), scale.shape)
+    floor = floor.reshape(scale.shape)
+    if np.all(scale >= floor):
+        return qp
+    if qp.qtype.power_of_two:
+        floor = 2.0 ** np.ceil(np.log2(floor))
+    return QParams(np.maximum(scale, floor).astype(np.float32), qp.zero_point, qp.qtype, qp.axis, qp.block_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 import time
@@ -63,6 +64,31 @@ class CompileResult:
         return size
 
 
+def _export_ranges(ctx: PassContext, calib: Any, export_ranges: Any, trt_table: Any, imported: Any) -> None:
+    """Mark the report when ranges did not come from real data, and write the range files
+    (qcompiler.rangefile) once every pass has succeeded."""
+    info = ctx.report.get("calibration")
+    if isinstance(info, dict):
+        info["real_data"] = bool(getattr(calib, "real_data", calib is not None))
+        if imported is not None:
+            info["ranges_file"] = str(imported)
+    if export_ranges is None and trt_table is None:
+        return
+    ranges = ctx.analysis.get("ranges")
+    if ranges is None:
+        flag = "--export-ranges" if export_ranges is not None else "--export-tensorrt-table"
+        raise UserError(f"{export_ranges or trt_table}: {flag}: no ranges to export (the 'calibrate' pass did not "
+                        "run: dynamic mode, disabled, or a pipeline without it)")
+    from .rangefile import write_ranges, write_tensorrt_table
+
+    if export_ranges is not None:
+        info = info if isinstance(info, dict) else {}
+        write_ranges(export_ranges, ranges, method=info.get("method"), samples=info.get("samples"),
+                     real_data=info.get("real_data"))
+    if trt_table is not None:
+        write_tensorrt_table(trt_table, ranges)
+
+
 def build_pipeline(text: str, registry: PassRegistry) -> list[Pass]:
     return [registry.instantiate(spec) for spec in parse_pipeline(text)]
 
@@ -72,11 +98,36 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             pipeline: str | None = None, plugins: Sequence[str] = (), registry: PassRegistry | None = None,
             print_ir_after: Iterable[str] = (), time_passes: bool = False, verify_each: bool = True,
             stop_after: str | None = None, disable_passes: Iterable[str] = (), calibration_limit: int | None = None,
-            quiet: bool = True, verbose: bool = False, stream: TextIO | None = None) -> CompileResult:
+            image_spec: Any = None, import_ranges: str | os.PathLike[str] | None = None,
+            export_ranges: str | os.PathLike[str] | None = None,
+            export_tensorrt_table: str | os.PathLike[str] | None = None,
+            calibration_method: str | None = None, calibration_overrides: dict[str, str] | None = None,
+            calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
+            workers: int | None = None, scheduler: str | None = None,
+            check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
+            ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
+
+    With ``check`` (default) the compiled model goes through ``qcompiler.check_model`` before
+    anything is written: a model the target cannot run raises ``UserError`` naming the first
+    offending node; ``report["check"]`` records the result. ``check=False`` is for debugging.
 
     ``calibration`` is a path (.npz stacked, directory of .npz, .npy) or an iterable of feed
     dicts; static mode needs it, dynamic mode does not.
+
+    Calibration data and range files (see ``docs/calibration.md``): ``calibration`` may also
+    be ``"random:N"`` (smoke tests; the report says ``real_data: false``), a directory of
+    images with ``image_spec`` (inline text, a TOML path, an ``ImageSpec``, or None for the
+    folder's ``preprocess.toml``), or a zero-argument callable returning a fresh iterator.
+    ``import_ranges`` pins the ranges of a range JSON file over the calibrated ones (no data
+    needed if it pins every tensor); ``export_ranges`` / ``export_tensorrt_table`` write the
+    final ranges as range JSON / a TensorRT calibration table after a successful compile.
+
+    Calibration engine (the ``calibrate`` pass's options, see ``docs/design.md``):
+    ``calibration_method`` (minmax, percentile, entropy, mse; default the target's),
+    ``calibration_overrides`` ({node name or op type: method}; node names win),
+    ``calibration_memory`` (bytes or "512MB"; default 1GB), ``calibration_cache`` (directory),
+    ``workers`` (local processes) and ``scheduler`` (Dask scheduler address).
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -94,6 +145,18 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         raise UserError(f"target '{tgt.name}' defines no {mode} pipeline (key defaults."
                         f"{'pipeline' if mode == 'static' else 'dynamic_pipeline'})")
     passes = build_pipeline(text, reg)
+    if import_ranges is not None:  # pin through the calibrate pass's ranges-file option
+        if not any(p.name == "calibrate" for p in passes):
+            raise UserError(f"{import_ranges}: --import-ranges needs the 'calibrate' pass in the pipeline")
+        passes = [dataclasses.replace(p, ranges_file=str(import_ranges)) if p.name == "calibrate" else p
+                  for p in passes]
+    calib_opts = {k: v for k, v in {  # calibration engine settings -> the calibrate pass's options
+        "method": calibration_method, "memory": None if calibration_memory is None else str(calibration_memory),
+        "cache": None if calibration_cache is None else str(calibration_cache), "workers": workers,
+        "scheduler": scheduler, "overrides": None if calibration_overrides is None else tuple(
+            f"{k}={v}" for k, v in sorted(calibration_overrides.items()))}.items() if v is not None}
+    if calib_opts:
+        passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
     input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
@@ -101,9 +164,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ops_before = op_histogram(m)
     calib = None
     needs_calibration = any(p.name == "calibrate" for p in passes) and "calibrate" not in set(disable_passes)
+    if image_spec is not None and calibration is None:
+        raise UserError(f"--image-spec {image_spec}: needs --calibration DIR (a directory of images)")
     if calibration is not None:
-        calib = load_calibration(calibration, input_specs(m), limit=calibration_limit)
-    elif needs_calibration and mode == "static":
+        calib = load_calibration(calibration, input_specs(m), limit=calibration_limit, image_spec=image_spec)
+    elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose, log=log)
@@ -111,6 +176,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
                            stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr)
     manager = PassManager(passes, inst)
     manager.run(m, ctx)
+    check_report = _check_output(m, tgt) if check else None
+    _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
@@ -131,6 +198,22 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         "size_bytes": {"input": input_size, "output": out_size},
         "seconds": round(time.perf_counter() - start, 4),
     }
+    if check_report is not None:
+        report["check"] = check_report
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
     return result
+
+
+def _check_output(model: Model, target: Target) -> dict[str, Any]:
+    """The legality check of a compiled model (``qcompiler check``); illegal -> UserError."""
+    from .check import check_model
+
+    res = check_model(model, target)
+    if not res.legal:
+        lines = res.problem_lines()
+        more = f" (+{len(lines) - 1} more offending nodes)" if len(lines) > 1 else ""
+        raise UserError(f"{model.source}: compiled model is not legal for target '{target.name}': "
+                        f"{lines[0]}{more}; nothing written (--no-check / check=False to write it anyway)")
+    return {"legal": res.legal, "warnings": [p._asdict() for p in res.warnings],
+            "problems": [p._asdict() for p in res.problems]}

@@ -7,6 +7,7 @@ not grow with the number of samples. The data sources live in :mod:`qcompiler.ca
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from .calib_data import CalibrationData, Feed, InputSpec, input_specs, load_calibration
+from .calib_methods import mse_range
 
 __all__ = ["InputSpec", "CalibrationData", "load_calibration", "input_specs", "RangeCollector", "PatchSpec",
-           "input_patches", "HistogramCollector", "mse_range"]
+           "input_patches", "HistogramCollector", "mse_range", "Statistics", "run_model"]
 
 
 @dataclass(frozen=True)
@@ -212,40 +214,140 @@ class HistogramCollector:
         return None
 
 
-def mse_range(counts: np.ndarray, lo: float, hi: float, levels: int, symmetric: bool,
-              clip_weight: float = 1.0, zeros: int = 0) -> tuple[float, float]:
-    """The clipping range [lo', hi'] within [lo, hi] that minimises the expected squared
-    quantization error of the histogrammed values with ``levels`` integer steps: rounding
-    noise step^2/12 inside the range, squared distance to the bound outside it (times
-    ``clip_weight``: clipped outliers often matter more downstream than rounding noise).
-    ``zeros`` exact zeros (ReLU outputs, padding) are always representable: no noise."""
-    if counts.shape[0] > 512 and counts.shape[0] % 512 == 0:
-        # search on 512 bins: 4x less work, ranges still resolved to 1/512 of the span
-        group = counts.shape[0] // 512
-        counts = counts.reshape(512, group).sum(axis=1)
-    bins = counts.shape[0]
-    centers = lo + (np.arange(bins) + 0.5) * ((hi - lo) / bins)
-    c = counts.astype(np.float64)
-    noisy = c.copy()
-    if zeros and lo <= 0.0 <= hi:
-        zbin = min(int((0.0 - lo) * bins / (hi - lo)), bins - 1) if hi > lo else 0
-        noisy[zbin] = max(noisy[zbin] - zeros, 0.0)
-    fractions = np.linspace(0.05, 1.0, 96)
-    if symmetric:
-        amax = max(abs(lo), abs(hi))
-        cand_lo, cand_hi = -amax * fractions, amax * fractions
-    else:
-        his = max(hi, 0.0) * fractions
-        los = min(lo, 0.0) * fractions
-        grid_lo, grid_hi = np.meshgrid(los, his, indexing="ij")
-        cand_lo, cand_hi = grid_lo.reshape(-1), grid_hi.reshape(-1)
-    best, best_err = (lo, hi), np.inf
-    for start in range(0, cand_lo.shape[0], 512):
-        lo_c, hi_c = cand_lo[start:start + 512, None], cand_hi[start:start + 512, None]
-        step = np.maximum(hi_c - lo_c, 1e-12) / levels
-        clipped = np.clip(centers[None, :], lo_c, hi_c)
-        err = (clip_weight * (centers[None, :] - clipped) ** 2) @ c + (step[:, 0] ** 2 / 12.0) * noisy.sum()
-        i = int(np.argmin(err))
-        if err[i] < best_err:
-            best_err, best = float(err[i]), (float(lo_c[i, 0]), float(hi_c[i, 0]))
-    return best
+def run_model(sess: Any, feed: Feed) -> list[Any]:
+    """One onnxruntime run of the calibration model (module level so tests can count runs)."""
+    return sess.run(None, feed)
+
+
+_MAGIC = b"QCSTATS1"
+
+
+class Statistics:
+    """Everything calibration observes, as one mergeable, serialisable object.
+
+    Per tensor: min/max; per-sample extremes by sample index (for the moving-average
+    method); a fixed-range histogram (``hist_spec`` = kind, lo, hi, bins) with its exact-zero
+    count; per-channel sums/counts (bias correction); and per layer the input second moments
+    (GPTQ). :meth:`merge` adds counts and sums, so shards, batches and groups combine to the
+    same min/max, histograms and zero counts as one pass (float sums to the last bits).
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.mins: dict[str, float] = {}
+        self.maxs: dict[str, float] = {}
+        self.per_sample: dict[str, dict[int, tuple[float, float]]] = {}
+        self.hist: dict[str, np.ndarray] = {}
+        self.hist_spec: dict[str, tuple[str, float, float, int]] = {}
+        self.zeros: dict[str, int] = {}
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+        self.moments: dict[str, np.ndarray] = {}
+        self.max_positions = 2048
+
+    update_moment = RangeCollector.update_moment
+    update_mean = RangeCollector.update_mean
+    means = RangeCollector.means
+    ranges = RangeCollector.ranges
+
+    def update_range(self, name: str, arr: np.ndarray, index: int | None = None) -> None:
+        """Running min/max; with ``index`` also this sample's own extremes."""
+        if arr.size == 0:
+            return
+        lo = float(np.min(arr))
+        hi = float(np.max(arr))
+        if math.isnan(lo) or math.isnan(hi):
+            return
+        self.mins[name] = min(lo, self.mins.get(name, lo))
+        self.maxs[name] = max(hi, self.maxs.get(name, hi))
+        if index is not None:
+            self.per_sample.setdefault(name, {})[index] = (lo, hi)
+
+    def update_hist(self, name: str, arr: np.ndarray) -> None:
+        """Add ``arr`` to the tensor's fixed-range histogram (bins from its ``hist_spec``)."""
+        spec = self.hist_spec.get(name)
+        if spec is None or arr.size == 0:
+            return
+        kind, lo, hi, bins = spec
+        if not hi > lo:
+            return
+        flat = arr.reshape(-1)
+        src = np.abs(flat) if kind == "abs" else flat
+        # bin index in float32 (values are float32 already); the last edge belongs to the last bin
+        idx = ((src - np.float32(lo)) * np.float32(bins / (hi - lo))).astype(np.int32)
+        np.minimum(idx, bins - 1, out=idx)
+        np.maximum(idx, 0, out=idx)
+        counts = np.bincount(idx, minlength=bins)
+        self.hist[name] = self.hist[name] + counts if name in self.hist else counts
+        self.zeros[name] = self.zeros.get(name, 0) + int(np.count_nonzero(flat == 0.0))
+
+    def merge(self, other: "Statistics") -> "Statistics":
+        """Add ``other`` into this object (in place) and return it."""
+        self.samples += other.samples
+        for k, lo in other.mins.items():
+            self.mins[k] = min(lo, self.mins.get(k, lo))
+            self.maxs[k] = max(other.maxs[k], self.maxs.get(k, other.maxs[k]))
+        for k, table in other.per_sample.items():
+            self.per_sample.setdefault(k, {}).update(table)
+        for k, counts in other.hist.items():
+            if k in self.hist_spec and self.hist_spec[k] != other.hist_spec[k]:
+                raise ValueError(f"histograms of '{k}' have different ranges; cannot merge")
+            self.hist_spec[k] = other.hist_spec[k]
+            self.hist[k] = self.hist[k] + counts if k in self.hist else counts.copy()
+        for k, n in other.zeros.items():
+            self.zeros[k] = self.zeros.get(k, 0) + n
+        for k, total in other.sums.items():
+            if k in self.sums:
+                self.sums[k] = self.sums[k] + total
+                self.counts[k] += other.counts[k]
+            else:
+                self.sums[k], self.counts[k] = total.copy(), other.counts[k]
+        for k, m in other.moments.items():
+            self.moments[k] = self.moments[k] + m if k in self.moments else m.copy()
+        return self
+
+    def sample_extremes(self, name: str) -> tuple[list[float], list[float]]:
+        """Per-sample (mins, maxs) of ``name`` in sample-index order."""
+        table = self.per_sample.get(name, {})
+        order = sorted(table)
+        return [table[i][0] for i in order], [table[i][1] for i in order]
+
+    # -- deterministic serialization: a JSON header (sorted keys) then the raw arrays --------
+    def to_bytes(self) -> bytes:
+        arrays: list[list[Any]] = []
+        blobs: list[bytes] = []
+        offset = 0
+        for section in ("hist", "sums", "moments"):
+            table: dict[str, np.ndarray] = getattr(self, section)
+            for name in sorted(table):
+                arr = np.ascontiguousarray(table[name])
+                data = arr.tobytes()
+                arrays.append([section, name, arr.dtype.str, list(arr.shape), offset, len(data)])
+                blobs.append(data)
+                offset += len(data)
+        header = {
+            "samples": self.samples, "mins": self.mins, "maxs": self.maxs, "zeros": self.zeros,
+            "counts": self.counts, "hist_spec": {k: list(v) for k, v in self.hist_spec.items()},
+            "per_sample": {k: [[i, lo, hi] for i, (lo, hi) in sorted(t.items())] for k, t in self.per_sample.items()},
+            "arrays": arrays,
+        }
+        head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        return _MAGIC + len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Statistics":
+        if not data.startswith(_MAGIC):
+            raise ValueError("not a qcompiler statistics file")
+        n = int.from_bytes(data[8:16], "little")
+        header = json.loads(data[16:16 + n])
+        body = memoryview(data)[16 + n:]
+        st = cls()
+        st.samples = int(header["samples"])
+        st.mins, st.maxs = dict(header["mins"]), dict(header["maxs"])
+        st.zeros, st.counts = dict(header["zeros"]), dict(header["counts"])
+        st.hist_spec = {k: (v[0], float(v[1]), float(v[2]), int(v[3])) for k, v in header["hist_spec"].items()}
+        st.per_sample = {k: {int(i): (lo, hi) for i, lo, hi in rows} for k, rows in header["per_sample"].items()}
+        for section, name, dtype, shape, off, size in header["arrays"]:
+            arr = np.frombuffer(body[off:off + size], dtype=np.dtype(dtype)).reshape(shape).copy()
+            getattr(st, section)[name] = arr
+        return st

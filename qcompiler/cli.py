@@ -28,8 +28,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--target", default="ort-cpu", help="built-in target name or path to a .toml file")
-    c.add_argument("--calibration", help=".npz (samples stacked on axis 0), .npy, or a directory of .npz")
+    c.add_argument("--calibration", help=".npz (samples stacked on axis 0), .npy, a directory of .npz or of images "
+                   "(see --image-spec), or random:N (smoke tests only)")
+    c.add_argument("--image-spec", metavar="SPEC|FILE.toml",
+                   help="image preprocessing for an image-folder --calibration, e.g. "
+                   "'resize=256,crop=224,scale=1/255,mean=0.5,0.5,0.5,std=0.5,0.5,0.5' (default: the folder's "
+                   "preprocess.toml); see docs/calibration.md")
+    c.add_argument("--import-ranges", metavar="FILE.json", help="pin activation ranges from a range file")
+    c.add_argument("--export-ranges", metavar="FILE.json", help="write the calibrated activation ranges here")
+    c.add_argument("--export-tensorrt-table", metavar="FILE", help="write the ranges as a TensorRT calibration table")
     c.add_argument("--calibration-limit", type=int, help="use only the first N calibration samples")
+    c.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="range selection method (default: the target's)")
+    c.add_argument("--calibration-override", action="append", default=[], metavar="KEY=METHOD",
+                   help="method for one producer node name or op type (node names win); repeatable")
+    c.add_argument("--calibration-memory", metavar="SIZE", help="memory budget for observed tensors, e.g. 512MB (default 1GB)")
+    c.add_argument("--calibration-cache", metavar="DIR", help="reuse calibration statistics stored in DIR")
+    c.add_argument("--workers", type=int, help="shard calibration samples over N local processes")
+    c.add_argument("--scheduler", metavar="ADDRESS", help="run calibration shards on this Dask scheduler")
     c.add_argument("--mode", choices=["static", "dynamic"])
     c.add_argument("--format", choices=["qdq", "qoperator"])
     c.add_argument("--pipeline", help="pass pipeline text, e.g. 'canonicalize,fold-constants'")
@@ -42,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--no-verify", dest="verify_each", action="store_false")
     c.add_argument("--stop-after", metavar="PASS")
     c.add_argument("--disable-pass", action="append", default=[], metavar="NAME")
+    c.add_argument("--no-check", dest="check", action="store_false",
+                   help="write the output even if it fails the target's legality check (debugging)")
     _verbosity(c)
 
     t = sub.add_parser("targets", help="list built-in targets")
@@ -58,6 +76,21 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--target", default="ort-cpu")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     _verbosity(i)
+
+    k = sub.add_parser("check", help="is every Q/DQ and integer op legal for the target? (exit 2 if not)")
+    k.add_argument("model")
+    k.add_argument("--target", default="ort-cpu", help="built-in target name or path to a .toml file")
+    k.add_argument("--json", action="store_true", help="print the result as JSON")
+    _verbosity(k)
+
+    sm = sub.add_parser("simulate", help="run a quantized model with the target's integer arithmetic")
+    sm.add_argument("model")
+    sm.add_argument("--target", default="ort-cpu", help="built-in target name or path to a .toml file")
+    sm.add_argument("--inputs", required=True, help="input samples: like --calibration (.npz, .npy, directory)")
+    sm.add_argument("--reference", help="the float model: report per-tensor and output SQNR against it")
+    sm.add_argument("--report", help="write the JSON result here")
+    sm.add_argument("--limit", type=int, help="use only the first N input samples")
+    _verbosity(sm)
     return p
 
 
@@ -65,6 +98,19 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("-v", "--verbose", action="store_true")
+
+
+def _overrides(items: list[str]) -> dict[str, str] | None:
+    """``--calibration-override KEY=METHOD`` (repeatable) -> {key: method}; the last '=' splits."""
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, method = item.rpartition("=")
+        if not sep or not key:
+            raise UserError(f"--calibration-override {item}: must be KEY=METHOD (KEY: node name or op type)")
+        out[key] = method
+    return out
 
 
 def _cmd_compile(a: argparse.Namespace) -> int:
@@ -77,10 +123,18 @@ def _cmd_compile(a: argparse.Namespace) -> int:
         raise UserError(f"{out}: cannot write output: directory '{out.parent}' does not exist")
     if Path(a.model).resolve() == out.resolve():
         raise UserError(f"{out}: output would overwrite the input model")
+    for extra in (a.export_ranges, a.export_tensorrt_table):
+        if extra and str(Path(extra).parent) and not Path(extra).parent.is_dir():
+            raise UserError(f"{extra}: cannot write: directory '{Path(extra).parent}' does not exist")
     result = qcompile(a.model, target=a.target, calibration=a.calibration, mode=a.mode, format=a.format,
                       pipeline=a.pipeline, plugins=a.plugin, print_ir_after=a.print_ir_after,
                       time_passes=a.time_passes, verify_each=a.verify_each, stop_after=a.stop_after,
                       disable_passes=a.disable_pass, calibration_limit=a.calibration_limit,
+                      image_spec=a.image_spec, import_ranges=a.import_ranges, export_ranges=a.export_ranges,
+                      export_tensorrt_table=a.export_tensorrt_table, check=a.check,
+                      calibration_method=a.calibration_method, calibration_overrides=_overrides(a.calibration_override),
+                      calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
+                      workers=a.workers, scheduler=a.scheduler,
                       quiet=a.quiet, verbose=a.verbose)
     if a.report:
         rep = Path(a.report)
@@ -129,6 +183,24 @@ def _cmd_passes(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(a: argparse.Namespace) -> int:
+    """Findings on stdout (they are the command's output): one line per offending node, then a
+    summary; exit 0 when legal (warnings allowed), 2 when not."""
+    from .check import check_model
+
+    res = check_model(a.model, a.target)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=2, sort_keys=True))
+        return 0 if res.legal else 2
+    for line in res.problem_lines() + res.warning_lines():
+        print(line)
+    print(f"qcompiler check: {a.model}: {res.summary()}")
+    if res.legal and not a.quiet:
+        for name, why in res.float_nodes.items():
+            print(f"  float: {name}: {why}")
+    return 0 if res.legal else 2
+
+
 def _cmd_inspect(a: argparse.Namespace) -> int:
     from .inspect import inspect_model
 
@@ -146,6 +218,29 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     print(f"float ({len(info['float_nodes'])} nodes):")
     for name, why in info["float_nodes"].items():
         print(f"  {name}: {why}")
+    print(f"integer partitions ({len(info['partitions'])}):")
+    for p in info["partitions"]:
+        print(f"  {p['id']}: {len(p['nodes'])} nodes; in: {', '.join(p['inputs'])}; out: {', '.join(p['outputs'])}")
+    return 0
+
+
+def _cmd_simulate(a: argparse.Namespace) -> int:
+    from .sim import simulate
+
+    if a.report:
+        rep = Path(a.report)
+        if not rep.parent.exists() if str(rep.parent) else False:
+            raise UserError(f"{rep}: cannot write report: directory '{rep.parent}' does not exist")
+    for path, what in ((a.model, "model"), (a.reference, "reference model")):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{path}: {what} not found")
+    result = simulate(a.model, a.target, a.inputs, reference=a.reference, limit=a.limit)
+    if a.report:
+        from .ir.model import _atomic_write_text
+
+        _atomic_write_text(Path(a.report), json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    if not a.quiet:
+        print(result.table())
     return 0
 
 
@@ -163,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = getattr(a, "verbose", False)
     try:
         return {"compile": _cmd_compile, "targets": _cmd_targets, "passes": _cmd_passes,
-                "inspect": _cmd_inspect}[a.command](a)
+                "inspect": _cmd_inspect, "check": _cmd_check, "simulate": _cmd_simulate}[a.command](a)
     except UserError as exc:
         if verbose:
             traceback.print_exc()
@@ -180,6 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcompiler: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout closed early (`qcompiler passes | head`): not an error of ours; silence the
+        # flush at exit as Python's documentation recommends, and exit like SIGPIPE would
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # an internal error: say so, exit 1
         if verbose:
             traceback.print_exc()

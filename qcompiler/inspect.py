@@ -8,7 +8,7 @@ from typing import Any
 from .api import build_pipeline, op_histogram
 from .ir import load_model
 from .pass_manager import Instrumentation, PassContext, PassManager
-from .plan import plan_quantization
+from .plan import partitions, plan_quantization
 from .registry import default_registry
 from .target import load_target
 
@@ -16,8 +16,10 @@ __all__ = ["inspect_model"]
 
 
 def inspect_model(path: str | os.PathLike[str], target: str = "ort-cpu") -> dict[str, Any]:
-    """Op histogram, the nodes the target would run in integer (with their kernel), and the
-    nodes that stay float with the reason. Runs the target's pipeline up to calibration."""
+    """Op histogram, the nodes the target would run in integer (with their kernel), the
+    nodes that stay float with the reason, and the integer partitions (regions with their
+    host<->accelerator boundary values, as the compile report gives them). Runs the target's
+    pipeline up to calibration."""
     tgt = load_target(target)
     model = load_model(path)
     ops = op_histogram(model)
@@ -47,4 +49,5 @@ def inspect_model(path: str | os.PathLike[str], target: str = "ort-cpu") -> dict
                 else:
                     floats[node.name] = "data movement on a float input"
     return {"target": tgt.name, "ops": ops, "ops_after_prepare": op_histogram(model),
-            "lowered": dict(sorted(lowered.items())), "float_nodes": dict(sorted(floats.items()))}
+            "lowered": dict(sorted(lowered.items())), "float_nodes": dict(sorted(floats.items())),
+            "partitions": partitions(model, sorted(lowered))}

@@ -8,13 +8,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .ir import Graph, Model, Node, Value
 from .target import OpConfig, Target
 
-__all__ = ["NodePlan", "Plan", "plan_quantization", "weight_axis", "is_float", "producer_op"]
+__all__ = ["NodePlan", "Plan", "plan_quantization", "weight_axis", "reduction_axis", "is_float", "producer_op",
+           "partitions"]
 
 
 @dataclass
@@ -63,6 +65,76 @@ def weight_axis(node: Node, weight: np.ndarray) -> int | None:
     if node.op == "MatMul":
         return weight.ndim - 1 if weight.ndim >= 2 else None
     return None
+
+
+def reduction_axis(node: Node, weight: np.ndarray) -> int | None:
+    """The weight axis the op sums over (input channels): where `blocked` weights put their
+    blocks, so each output channel's dot product is split into runs with their own scale."""
+    if node.op == "Conv":
+        return 1 if weight.ndim >= 2 else None
+    if node.op == "ConvTranspose":
+        return 0
+    if node.op == "Gemm":
+        return 1 if int(node.attrs.get("transB", 0)) else 0
+    if node.op == "MatMul":
+        return weight.ndim - 2 if weight.ndim >= 2 else None
+    return None
+
+
+def partitions(model: Model, integer_nodes: Sequence[str]) -> list[dict[str, object]]:
+    """Integer regions: connected components of the integer nodes (data edges between two
+    integer nodes join them), each with its nodes in graph order and the values where data
+    crosses between it and the float (host) part: ``inputs`` (read from a float node or a graph
+    input) and ``outputs`` (read by a float node, or a graph output). Constants and non-float
+    values (shape tensors computed on the host for a Reshape) are not listed: they carry no
+    activation data.
+    Only the main graph is partitioned; integer nodes inside subgraphs are left out."""
+    wanted = set(integer_nodes)
+    graph = model.graph
+    order = {n.name: i for i, n in enumerate(graph.gs.nodes)}
+    g = nx.DiGraph()
+    for node in graph.gs.nodes:
+        if node.name in wanted:
+            g.add_node(node.name)
+    for node in graph.gs.nodes:
+        if node.name not in wanted:
+            continue
+        for value in node.inputs:
+            for prod in value.inputs:
+                if prod.name in wanted:
+                    g.add_edge(prod.name, node.name)
+    comps = sorted((sorted(c, key=order.__getitem__) for c in nx.weakly_connected_components(g)),
+                   key=lambda c: order[c[0]])
+    by_name = {n.name: n for n in graph.gs.nodes}
+    out: list[dict[str, object]] = []
+    for i, comp in enumerate(comps):
+        members = set(comp)
+        ins: list[str] = []
+        outs: list[str] = []
+        for name in comp:
+            node = by_name[name]
+            for v in node.inputs:
+                if not v.name or isinstance(v, gs.Constant) or v.name in ins or not _floating(v):
+                    continue
+                if not v.inputs or v.inputs[0].name not in members:
+                    ins.append(v.name)
+            for v in node.outputs:
+                if v.name in outs or not _floating(v):
+                    continue
+                if graph.is_graph_output(v) or any(c.name not in members for c in v.outputs):
+                    outs.append(v.name)
+        out.append({"id": i, "nodes": comp, "inputs": ins, "outputs": outs})
+    return out
+
+
+def _floating(value: Value) -> bool:
+    """Float data, or of unknown type (assumed to be data)."""
+    if value.dtype is None:
+        return True
+    try:
+        return np.dtype(value.dtype).kind == "f"
+    except TypeError:
+        return True
 
 
 def _group_tail(node: Node, graph: Graph, target: Target, groups: Mapping[str, str]) -> Node | None:
@@ -120,11 +192,17 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
         cfg = cfg.for_node(node)
     if cfg is None:
         return f"target '{target.name}' runs {node.op} in float (no integer kernel or Q/DQ rule)"
-    if (model.opset(domain) or 0) < cfg.min_opset:
-        return f"{node.op} needs opset >= {cfg.min_opset} on target '{target.name}'"
+    fact = cfg.excluded_by(node)
+    if fact is not None:
+        return f"{node.op} node is {fact}: target '{target.name}' keeps it float (ops.{node.op}.exclude_when)"
+    need = max(cfg.min_opset, cfg.activation.min_opset, cfg.weight.min_opset)
+    if (model.opset(domain) or 0) < need:
+        return f"{node.op} needs opset >= {need} on target '{target.name}'"
     roles: list[str] = []
     for i, value in enumerate(node.inputs):
-        role = cfg.inputs[i] if i < len(cfg.inputs) else "float"
+        role = cfg.role(i)
+        if role == "bias" and cfg.weight.blocked:
+            role = "float"  # an int32 bias needs one weight scale per output channel
         if not value.name or role in ("float", "any"):
             roles.append("float")
             continue
@@ -143,6 +221,8 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
             w = np.asarray(value.values)
             if cfg.weight.per_channel and weight_axis(node, w) is None:
                 return f"weight '{value.name}' has no per-channel axis for {node.op}"
+            if cfg.weight.blocked and reduction_axis(node, w) is None:
+                return f"weight '{value.name}' has no axis to block for {node.op}"
         if (role == "activation" and ranges is not None and not produced_by_dq
                 and not isinstance(value, gs.Constant) and value.name not in ranges):
             return f"no calibration range for input '{value.name}'"

@@ -9,15 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes  # a dependency of onnx: numpy dtypes for 4-bit integers
 import numpy as np
 
-__all__ = ["QType", "QParams", "qrange", "compute_qparams", "weight_qparams", "gptq_round", "quantize", "dequantize", "DTYPES"]
+__all__ = ["QType", "QParams", "qrange", "compute_qparams", "weight_qparams", "gptq_round", "quantize", "dequantize",
+           "DTYPES", "INT_RANGES", "MIN_OPSET", "block_expand"]
 
 DTYPES: dict[str, np.dtype] = {
     "uint8": np.dtype(np.uint8), "int8": np.dtype(np.int8),
     "uint16": np.dtype(np.uint16), "int16": np.dtype(np.int16),
     "int32": np.dtype(np.int32),
+    "int4": np.dtype(ml_dtypes.int4), "uint4": np.dtype(ml_dtypes.uint4),
 }
+# full integer range per dtype (np.iinfo does not know the ml_dtypes 4-bit types)
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767),
+    "int32": (-(2**31), 2**31 - 1), "int4": (-8, 7), "uint4": (0, 15),
+}
+# first default-domain opset whose QuantizeLinear/DequantizeLinear accept the dtype
+MIN_OPSET: dict[str, int] = {"uint8": 10, "int8": 10, "int32": 10, "uint16": 21, "int16": 21, "int4": 21, "uint4": 21}
 
 
 @dataclass(frozen=True)
@@ -42,10 +52,10 @@ def qrange(dtype: str, *, narrow: bool = False, bits: int | None = None,
     negative value so the range is symmetric around zero)."""
     if explicit is not None:
         return int(explicit[0]), int(explicit[1])
-    info = np.iinfo(DTYPES[dtype])
-    lo, hi = int(info.min), int(info.max)
-    if bits is not None and bits < info.bits:
-        if info.min < 0:
+    lo, hi = INT_RANGES[dtype]
+    width = int(np.log2(hi - lo + 1))
+    if bits is not None and bits < width:
+        if lo < 0:
             lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         else:
             lo, hi = 0, 2**bits - 1
@@ -56,15 +66,18 @@ def qrange(dtype: str, *, narrow: bool = False, bits: int | None = None,
 
 @dataclass(frozen=True)
 class QParams:
-    """Scale and zero point (scalars, or 1-D per channel along ``axis``)."""
+    """Scale and zero point: scalars, 1-D per channel along ``axis``, or, with ``block_size``,
+    arrays of the tensor's rank with ``axis`` divided into blocks (ONNX opset 21 blocked)."""
 
     scale: np.ndarray
     zero_point: np.ndarray
     qtype: QType
     axis: int | None = None
+    block_size: int = 0
 
     def same_as(self, other: "QParams") -> bool:
         return (self.qtype.dtype == other.qtype.dtype and self.axis == other.axis
+                and self.block_size == other.block_size
                 and self.scale.shape == other.scale.shape
                 and bool(np.all(self.scale == other.scale))
                 and bool(np.all(self.zero_point == other.zero_point)))
@@ -93,8 +106,28 @@ def compute_qparams(rmin: np.ndarray | float, rmax: np.ndarray | float, qtype: Q
     return QParams(np.asarray(scale, dtype=np.float32), np.asarray(zp).astype(qtype.np_dtype), qtype, axis)
 
 
-def weight_qparams(w: np.ndarray, qtype: QType, axis: int | None) -> QParams:
-    """QParams for a constant weight, per tensor (``axis`` None) or per channel.
+def block_expand(a: np.ndarray, axis: int, block_size: int, length: int) -> np.ndarray:
+    """Repeat each block's entry ``block_size`` times along ``axis`` and cut to ``length``
+    (how ONNX broadcasts a blocked scale or zero point over the tensor)."""
+    return np.take(np.repeat(a, block_size, axis=axis), np.arange(length), axis=axis)
+
+
+def _block_reduce(w: np.ndarray, axis: int, block_size: int, fn) -> np.ndarray:
+    """``fn`` (min or max) over each block of ``block_size`` along ``axis``; the last block
+    may be short (it is padded with its own edge value, which changes neither min nor max)."""
+    n = w.shape[axis]
+    blocks = -(-n // block_size)
+    pad = [(0, 0)] * w.ndim
+    pad[axis] = (0, blocks * block_size - n)
+    x = np.moveaxis(np.pad(w, pad, mode="edge"), axis, 0)
+    x = fn(x.reshape((blocks, block_size) + x.shape[1:]), axis=1)
+    return np.moveaxis(x, 0, axis)
+
+
+def weight_qparams(w: np.ndarray, qtype: QType, axis: int | None, block_size: int = 0) -> QParams:
+    """QParams for a constant weight, per tensor (``axis`` None), per channel, or blocked
+    (``block_size`` > 0: one scale per run of ``block_size`` elements along ``axis``, every
+    other dimension kept, as ONNX opset 21 defines it; ``pair_sum_max`` does not apply).
 
     With ``qtype.pair_sum_max`` the scale of each channel is raised just enough that its two
     largest magnitudes sum to at most that many steps: kernels that add products in int16
@@ -102,6 +135,12 @@ def weight_qparams(w: np.ndarray, qtype: QType, axis: int | None) -> QParams:
     while a channel with one outlier keeps almost the full 8-bit resolution.
     """
     w = np.asarray(w, dtype=np.float32)
+    if block_size and axis is not None:
+        axis = axis % w.ndim
+        lo = _block_reduce(w, axis, block_size, np.min)
+        hi = _block_reduce(w, axis, block_size, np.max)
+        qp = compute_qparams(lo, hi, qtype, axis=axis)
+        return QParams(qp.scale, qp.zero_point, qtype, axis, block_size)
     if axis is None:
         qp = compute_qparams(float(w.min()), float(w.max()), qtype)
         flat = np.abs(w).reshape(1, -1)
@@ -125,13 +164,19 @@ def weight_qparams(w: np.ndarray, qtype: QType, axis: int | None) -> QParams:
         bad = top.sum(axis=1) > qtype.pair_sum_max
         if not bad.any():
             break
-        scale = np.where(bad, np.nextafter(scale * np.float32(1 + 2**-20), np.float32(np.inf)), scale).astype(np.float32)
+        bigger = (scale * np.float32(2) if qtype.power_of_two  # stay a power of two
+                  else np.nextafter(scale * np.float32(1 + 2**-20), np.float32(np.inf)))
+        scale = np.where(bad, bigger, scale).astype(np.float32)
     return QParams(scale.reshape(qp.scale.shape), qp.zero_point, qtype, qp.axis)
 
 
-def _bshape(p: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+def _bshape(p: QParams, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    ndim = len(shape)
     scale = p.scale.astype(np.float32)
     zp = p.zero_point.astype(np.int64)
+    if p.block_size and p.axis is not None:
+        return (block_expand(scale, p.axis, p.block_size, shape[p.axis]),
+                block_expand(zp, p.axis, p.block_size, shape[p.axis]))
     if p.axis is not None and scale.ndim == 1:
         shape = [1] * ndim
         shape[p.axis % ndim] = -1
@@ -141,13 +186,13 @@ def _bshape(p: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize(x: np.ndarray, p: QParams) -> np.ndarray:
     """ONNX QuantizeLinear: saturate(rint(x / scale) + zp), true division in float32."""
-    scale, zp = _bshape(p, x.ndim)
+    scale, zp = _bshape(p, x.shape)
     q = np.rint(x.astype(np.float32) / scale).astype(np.int64) + zp
     return np.clip(q, p.qtype.qmin, p.qtype.qmax).astype(p.qtype.np_dtype)
 
 
 def dequantize(q: np.ndarray, p: QParams) -> np.ndarray:
-    scale, zp = _bshape(p, q.ndim)
+    scale, zp = _bshape(p, q.shape)
     return ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
 
 

@@ -40,6 +40,8 @@ BUILTIN_PASSES: dict[str, str] = {
     "insert-qdq": "qcompiler.passes.insert_qdq:InsertQdq",
     "lower-qoperator": "qcompiler.passes.lower_qoperator:LowerQoperator",
     "cleanup-qdq": "qcompiler.passes.cleanup_qdq:CleanupQdq",
+    "compact-qparams": "qcompiler.passes.compact_qparams:CompactQparams",
+    "compress-weights": "qcompiler.passes.compress_weights:CompressWeights",
     "quantize-dynamic": "qcompiler.passes.quantize_dynamic:QuantizeDynamic",
 }
 

@@ -11,15 +11,20 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .quant import DTYPES, QType, qrange
+import numpy as np
+import onnx_graphsurgeon as gs
 
-__all__ = ["Target", "OpConfig", "TensorRule", "load_target", "builtin_targets", "SCHEMA_VERSION"]
+from .errors import UserError
+from .quant import DTYPES, MIN_OPSET, QType, qrange
+
+__all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "load_target", "builtin_targets", "SCHEMA_VERSION",
+           "NODE_FACTS"]
 
 SCHEMA_VERSION = 1
 
@@ -27,12 +32,15 @@ SCHEMA_VERSION = 1
 _TENSOR_RULE = {
     "dtype": tuple(DTYPES) + ("float",),
     "symmetric": bool,
-    "granularity": ("per-tensor", "per-channel"),
+    "granularity": ("per-tensor", "per-channel", "blocked"),
+    "block_size": int,
     "narrow_range": bool,
     "bits": int,
     "range": list,
     "scale": ("float", "power-of-two"),
     "pair_sum_max": int,
+    "encoding_min": float,
+    "encoding_max": float,
 }
 _OP = {
     "kernel": str,
@@ -43,6 +51,8 @@ _OP = {
     "bias": dict,
     "min_opset": int,
     "prefer_gemm": bool,
+    "exclude_when": list,
+    "other_inputs": str,
     "note": str,
 }
 # op variants: facts of a node (not of the target) that select a sub-table of overrides
@@ -65,6 +75,13 @@ _SCHEMA: dict[str, Any] = {
         "min_opset": int,
     },
     "isa": {"arch": str, "vnni": bool, "int16_pair_saturation": bool, "notes": str},
+    "arithmetic": {
+        "requantize": ("float", "fixed-point"),
+        "rounding": ("half-even", "half-up", "half-away"),
+        "multiplier_bits": int,
+        "accumulator_bits": int,
+        "notes": str,
+    },
     "quantization": {"activation": _TENSOR_RULE, "weight": _TENSOR_RULE, "bias": _TENSOR_RULE},
     "ops": ("table-of", _OP),
     "passthrough": {"ops": list},
@@ -82,6 +99,62 @@ class TensorRule:
     symmetric: bool
     per_channel: bool
     qtype: QType | None  # None when dtype is "float"
+    block_size: int = 0  # > 0: granularity "blocked" (weights), blocks along the reduction axis
+    encoding: tuple[float, float] | None = None  # float range an encoding may cover (clamps calibration)
+
+    @property
+    def blocked(self) -> bool:
+        return self.block_size > 0
+
+    @property
+    def min_opset(self) -> int:
+        """First default-domain opset whose Q/DQ can express this rule (16/4-bit, blocked: 21)."""
+        if self.qtype is None:
+            return 1
+        return max(MIN_OPSET.get(self.dtype, 21), 21 if self.blocked else 1)
+
+    def clamp(self, lo: float, hi: float) -> tuple[float, float]:
+        """A calibrated range limited to the rule's encoding range (if any)."""
+        if self.encoding is None:
+            return lo, hi
+        return max(lo, self.encoding[0]), min(hi, self.encoding[1])
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How the target's integer kernels compute (read by the integer simulator)."""
+
+    requantize: str = "float"        # "float": acc * (float scale ratio); "fixed-point": multiplier + shift
+    rounding: str = "half-even"      # "half-even" | "half-up" | "half-away"
+    multiplier_bits: int = 31
+    accumulator_bits: int = 32
+
+
+def _is_gemv(node: Any) -> bool:
+    """A MatMul/Gemm whose activation has a static 1 on the M side (a matrix-vector product)."""
+    if node.op not in ("MatMul", "Gemm") or not node.inputs:
+        return False
+    shape = node.inputs[0].shape
+    if shape is None or len(shape) == 0:
+        return False
+    if len(shape) == 1:
+        return True
+    if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+        return shape[-1] == 1
+    return shape[-2] == 1
+
+
+def _has_constant_input(node: Any) -> bool:
+    """Some input is a constant (e.g. a bias Add, as opposed to a residual Add of two activations)."""
+    return any(isinstance(v, gs.Constant) and v.name for v in node.inputs)
+
+
+# Facts of a node (not of the target) that `exclude_when` may name; code decides them.
+NODE_FACTS: dict[str, Callable[[Any], bool]] = {
+    "depthwise": lambda node: _is_depthwise(node),
+    "gemv": _is_gemv,
+    "constant-input": _has_constant_input,
+}
 
 
 @dataclass(frozen=True)
@@ -96,12 +169,22 @@ class OpConfig:
     min_opset: int
     prefer_gemm: bool
     variants: "dict[str, OpConfig]" = None  # type: ignore[assignment]
+    exclude_when: tuple[str, ...] = ()  # node facts (NODE_FACTS) that keep a node of this op float
+    other_inputs: str = "float"         # role of inputs past the end of `inputs` (Concat: activation)
 
     def for_node(self, node: Any) -> "OpConfig":
         """The configuration for one node: a variant's overrides where the node is one."""
         if self.variants and "depthwise" in self.variants and _is_depthwise(node):
             return self.variants["depthwise"]
         return self
+
+    def role(self, index: int) -> str:
+        """The role of input ``index``."""
+        return self.inputs[index] if index < len(self.inputs) else self.other_inputs
+
+    def excluded_by(self, node: Any) -> str | None:
+        """The first `exclude_when` fact that holds for ``node``, or None."""
+        return next((f for f in self.exclude_when if NODE_FACTS[f](node)), None)
 
     @property
     def kernel_domain(self) -> str:
@@ -161,7 +244,7 @@ def builtin_targets() -> dict[str, Path]:
     """Built-in target files shipped in the package, plus ``qcompiler.targets`` entry points."""
     found: dict[str, Path] = {}
     root = importlib.resources.files("qcompiler.targets")
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+    for entry in sorted(root.iterdir(), key=lambda e: e.name.removesuffix(".toml")):
         if entry.name.endswith(".toml"):
             found[entry.name[:-5]] = Path(str(entry))
     for ep in entry_points(group="qcompiler.targets"):
@@ -247,6 +330,8 @@ class Target:
         self.calibration_method: str = d.get("calibration_method", "minmax")
         self.quantize_graph_outputs: bool = d.get("quantize_graph_outputs", False)
         self.min_opset: int = d.get("min_opset", 13)
+        self.float_precision: str = d.get("float_precision", "fp32")
+        self.arithmetic: Arithmetic = Arithmetic(**{k: v for k, v in data.get("arithmetic", {}).items() if k != "notes"})
         self._pipelines = {"static": d.get("pipeline", ""), "dynamic": d.get("dynamic_pipeline", "")}
         q = data.get("quantization", {})
         self._rules = {k: q.get(k, {}) for k in ("activation", "weight", "bias")}
@@ -271,9 +356,23 @@ class Target:
     def _rule(self, raw: dict[str, Any], src: str, where: str) -> TensorRule:
         dtype = raw.get("dtype", "float")
         symmetric = bool(raw.get("symmetric", False))
-        per_channel = raw.get("granularity", "per-tensor") == "per-channel"
+        granularity = raw.get("granularity", "per-tensor")
+        per_channel = granularity == "per-channel"
+        block_size = int(raw.get("block_size", 0))
+        if granularity == "blocked" and block_size < 1:
+            raise UserError(f"{src}: key '{where}.block_size' must be a positive int with granularity = \"blocked\"")
+        if granularity != "blocked" and "block_size" in raw:
+            raise UserError(f"{src}: key '{where}.block_size' needs granularity = \"blocked\"")
+        if granularity != "blocked":
+            block_size = 0
+        enc_lo, enc_hi = raw.get("encoding_min"), raw.get("encoding_max")
+        encoding = None
+        if enc_lo is not None or enc_hi is not None:
+            encoding = (float(enc_lo) if enc_lo is not None else -np.inf, float(enc_hi) if enc_hi is not None else np.inf)
+            if not encoding[0] <= 0.0 <= encoding[1] or encoding[0] == encoding[1]:
+                raise UserError(f"{src}: key '{where}.encoding_min'/'encoding_max' must satisfy min <= 0 <= max, min < max")
         if dtype == "float":
-            return TensorRule(dtype, symmetric, per_channel, None)
+            return TensorRule(dtype, symmetric, per_channel, None, block_size, encoding)
         explicit = raw.get("range")
         if explicit is not None:
             info_lo, info_hi = qrange(dtype)
@@ -285,7 +384,7 @@ class Target:
         qtype = QType(dtype=dtype, symmetric=symmetric, qmin=lo, qmax=hi,
                       power_of_two=raw.get("scale", "float") == "power-of-two",
                       pair_sum_max=int(raw.get("pair_sum_max", 0)))
-        return TensorRule(dtype, symmetric, per_channel, qtype)
+        return TensorRule(dtype, symmetric, per_channel, qtype, block_size, encoding)
 
     def _op_config(self, op: str, cfg: dict[str, Any], src: str, where: str,
                    section: dict[str, Any] | None = None) -> OpConfig:
@@ -293,6 +392,13 @@ class Target:
         for r in roles:
             if r not in _ROLES:
                 raise UserError(f"{src}: key '{where}.inputs' has role '{r}'; roles are {', '.join(_ROLES)}")
+        other = cfg.get("other_inputs", "float")
+        if other not in _ROLES:
+            raise UserError(f"{src}: key '{where}.other_inputs' = {other!r} must be one of {', '.join(_ROLES)}")
+        facts = tuple(cfg.get("exclude_when", []))
+        for f in facts:
+            if f not in NODE_FACTS:
+                raise UserError(f"{src}: key '{where}.exclude_when' has '{f}'; node facts are {', '.join(NODE_FACTS)}")
         base = self._rules if section is None else {k: _merge(self._rules[k], section.get(k, {})) for k in self._rules}
         rules = {k: self._rule(_merge(base[k], cfg.get(k, {})), src, f"{where}.{k}") for k in base}
         variants = {}
@@ -302,7 +408,7 @@ class Target:
                 variants[v] = self._op_config(op, merged, src, f"{where}.{v}", section)
         return OpConfig(op, cfg.get("kernel"), roles, cfg.get("output", "quantized") == "quantized",
                         rules["activation"], rules["weight"], rules["bias"], int(cfg.get("min_opset", 1)),
-                        bool(cfg.get("prefer_gemm", False)), variants)
+                        bool(cfg.get("prefer_gemm", False)), variants, facts, other)
 
     # -- lookups ----------------------------------------------------------------------------
     def pipeline(self, mode: str) -> str:
@@ -310,6 +416,9 @@ class Target:
 
     def activation_rule(self) -> TensorRule:
         return self._rule(self._rules["activation"], str(self.path), "quantization.activation")
+
+    def weight_rule(self) -> TensorRule:
+        return self._rule(self._rules["weight"], str(self.path), "quantization.weight")
 
     def op(self, op_type: str, mode: str = "static") -> OpConfig | None:
         return (self.dynamic_ops if mode == "dynamic" else self.ops).get(op_type)

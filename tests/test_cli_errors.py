@@ -412,3 +412,15 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     """--version prints the package version."""
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == qcompiler.__version__
+
+
+def test_closed_stdout_is_not_an_internal_error() -> None:
+    """`qcompiler passes | head -0`: the reader is gone before anything is written; that is
+    not an internal error (no message, no traceback) and exits like SIGPIPE would."""
+    proc = subprocess.Popen([sys.executable, "-m", "qcompiler.cli", "passes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader exits at once: every write fails with EPIPE
+    _, err = proc.communicate(timeout=120)
+    assert "internal error" not in err.decode() and "Traceback" not in err.decode()
+    assert proc.returncode == 141

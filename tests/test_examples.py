@@ -238,6 +238,40 @@ def test_step3_targets_shape_the_output(step3: tuple[dict[str, Any], str, Path])
     assert "QLinearConv" in stdout and "QuantizeLinear" in stdout
 
 
+# -- step 4: extend a built-in hardware target ----------------------------------------------------
+
+MY_NPU = EXAMPLES / "04_extend_a_target" / "my-npu.toml"
+
+
+def test_my_npu_extends_npu_int8() -> None:
+    """my-npu.toml changes weight granularity and adds two ops; the rest is npu-int8's."""
+    mine, base = load_target(MY_NPU), load_target("npu-int8")
+    assert mine.op("Conv").weight.per_channel and not base.op("Conv").weight.per_channel
+    assert mine.op("Conv").weight.qtype.power_of_two and mine.activation_rule() == base.activation_rule()
+    assert base.op("GlobalAveragePool") is None and mine.op("GlobalAveragePool") is not None
+    assert mine.fixed["Sigmoid"] == (2.0 ** -7, 0) and mine.pipeline("static") == base.pipeline("static")
+
+
+@pytest.fixture(scope="module")
+def step4(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    out = tmp_path_factory.mktemp("step4")
+    summary, stdout = run_step(EXAMPLES / "04_extend_a_target" / "run.py", out, tmp_path_factory.mktemp("cwd"))
+    return summary, stdout, out
+
+
+def test_step4_partitions_follow_the_target(step4: tuple[dict[str, Any], str, Path]) -> None:
+    """npu-int8 leaves GlobalAveragePool on the host (two integer partitions); my-npu runs it on
+    the NPU (one partition); both outputs run in onnxruntime and the printed numbers are the JSON's."""
+    s, stdout, out = step4
+    assert len(s["npu-int8"]["partitions"]) == 2 and "GlobalAveragePool" in s["npu-int8"]["host_ops"]
+    assert len(s["my-npu"]["partitions"]) == 1 and "GlobalAveragePool" not in s["my-npu"]["host_ops"]
+    for name in ("npu-int8", "my-npu"):
+        assert (out / f"effnet_lite0.{name}.onnx").is_file()
+        assert 0.0 <= s[name]["top1_agreement"] <= 1.0
+        assert f"top-1 agreement {s[name]['top1_agreement']:.3f}" in stdout
+    assert s["my-npu"]["logits_cosine"] > s["npu-int8"]["logits_cosine"]  # per-channel weights help
+
+
 def test_examples_import_only_the_public_api() -> None:
     """The ladder teaches the public API: every qcompiler name the examples use is exported."""
     import ast

@@ -60,7 +60,7 @@ def test_ort_cpu_loads_with_expected_rules() -> None:
     assert "Reshape" in t.passthrough
     assert t.fixed["Sigmoid"] == (0.00390625, 0)
     assert t.op("MatMul", mode="dynamic").kernel == "MatMulInteger"
-    assert t.pipeline("static").split(",")[-1] == "cleanup-qdq"
+    assert t.pipeline("static").split(",")[-3:] == ["cleanup-qdq", "compress-weights", "compact-qparams"]
 
 
 def test_tensorrt_loads_with_expected_rules() -> None:
@@ -117,6 +117,10 @@ def test_unknown_key_inside_op_table(tmp_path: Path) -> None:
     ("[defaults]\nmin_opset = true\n", "defaults.min_opset", "int"),
     ("[ops.Conv]\nkernel = 5\n", "ops.Conv.kernel", "str"),
     ('ops = "Conv"\n', "ops", "table"),
+    ('[quantization.weight]\nblock_size = "32"\n', "quantization.weight.block_size", "int"),
+    ('[quantization.activation]\nencoding_max = "6"\n', "quantization.activation.encoding_max", "float"),
+    ("[arithmetic]\nmultiplier_bits = 31.5\n", "arithmetic.multiplier_bits", "int"),
+    ('[ops.MatMul]\nexclude_when = "gemv"\n', "ops.MatMul.exclude_when", "list"),
 ])
 def test_wrong_type_cites_key(tmp_path: Path, body: str, key: str, want: str) -> None:
     """A value of the wrong type names the key and the expected type."""
@@ -128,7 +132,10 @@ def test_wrong_type_cites_key(tmp_path: Path, body: str, key: str, want: str) ->
 
 @pytest.mark.parametrize("body, key", [
     ('[quantization.weight]\ngranularity = "per-row"\n', "quantization.weight.granularity"),
-    ('[quantization.activation]\ndtype = "int4"\n', "quantization.activation.dtype"),
+    ('[quantization.activation]\ndtype = "int3"\n', "quantization.activation.dtype"),
+    ('[arithmetic]\nrounding = "half-down"\n', "arithmetic.rounding"),
+    ('[arithmetic]\nrequantize = "double"\n', "arithmetic.requantize"),
+    ('[defaults]\nfloat_precision = "bf16"\n', "defaults.float_precision"),
     ('[defaults]\nformat = "qlinear"\n', "defaults.format"),
     ('[ops.Conv]\noutput = "int8"\n', "ops.Conv.output"),
 ])
@@ -148,6 +155,78 @@ def test_bad_role_and_range(tmp_path: Path) -> None:
                   '[quantization.weight]\ndtype = "int8"\nrange = [-200, 64]\n')
     msg = _user_error(path)
     assert "'quantization.weight.range'" in msg
+
+
+@pytest.mark.parametrize("body, key, words", [
+    ('[ops.MatMul]\nexclude_when = ["gemm"]\n', "ops.MatMul.exclude_when", "node facts are depthwise, gemv"),
+    ('[ops.Concat]\nother_inputs = "activations"\n', "ops.Concat.other_inputs", "must be one of activation"),
+    ('[quantization.weight]\ndtype = "int4"\nblock_size = 32\n', "quantization.weight.block_size", "needs granularity"),
+    ('[quantization.weight]\ndtype = "int4"\ngranularity = "blocked"\n', "quantization.weight.block_size",
+     "positive int"),
+    ('[quantization.activation]\ndtype = "uint8"\nencoding_min = 0.5\n', "quantization.activation.encoding_min",
+     "min <= 0 <= max"),
+])
+def test_semantic_errors_of_v1_keys(tmp_path: Path, body: str, key: str, words: str) -> None:
+    """New schema-v1 keys are checked beyond their type, and the error cites file and key."""
+    path = _write(tmp_path, "v.toml", MINIMAL.format(name="v") + body)
+    msg = _user_error(path)
+    assert str(path) in msg and f"'{key}'" in msg and words in msg
+
+
+def test_v1_keys_resolve(tmp_path: Path) -> None:
+    """int4/uint16 dtypes, blocked weights, encoding ranges, node facts, other_inputs and the
+    [arithmetic] table resolve to what the accessors report (defaults filled in)."""
+    path = _write(tmp_path, "v.toml", MINIMAL.format(name="v") + """
+[arithmetic]
+requantize = "fixed-point"
+rounding = "half-away"
+[quantization.activation]
+dtype = "uint16"
+encoding_min = -8.0
+encoding_max = 8.0
+[quantization.weight]
+dtype = "int4"
+symmetric = true
+granularity = "blocked"
+block_size = 32
+[ops.MatMul]
+inputs = ["activation", "weight"]
+exclude_when = ["gemv"]
+[ops.Concat]
+other_inputs = "activation"
+""")
+    t = load_target(path)
+    assert (t.arithmetic.requantize, t.arithmetic.rounding, t.arithmetic.multiplier_bits,
+            t.arithmetic.accumulator_bits) == ("fixed-point", "half-away", 31, 32)
+    mm = t.op("MatMul")
+    assert mm.exclude_when == ("gemv",) and mm.role(5) == "float"
+    assert (mm.weight.qtype.qmin, mm.weight.qtype.qmax, mm.weight.block_size, mm.weight.blocked) == (-8, 7, 32, True)
+    assert mm.weight.min_opset == 21 and mm.activation.min_opset == 21
+    assert (mm.activation.qtype.qmin, mm.activation.qtype.qmax) == (0, 65535)
+    assert mm.activation.clamp(-20.0, 3.0) == (-8.0, 3.0)
+    assert t.op("Concat").role(3) == "activation"
+    assert load_target("ort-cpu").op("Conv").weight.min_opset == 10
+
+
+def test_new_builtin_targets_load() -> None:
+    """ort-cpu-qdq, npu-int8 and dsp-a16w8 resolve to the rules their README section states."""
+    qdq, cpu = load_target("ort-cpu-qdq"), load_target("ort-cpu")
+    assert qdq.default_format == "qdq" and qdq.data["extends"] == "ort-cpu"
+    assert qdq.op("Conv").weight == cpu.op("Conv").weight and qdq.op("Conv").weight.qtype.pair_sum_max == 128
+    assert "lower-qoperator" not in qdq.pipeline("static")
+    npu = load_target("npu-int8")
+    for rule in (npu.activation_rule(), npu.op("Conv").weight):
+        assert rule.dtype == "int8" and rule.symmetric and not rule.per_channel and rule.qtype.power_of_two
+    assert npu.op("Sigmoid") is None and npu.op("Concat").other_inputs == "activation"
+    assert {"Reshape", "MaxPool", "Resize"} == set(npu.passthrough)
+    assert npu.arithmetic.requantize == "fixed-point"
+    dsp = load_target("dsp-a16w8")
+    assert dsp.activation_rule().dtype == "uint16" and dsp.op("Conv").weight.dtype == "int8"
+    assert dsp.op("Conv").bias.dtype == "int32" and dsp.min_opset == 21
+    assert dsp.fixed["Softmax"] == (2.0 ** -16, 0) and dsp.fixed["Sigmoid"] == (2.0 ** -16, 0)
+    trt = load_target("tensorrt")
+    assert trt.op("MatMul").exclude_when == ("gemv",) and trt.op("Add").exclude_when == ("constant-input",)
+    assert trt.op("Softmax") is None and trt.op("LayerNormalization") is None
 
 
 def test_missing_required_key_and_bad_toml(tmp_path: Path) -> None:
@@ -235,14 +314,20 @@ def test_extends_error_in_override_cites_child(tmp_path: Path) -> None:
 
 # -- targets --show ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["ort-cpu", "tensorrt"])
+@pytest.mark.parametrize("name", ["ort-cpu", "tensorrt", "npu-int8", "dsp-a16w8", "ort-cpu-qdq"])
 def test_show_parses_back_to_same_data(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """``qcompiler targets --show NAME`` prints TOML that tomllib reads back to the target's data."""
+    """``qcompiler targets --show NAME`` prints TOML that tomllib reads back to the target's data
+    (for a target that extends another, the merged data: the file holds only the changes)."""
     assert main(["targets", "--show", name]) == 0
     shown = capsys.readouterr().out
     with open(builtin_targets()[name], "rb") as fh:
         on_disk = tomllib.load(fh)
-    assert tomllib.loads(shown) == on_disk == load_target(name).data
+    assert tomllib.loads(shown) == load_target(name).data
+    if "extends" not in on_disk:
+        assert on_disk == load_target(name).data
+    else:
+        assert tomllib.loads(shown)["defaults"]["format"] == on_disk["defaults"]["format"]
+        assert tomllib.loads(shown)["ops"] == load_target(on_disk["extends"]).data["ops"]  # inherited
 
 
 def test_show_resolves_extends(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UserError
@@ -98,6 +100,7 @@ class Model:
     # -- export --------------------------------------------------------------------------
     def to_proto(self) -> onnx.ModelProto:
         self._gs.opset = self.opsets.get("", self._gs.opset)
+        _repack_4bit(self)
         proto = gs.export_onnx(self._gs, do_type_check=False)
         del proto.opset_import[:]
         used = _used_domains(self._gs)
@@ -118,6 +121,20 @@ class Model:
     def save(self, path: str | os.PathLike[str]) -> int:
         """Write atomically (temp file + rename). Returns the bytes written (model + external data)."""
         return save_proto(self.to_proto(), path)
+
+
+def _repack_4bit(model: "Model") -> None:
+    """4-bit initializers someone has read (``.values`` unpacks them into one ml_dtypes int4
+    element per byte) are stored packed again: graphsurgeon would export them unpacked, which
+    onnx rejects (twice the bytes the dims allow)."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    for graph in model.graph.walk():
+        for tensor in graph.gs.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if isinstance(tensor, gs.Constant) and isinstance(values, np.ndarray) \
+                    and values.dtype.name in ("int4", "uint4"):
+                tensor._values = LazyValues(onnx.numpy_helper.from_array(np.ascontiguousarray(values), tensor.name))
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:

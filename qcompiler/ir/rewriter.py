@@ -153,6 +153,14 @@ class Rewriter:
         node.name = self.model.fresh_name(name)
         self._note("rename", node.name)
 
+    def rename_value(self, value: Value, name: str) -> str:
+        """Give a value a new (fresh) name; every reader follows, since nodes hold the value
+        itself. Returns the name given. Graph inputs and outputs must keep theirs: callers check."""
+        new = self.model.fresh_name(name)
+        old, value.name = value.name, new
+        self._note("rename-value", f"'{old}' -> '{new}'")
+        return new
+
     def replace_model(self, proto: Any) -> None:
         """Replace the whole model by a converted proto (e.g. after opset conversion)."""
         self.model._replace_contents(proto)

@@ -200,7 +200,7 @@ def test_all_zero_tensors(method: str) -> None:
     assert analysis["ranges"]["m"] == (0.0, 0.0)
     result = qcompiler.compile(proto, target="ort-cpu", calibration={"x": rand([3, 1, 3, 4, 4], seed=5)},
                                pipeline=qcompiler.load_target("ort-cpu").pipeline("static").replace(
-                                   "calibrate", f"calibrate{{method={method}}}"))
+                                   "calibrate", f"calibrate{{method={method}}}").replace(",compact-qparams", ""))
     scales = [t for t in result.proto.graph.initializer if t.name.endswith("_scale")]
     assert scales and all(np.isfinite(onnx.numpy_helper.to_array(t)).all() and
                           (onnx.numpy_helper.to_array(t) > 0).all() for t in scales)

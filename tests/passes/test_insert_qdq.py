@@ -17,7 +17,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import helper, numpy_helper
 
 import qcompiler
-from _util import init, make_model, run_ort, tensor
+from _util import init, make_model, op_types, rand, run_ort, tensor
 from conftest import tiny_calibration, tiny_model
 
 TARGET = "ort-cpu"
@@ -25,7 +25,7 @@ TARGET = "ort-cpu"
 
 def run_prefix(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | list, *, insert_options: str = "",
                calibrate_options: str = "method=minmax") -> tuple[qcompiler.Model, qcompiler.PassContext]:
-    """The target's static pipeline up to insert-qdq (lower-qoperator and cleanup-qdq removed),
+    """The target's static pipeline up to insert-qdq (the passes after it removed),
     with optional pass options, run through a PassManager (verify-each on).
 
     Calibration defaults to minmax here: the target's mse search costs ~0.4 s per tensor and
@@ -33,7 +33,7 @@ def run_prefix(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | list, *
     target = qcompiler.load_target(TARGET)
     specs = []
     for spec in qcompiler.parse_pipeline(target.pipeline("static")):
-        if spec.name in ("lower-qoperator", "cleanup-qdq"):
+        if spec.name in ("lower-qoperator", "cleanup-qdq", "compress-weights", "compact-qparams"):
             continue
         extra = {"insert-qdq": insert_options, "calibrate": calibrate_options}.get(spec.name, "")
         if extra:
@@ -346,3 +346,284 @@ def test_same_inputs_identical_bytes() -> None:
         a, b, c = (qcompiler.compile(tiny_model(), target=TARGET, calibration=cal, format=fmt, pipeline=pipeline).proto
                    for cal in (stacked, stacked, samples))
         assert a.SerializeToString() == b.SerializeToString() == c.SerializeToString()
+
+
+# -- schema v1 rules: power-of-two scales, encoding ranges, 16/4-bit, blocked, node facts ---------
+
+PIPE = "canonicalize,infer-shapes,group-activations,calibrate{method=minmax},insert-qdq,cleanup-qdq"
+HEADER = 'schema = 1\nname = "t"\ndescription = "test"\n[defaults]\nformat = "qdq"\n'
+
+
+def _target(tmp_path, body: str):
+    path = tmp_path / "t.toml"
+    path.write_text(HEADER + body)
+    return path
+
+
+def _compile(proto: onnx.ModelProto, target, feeds) -> qcompiler.CompileResult:
+    return qcompiler.compile(proto, target=target, calibration=feeds, pipeline=PIPE)
+
+
+def _model21(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    """Opset 21 (16-bit, 4-bit and blocked Q/DQ), IR 10."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _qdq_params(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarray, np.ndarray | None]]:
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    out = []
+    for n in proto.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            out.append((n, inits[n.input[1]], zp))
+    return out
+
+
+def _is_pow2(a: np.ndarray) -> bool:
+    m, _ = np.frexp(np.asarray(a, np.float64))
+    return bool(np.all(m == 0.5))
+
+
+def test_power_of_two_scales_everywhere(tmp_path) -> None:
+    """scale = "power-of-two" on activations and weights (with a pair-sum limit, whose scale
+    nudging must stay on powers of two): every stored scale, int32 bias scales included, is an
+    exact power of two, and the model still computes the float function (cosine > 0.98)."""
+    t = _target(tmp_path, """
+[quantization.activation]
+dtype = "int8"
+symmetric = true
+scale = "power-of-two"
+[quantization.weight]
+dtype = "int8"
+symmetric = true
+granularity = "per-channel"
+scale = "power-of-two"
+pair_sum_max = 128
+[quantization.bias]
+dtype = "int32"
+[ops.Conv]
+inputs = ["activation", "weight", "bias"]
+[ops.Add]
+inputs = ["activation", "activation"]
+""")
+    result = _compile(tiny_model(), t, tiny_calibration(8))
+    params = _qdq_params(result.proto)
+    assert len(params) > 6
+    for node, scale, zp in params:
+        assert _is_pow2(scale), (node.name, scale)
+        assert zp is None or not zp.any()
+    xs = tiny_calibration(6, seed=5)["x"]
+    want = np.concatenate([run_ort(tiny_model(), {"x": x[None]})[0] for x in xs]).ravel()
+    got = np.concatenate([run_ort(result.proto, {"x": x[None]})[0] for x in xs]).ravel()
+    assert want @ got / (np.linalg.norm(want) * np.linalg.norm(got)) > 0.98
+
+
+def test_weight_qparams_power_of_two_matches_reference() -> None:
+    """Per-tensor and per-channel power-of-two weight scales are 2^ceil(log2(absmax / 127))
+    (symmetric narrow int8), so the range still fits: computed here independently."""
+    w = np.random.default_rng(3).normal(size=(4, 6)).astype(np.float32) * np.array([[0.1], [1], [3], [0.01]], np.float32)
+    qt = qcompiler.QType("int8", True, -127, 127, power_of_two=True)
+    for axis in (None, 0):
+        qp = qcompiler.weight_qparams(w, qt, axis)
+        absmax = np.abs(w).max() if axis is None else np.abs(w).max(axis=1)
+        want = 2.0 ** np.ceil(np.log2(2 * absmax / 254))
+        np.testing.assert_array_equal(qp.scale, want.astype(np.float32))
+        assert np.all(np.abs(qcompiler.quantize(w, qp)) <= 127)
+        assert np.all(np.abs(w) <= 127 * qp.scale.reshape(-1, 1) if axis == 0 else np.abs(w) <= 127 * qp.scale)
+
+
+def _matmul_model(k: int = 8, n: int = 3, m: int = 4, opset: int = 21) -> onnx.ModelProto:
+    w = np.random.default_rng(7).normal(size=(k, n)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    ins, outs = [tensor("x", [m, k])], [tensor("y", [m, n])]
+    if opset == 21:
+        return _model21(nodes, ins, outs, [init("w", w)])
+    return make_model(nodes, ins, outs, [init("w", w)], opset=opset)
+
+
+def test_encoding_range_clamps_calibrated_range(tmp_path) -> None:
+    """encoding_min/encoding_max limit the float range an activation encoding covers: the
+    input observed in [-4, 4] gets uint8 qparams for [-1, 1] (scale 2/255)."""
+    t = _target(tmp_path, """
+[quantization.activation]
+dtype = "uint8"
+encoding_min = -1.0
+encoding_max = 1.0
+[quantization.weight]
+dtype = "int8"
+symmetric = true
+[ops.MatMul]
+inputs = ["activation", "weight"]
+output = "float"
+""")
+    x = np.linspace(-4, 4, 32, dtype=np.float32).reshape(4, 8)
+    proto = _compile(_matmul_model(opset=17), t, [{"x": x}]).proto
+    q = next(p for p in _qdq_params(proto) if p[0].op_type == "QuantizeLinear" and p[0].input[0] == "x")
+    scale = np.float32(2 / 255)
+    assert float(q[1]) == scale and int(q[2]) == int(np.round(1.0 / np.float64(scale)))  # zp from the stored scale
+
+
+def test_blocked_int4_weights_run_in_onnxruntime(tmp_path) -> None:
+    """granularity = "blocked" with int4: the weight is stored as INT4, the DQ has axis 0 (the
+    MatMul's reduction axis) and block_size 4, one scale per (block, column); onnxruntime's
+    output equals x @ W_dq with W_dq computed here block by block (2 * absmax / 15 scales)."""
+    t = _target(tmp_path, """
+[quantization.activation]
+dtype = "float"
+[quantization.weight]
+dtype = "int4"
+symmetric = true
+granularity = "blocked"
+block_size = 4
+[ops.MatMul]
+inputs = ["float", "weight"]
+output = "float"
+""")
+    result = qcompiler.compile(_matmul_model(k=10), target=t, calibration=[{"x": rand((4, 10))}], pipeline=PIPE)
+    assert result.report["check"]["legal"]  # blocked weights are legal where the rule is blocked
+    proto = result.proto
+    onnx.checker.check_model(proto, full_check=True)
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear")
+    assert _attr(dq, "axis") == 0 and _attr(dq, "block_size") == 4
+    stored = next(t for t in proto.graph.initializer if t.name == dq.input[0])
+    assert stored.data_type == onnx.TensorProto.INT4
+    w = numpy_helper.to_array(next(t for t in _matmul_model(k=10).graph.initializer if t.name == "w"))
+    ref = np.empty_like(w)
+    for b0 in range(0, 10, 4):
+        blk = w[b0:b0 + 4]
+        s = (2 * np.abs(blk).max(axis=0) / 15).astype(np.float32)
+        ref[b0:b0 + 4] = np.clip(np.rint(blk / s), -8, 7) * s
+    x = rand((4, 10), seed=2)
+    np.testing.assert_allclose(run_ort(proto, {"x": x})[0], x @ ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sixteen_bit_rule_needs_opset_21(tmp_path) -> None:
+    """A uint16 activation rule on an opset-17 model keeps the op float, naming the opset."""
+    t = _target(tmp_path, '[quantization.activation]\ndtype = "uint16"\n[ops.MatMul]\ninputs = ["activation", "float"]\n')
+    result = _compile(_matmul_model(opset=17), t, [{"x": rand((4, 8))}])
+    assert "opset >= 21" in result.report["float_nodes"]["mm"]
+
+
+def test_dsp_uint16_activations_and_fixed_softmax() -> None:
+    """dsp-a16w8: activations are Q/DQ'd in uint16, weights int8, and Softmax's output takes the
+    fixed encoding (scale 2^-16, zero point 0) whatever the calibration saw."""
+    rng = np.random.default_rng(4)
+    w1, w2 = rng.normal(size=(8, 6)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Softmax", ["h"], ["p"], name="sm", axis=-1),
+             helper.make_node("MatMul", ["p", "w2"], ["y"], name="mm2")]
+    proto = _model21(nodes, [tensor("x", [2, 8])], [tensor("y", [2, 3])], [init("w1", w1), init("w2", w2)])
+    feeds = [{"x": rng.normal(size=(2, 8)).astype(np.float32)} for _ in range(4)]
+    out = _compile(proto, "dsp-a16w8", feeds).proto
+    params = _qdq_params(out)
+    acts = [(n, s, z) for n, s, z in params if n.op_type == "QuantizeLinear"]
+    assert acts and all(z.dtype == np.uint16 for _, _, z in acts)
+    q_sm = next(p for p in acts if p[0].input[0] == "p")
+    assert float(q_sm[1]) == 2.0 ** -16 and int(q_sm[2]) == 0
+    w_dqs = [z for n, s, z in params if n.op_type == "DequantizeLinear" and n.input[0].startswith("w")]
+    assert w_dqs and all(z.dtype == np.int8 for z in w_dqs)
+    x = feeds[0]["x"]  # inside the calibrated range: only rounding error remains
+    got, want = run_ort(out, {"x": x})[0], run_ort(proto, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())
+
+
+def test_exclude_when_gemv_keeps_matvec_float() -> None:
+    """tensorrt: a MatMul whose activation has a static 1 rows is GEMV-shaped and stays float
+    (the reason names the fact and the key); the same MatMul with 4 rows is quantized."""
+    for rows, quantized in ((1, False), (4, True)):
+        proto = _matmul_model(m=rows, opset=17)
+        result = _compile(proto, "tensorrt", [{"x": rand((rows, 8))}])
+        ops = op_types(result.proto)
+        assert ("DequantizeLinear" in ops) is quantized
+        if not quantized:
+            assert "gemv" in result.report["float_nodes"]["mm"] and "exclude_when" in result.report["float_nodes"]["mm"]
+
+
+def test_exclude_when_constant_input_keeps_bias_add_float() -> None:
+    """tensorrt quantizes residual Adds (two computed inputs), not an Add of a constant."""
+    nodes = [helper.make_node("Add", ["x", "c"], ["h"], name="bias_add"),
+             helper.make_node("Add", ["h", "x"], ["y"], name="residual")]
+    proto = make_model(nodes, [tensor("x", [2, 4])], [tensor("y", [2, 4])], [init("c", rand((2, 4)))])
+    result = _compile(proto, "tensorrt", [{"x": rand((2, 4))}])
+    assert "constant-input" in result.report["float_nodes"]["bias_add"]
+    assert "residual" in result.report["lowered"]
+
+
+def test_other_inputs_quantize_every_concat_input_and_partitions() -> None:
+    """npu-int8: Concat's `other_inputs = "activation"` puts a DQ on each of its inputs; a Sigmoid
+    (host) splits the integer graph into two partitions whose boundaries are listed."""
+    rng = np.random.default_rng(5)
+    w = (rng.normal(size=(4, 3, 1, 1)) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Sigmoid", ["r"], ["s"], name="sig"),
+             helper.make_node("Concat", ["r", "s"], ["c"], name="cat", axis=1),
+             helper.make_node("Conv", ["c", "w2"], ["y"], name="conv2")]
+    w2 = (rng.normal(size=(2, 8, 1, 1)) * 0.5).astype(np.float32)
+    proto = make_model(nodes, [tensor("x", [1, 3, 4, 4])], [tensor("y", [1, 2, 4, 4])], [init("w", w), init("w2", w2)])
+    feeds = [{"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)} for _ in range(4)]
+    result = _compile(proto, "npu-int8", feeds)
+    g = {o: n for n in result.proto.graph.node for o in n.output}
+    cat = next(n for n in result.proto.graph.node if n.name == "cat")
+    assert all(g[i].op_type == "DequantizeLinear" for i in cat.input)
+    assert result.report["float_nodes"]["sig"].startswith("target 'npu-int8' runs Sigmoid in float")
+    parts = result.report["partitions"]
+    # relu -> cat joins everything into one region; data leaves it to the host (r -> Sigmoid)
+    # and comes back (s -> Concat)
+    assert [p["nodes"] for p in parts] == [["conv", "relu", "cat", "conv2"]]
+    assert parts[0]["inputs"] == ["x", "s"] and parts[0]["outputs"] == ["r", "y"]
+    for _, scale, zp in _qdq_params(result.proto):
+        assert _is_pow2(scale) and (zp is None or not zp.any())
+
+
+def test_dead_channel_keeps_its_bias() -> None:
+    """A channel whose weights are ~1e-34 (dead after training) would get a weight scale so small
+    that its int32 bias overflows (and x_scale * w_scale is a float32 subnormal): the scale is
+    raised just enough, the weights still quantize to 0 and the stored bias dequantizes to the
+    float bias. Found on ppocrv4_det with uint16 activations."""
+    rng = np.random.default_rng(8)
+    w = (rng.normal(size=(3, 2, 1, 1)) * 0.5).astype(np.float32)
+    w[1] = 1e-34
+    b = np.array([0.1, 0.5, -0.2], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")]
+    proto = make_model(nodes, [tensor("x", [1, 2, 4, 4])], [tensor("y", [1, 3, 4, 4])], [init("w", w), init("b", b)])
+    model, _ = run_prefix(proto, [{"x": rng.normal(size=(1, 2, 4, 4)).astype(np.float32)} for _ in range(3)],
+                          insert_options="rounding=nearest,bias-correction=false")
+    g = Graph(model)
+    dq, bq, b_scale, _ = g.dq_of(g.node("conv").input[2])
+    assert np.all(b_scale >= np.finfo(np.float32).tiny)
+    err = np.abs(bq.astype(np.float64) * b_scale - b)
+    assert np.all(err <= 0.5 * b_scale.astype(np.float64) * (1 + 1e-6)), err  # rounding only, no overflow
+    codes, _ = g.weight("conv")
+    assert not codes[1].any()
+
+
+def test_per_op_dtype_override(tmp_path) -> None:
+    """ops.<Op>.activation overrides the target-wide rule for that op: with uint8 activations
+    target-wide and `activation = { dtype = "int8", symmetric = true }` on Add, the Add's inputs
+    (r from a float Relu, h from a MatMul whose output stays float) are int8 with zero point 0,
+    while the graph input the MatMul reads is uint8."""
+    t = _target(tmp_path, """
+[quantization.activation]
+dtype = "uint8"
+[quantization.weight]
+dtype = "int8"
+symmetric = true
+[ops.MatMul]
+inputs = ["activation", "weight"]
+output = "float"
+[ops.Add]
+inputs = ["activation", "activation"]
+output = "float"
+activation = { dtype = "int8", symmetric = true }
+""")
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "h"], ["y"], name="add")]
+    proto = make_model(nodes, [tensor("x", [2, 4])], [tensor("y", [2, 3])], [init("w", rng.normal(size=(4, 3)).astype(np.float32))])
+    out = _compile(proto, t, [{"x": rng.normal(size=(2, 4)).astype(np.float32)} for _ in range(3)]).proto
+    zp_of = {n.input[0]: z for n, _, z in _qdq_params(out) if n.op_type == "QuantizeLinear"}
+    assert zp_of["x"].dtype == np.uint8
+    assert zp_of["r"].dtype == np.int8 and zp_of["h"].dtype == np.int8 and not zp_of["r"].any()

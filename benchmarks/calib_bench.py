@@ -1,0 +1,388 @@
+#!/usr/bin/env python
+"""Calibration benchmark: qcompiler's calibration engine against onnxruntime's calibrators.
+
+For each model (effnet_lite0, minilm_l6), each sample count (64, 256; the bench material's
+samples repeated in name order when there are fewer) and each method, in the same run and on
+the same samples:
+
+* ``qcompiler``: ``qcompiler.compile(model, target="ort-cpu", calibration=<feeds>,
+  calibration_method=METHOD)`` (methods minmax, entropy, percentile, mse);
+* ``ort``: ``quantize_static(<quant_pre_process'ed model>, QDQ, per_channel=True,
+  activation_type=QUInt8, weight_type=QInt8, reduce_range=False,
+  calibrate_method=MinMax|Entropy|Percentile)`` (ORT has no mse; that row has no ORT side).
+
+Each quantization runs in a fresh ``spawn`` child process: its wall time covers only the
+compile / quantize_static call (``quant_pre_process`` runs once per model beforehand, outside
+the timing, and the samples are loaded before the clock starts), and its peak RSS is the child's
+``ru_maxrss`` at the end (interpreter + imports + samples + calibration). The unique samples
+are loaded once per child and repeated by reference, so 256 samples cost no more sample
+memory than 64. Fidelity of each int8 model vs fp32 uses ``benchmarks/bench.py``'s evaluation
+(effnet: top-1 agreement and logits cosine on the eval images; minilm: embedding cosine and
+recall@1). Results are printed and written between ``<!-- calib-bench:begin -->`` and
+``<!-- calib-bench:end -->`` of ``--out``.
+
+    python benchmarks/calib_bench.py                                   # everything (slow)
+    python benchmarks/calib_bench.py --samples 8 --models effnet_lite0 --methods minmax --eval-limit 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench  # noqa: E402  (benchmarks/bench.py: preprocessing, evaluation, report helpers)
+
+REPO_ROOT = HERE.parent
+DEFAULT_BENCH = REPO_ROOT.parent / "shared" / "bench"
+MODELS = ("effnet_lite0", "minilm_l6")
+METHODS = ("minmax", "entropy", "percentile", "mse")
+ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+BEGIN = "<!-- calib-bench:begin -->"
+END = "<!-- calib-bench:end -->"
+METRICS = {"effnet_lite0": (("top1", "top-1 agree", ".3f"), ("cos", "logits cos", ".4f")),
+           "minilm_l6": (("cos", "emb cos", ".4f"), ("recall1", "recall@1", ".3f"))}
+
+
+# --------------------------------------------------------------------------------------------
+# Child process: one quantization
+# --------------------------------------------------------------------------------------------
+
+def load_feeds(model: str, bench_dir: Path, count: int) -> list[bench.Feed]:
+    """``count`` samples: the bench calibration set in name order, repeated (by reference)."""
+    unique = bench.calibration_feeds(model, bench_dir, count)
+    return [unique[i % len(unique)] for i in range(count)]
+
+
+def _qcompiler(model_path: Path, out_path: Path, feeds: list[bench.Feed], method: str) -> tuple[str, float | None]:
+    import qcompiler
+
+    try:
+        result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, calibration_method=method)
+        note = ""
+    except TypeError as exc:  # before calibration_method= existed: the same through the pipeline
+        if "calibration_method" not in str(exc):
+            raise
+        specs = [s if s.name != "calibrate" else qcompiler.PassSpec("calibrate", (("method", method),))
+                 for s in qcompiler.parse_pipeline(qcompiler.load_target("ort-cpu").pipeline("static"))]
+        result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds,
+                                   pipeline=qcompiler.format_pipeline(specs))
+        note = f"via pipeline calibrate{{method={method}}}"
+    result.save(out_path)
+    return note, result.report.get("calibration", {}).get("seconds")
+
+
+def _ort(model_path: Path, out_path: Path, feeds: list[bench.Feed], method: str) -> tuple[str, float | None]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(model_path), str(out_path), bench._ListReader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]))
+    return "", None
+
+
+def _child(conn: Connection, tool: str, model: str, method: str, samples: int, model_path: str, out_path: str,
+           bench_dir: str, scratch: str) -> None:
+    result: dict[str, Any]
+    try:
+        os.chdir(scratch)  # ORT's calibrators write temporary files into the working directory
+        feeds = load_feeds(model, Path(bench_dir), samples)
+        if tool == "qcompiler":
+            import qcompiler  # noqa: F401
+            import qcompiler.passes  # noqa: F401
+        else:
+            import onnxruntime.quantization  # noqa: F401
+        start = time.perf_counter()
+        run = _qcompiler if tool == "qcompiler" else _ort
+        note, calib_s = run(Path(model_path), Path(out_path), feeds, method)
+        result = {"ok": True, "seconds": time.perf_counter() - start, "calib_seconds": calib_s, "note": note}
+    except BaseException as exc:  # every failure becomes a table cell, never aborts the run
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    result["peak_rss_mb"] = bench._peak_rss_mb()
+    conn.send(result)
+    conn.close()
+
+
+def run_child(tool: str, model: str, method: str, samples: int, model_path: Path, out_path: Path,
+              bench_dir: Path, timeout: float) -> dict[str, Any]:
+    """One quantization in a fresh spawned child; its result dict (never raises)."""
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch.", dir=out_path.parent))
+    proc = ctx.Process(target=_child, args=(send, tool, model, method, samples, str(model_path), str(out_path),
+                                            str(bench_dir), str(scratch)))
+    proc.start()
+    send.close()
+    result: dict[str, Any] | None = None
+    try:
+        if recv.poll(timeout):
+            result = recv.recv()
+        else:
+            proc.kill()
+            result = {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    except EOFError:
+        pass
+    proc.join()
+    shutil.rmtree(scratch, ignore_errors=True)
+    if result is None:
+        code = proc.exitcode
+        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        result = {"ok": False, "error": f"child died ({why}; -9 is usually out of memory)"}
+    if result["ok"] and not out_path.exists():
+        result = {**result, "ok": False, "error": "reported success but wrote no model"}
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Side:
+    """One tool's result for one (model, samples, method) cell."""
+
+    seconds: float | None = None
+    calib_seconds: float | None = None  # qcompiler: the calibrate pass alone (from the report)
+    rss_mb: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    note: str = ""
+
+
+@dataclass
+class Row:
+    samples: int
+    method: str
+    qc: Side
+    ort: Side | None  # None: ORT has no such method
+
+
+def log(msg: str) -> None:
+    print(f"[calib-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def preprocess_for_ort(model: str, bench_dir: Path, work: Path) -> Path:
+    """``quant_pre_process`` once per model (outside the timing), as ORT recommends; falls back
+    to ``skip_symbolic_shape=True`` where symbolic shape inference fails (MiniLM)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = bench_dir / "models" / f"{model}.onnx", work / f"{model}.pre.onnx"
+    cwd = os.getcwd()
+    os.chdir(work)  # failed symbolic shape inference leaves temporary files in the working directory
+    try:
+        quant_pre_process(str(src), str(dst))
+    except Exception:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    finally:
+        os.chdir(cwd)
+    return dst
+
+
+def evaluate(model: str, path: Path, evalset: bench.EvalSet, ref: list[Any], output: str) -> dict[str, float]:
+    import onnxruntime as ort
+
+    v = bench.Variant(path.name, None, path)
+    v.session = ort.InferenceSession(str(path), bench.session_options(), providers=["CPUExecutionProvider"])
+    spec = bench.SPECS[model]
+    out = bench.run_eval(v, evalset.feeds, output, spec.post)
+    if out is None:
+        raise RuntimeError(v.error or "evaluation failed")
+    return spec.metrics(ref, out, evalset.context)
+
+
+def measure(tool: str, model: str, method: str, samples: int, src: Path, work: Path, args: argparse.Namespace,
+            evalset: bench.EvalSet, ref: list[Any], output: str) -> Side:
+    out = work / f"{model}.{tool}.{method}.{samples}.onnx"
+    out.unlink(missing_ok=True)
+    log(f"{model}: {tool} {method}, {samples} samples ...")
+    res = run_child(tool, model, method, samples, src, out, args.bench, args.timeout)
+    side = Side(rss_mb=res.get("peak_rss_mb"))
+    if not res["ok"]:
+        side.error = res["error"]
+        log(f"{model}: {tool} {method} FAILED: {side.error}")
+        if args.verbose and "traceback" in res:
+            print(res["traceback"], file=sys.stderr)
+        return side
+    side.seconds, side.calib_seconds, side.note = res["seconds"], res.get("calib_seconds"), res.get("note", "")
+    try:
+        side.metrics = evaluate(model, out, evalset, ref, output)
+    except Exception as exc:
+        side.error = f"eval: {type(exc).__name__}: {exc}"
+    log(f"{model}: {tool} {method} {side.seconds:.1f} s, peak RSS {side.rss_mb:.0f} MB, {side.metrics}")
+    out.unlink(missing_ok=True)
+    return side
+
+
+def bench_model(model: str, args: argparse.Namespace, work: Path) -> list[Row]:
+    import onnxruntime as ort
+
+    src = args.bench / "models" / f"{model}.onnx"
+    pre = preprocess_for_ort(model, args.bench, work) if any(m in ORT_METHODS for m in args.methods) else src
+    spec = bench.SPECS[model]
+    evalset = spec.load_eval(args.bench, args.eval_limit)
+    fp32 = bench.Variant("fp32", None, src)
+    fp32.session = ort.InferenceSession(str(src), bench.session_options(), providers=["CPUExecutionProvider"])
+    output = fp32.session.get_outputs()[0].name
+    ref = bench.run_eval(fp32, evalset.feeds, output, spec.post)
+    assert ref is not None, fp32.error
+    rows = []
+    for n in args.samples:
+        for method in args.methods:
+            qc = measure("qcompiler", model, method, n, src, work, args, evalset, ref, output)
+            ort_side = measure("ort", model, method, n, pre, work, args, evalset, ref, output) \
+                if method in ORT_METHODS else None
+            rows.append(Row(n, method, qc, ort_side))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
+
+
+def render(model: str, rows: list[Row], args: argparse.Namespace) -> str:
+    metrics = METRICS[model]
+    headers = ["samples", "method", "qc s (calibrate pass)", "ORT s", "time qc/ORT", "qc peak RSS MB", "ORT peak RSS MB",
+               "RSS qc/ORT"]
+    headers += [f"qc {h}" for _, h, _ in metrics] + [f"ORT {h}" for _, h, _ in metrics] + ["notes"]
+    lines = [f"### {model}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        o = r.ort or Side()
+        notes = []
+        for who, side in (("qc", r.qc), ("ORT", r.ort)):
+            if side is not None and (side.error or side.note):
+                notes.append(f"{who}: " + bench._escape(side.error or side.note, 200))
+        if r.ort is None:
+            notes.append("ORT has no such method")
+        cells = [str(r.samples), r.method,
+                 _num(r.qc.seconds, ".1f") + (f" ({r.qc.calib_seconds:.1f})" if r.qc.calib_seconds is not None else ""),
+                 _num(o.seconds, ".1f"),
+                 _ratio(r.qc.seconds, o.seconds), _num(r.qc.rss_mb, ".0f"),
+                 _num(o.rss_mb, ".0f") + (" (failed)" if r.ort is not None and o.error and o.rss_mb else ""),
+                 _ratio(r.qc.rss_mb, o.rss_mb if not o.error else None)]
+        cells += [_num(r.qc.metrics.get(k), f) for k, _, f in metrics]
+        cells += [_num(o.metrics.get(k), f) for k, _, f in metrics]
+        cells.append("; ".join(notes))
+        lines.append("| " + " | ".join(cells) + " |")
+    evaluation = "eval images" if model == "effnet_lite0" else "eval query/doc pairs' samples"
+    lines += ["", f"- fidelity vs fp32 on the {evaluation} (`--eval-limit {args.eval_limit or 'all'}`)", ""]
+    return "\n".join(lines)
+
+
+def header(args: argparse.Namespace) -> str:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    import qcompiler
+
+    cpu, flags = bench.cpu_info()
+    return "\n".join([
+        "## Calibration benchmark",
+        "",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
+        f"- machine: {cpu}, {os.cpu_count()} cores; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()),
+        f"- versions: python {platform.python_version()}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, "
+        f"numpy {np.__version__}, qcompiler {qcompiler.__version__}",
+        "- qcompiler: `qcompiler.compile(model, target=\"ort-cpu\", calibration=<feeds>, calibration_method=M)`; "
+        "ORT: `quantize_static(<quant_pre_process output>, QDQ, per_channel=True, QUInt8 activations, QInt8 "
+        "weights, reduce_range=False, calibrate_method=M)` (ORT's default Percentile is 99.999, qcompiler's 99.99)",
+        "- each quantization in a fresh `spawn` child; `s` = wall time of the compile / quantize_static call only "
+        "(in parentheses: qcompiler's calibrate pass alone, from its report; the ratio uses the whole compile); "
+        "peak RSS = the child's `ru_maxrss` (interpreter, imports, the unique samples, calibration); samples "
+        "beyond the bench set's count repeat it in name order (by reference, no extra memory)",
+        "",
+    ])
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between the calib-bench markers (appending them if absent); the other
+    markers of the file are left alone."""
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = text.find(BEGIN), text.find(END)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bench", type=Path, default=DEFAULT_BENCH, help="benchmark material (read-only)")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--samples", default="64,256", help="comma-separated calibration sample counts")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--eval-limit", type=int, default=None, help="first N eval images / minilm pairs (None: all)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per quantization")
+    p.add_argument("-v", "--verbose", action="store_true", help="print child tracebacks")
+    a = p.parse_args(argv)
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    try:
+        a.samples = [int(s) for s in a.samples.split(",") if s.strip()]
+    except ValueError:
+        p.error("--samples: comma-separated integers")
+    if bad := [m for m in a.models if m not in MODELS]:
+        p.error(f"--models: unknown {', '.join(bad)} (choose from {', '.join(MODELS)})")
+    if bad := [m for m in a.methods if m not in METHODS]:
+        p.error(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(METHODS)})")
+    if not a.samples or min(a.samples) < 1:
+        p.error("--samples must be >= 1")
+    a.bench = a.bench.resolve()
+    if not (a.bench / "models").is_dir():
+        p.error(f"--bench {a.bench}: no models/ directory there")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="qc-calib-bench."))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        sections = [header(args)]
+        for model in args.models:
+            section = render(model, bench_model(model, args, work), args)
+            print(section, flush=True)
+            sections.append(section)
+        write_section(args.out, "\n".join(sections))
+        log(f"wrote {args.out}")
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The calibration engine: what to run, in how many groups, and the loop that runs it.
+
+A :class:`Job` is one pass over the data (one phase) for every group of observed tensors:
+phase 1 records min/max, per-sample extremes and channel sums; phase 2 fixed-range
+histograms (over the phase-1 ranges) and layer input moments. Jobs are plain data (the model
+as bytes), so the same job runs inline, in a spawned process or on a Dask worker
+(:mod:`qcompiler.calib_dist`) and gives the same statistics.
+
+Memory: onnxruntime holds every requested output of one run at once. The tensors to observe
+are split into groups whose per-sample bytes fit the budget (``--calibration-memory``), and
+the data is streamed once per group and phase; results are identical whatever the grouping,
+because each tensor's statistics only ever see that tensor.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import calibration
+from .calibration import Feed, PatchSpec, Statistics
+from .errors import UserError
+
+__all__ = ["Job", "run_job", "parse_memory", "tensor_bytes", "make_groups", "Progress", "peak_rss_mb",
+           "DEFAULT_MEMORY"]
+
+DEFAULT_MEMORY = "1GB"
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from ``1073741824``, ``512MB``, ``1GB``, ``1.5G`` (K/M/G/T are powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise UserError(f"--calibration-memory {text}: not a size (bytes, or a number with KB, MB, GB)")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UserError(f"--calibration-memory {text}: must be positive")
+    return value
+
+
+@dataclass
+class Job:
+    """One pass over the (sharded) data for each group of exposed tensors."""
+
+    model: bytes
+    groups: list[list[str]]                      # names exposed as outputs, per run
+    inputs: list[str] = field(default_factory=list)  # graph inputs, observed from the feed
+    track: frozenset[str] = frozenset()          # min/max
+    per_sample: frozenset[str] = frozenset()     # also per-sample extremes (moving average)
+    channel_axes: dict[str, int] = field(default_factory=dict)
+    hist_spec: dict[str, tuple[str, float, float, int]] = field(default_factory=dict)
+    moment_specs: dict[str, list[tuple[str, PatchSpec]]] = field(default_factory=dict)
+    moment_limit: int = 0                        # moments from samples with index < this (0: all)
+    moments_only: bool = False                   # stop at moment_limit (no histograms wanted)
+    limit: int = 0                               # use samples with index < limit (0: all)
+    shard: int = 0
+    shards: int = 1
+    threads: int = 0
+    label: str = "calibrate"
+
+
+def _session(model: bytes, names: Sequence[str], threads: int) -> Any:
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.ModelProto()
+    proto.ParseFromString(model)
+    existing = {o.name for o in proto.graph.output}
+    for n in names:
+        if n not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=n))
+    so = ort.SessionOptions()
+    # basic optimizations (constant folding, redundant node removal) keep every value asked
+    # for as an output, and run the float model faster than no optimization at all
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int) -> None:
+    if job.track and name in job.track:
+        stats.update_range(name, arr, index if name in job.per_sample else None)
+    if name in job.channel_axes and arr.ndim:
+        stats.update_mean(name, arr, job.channel_axes[name])
+    if name in job.hist_spec:
+        stats.update_hist(name, arr)
+    if not job.moment_limit or index < job.moment_limit:
+        for key, spec in job.moment_specs.get(name, ()):
+            stats.update_moment(key, arr, spec)
+
+
+def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) -> tuple[Statistics, int]:
+    """Run ``job`` over this shard's samples (index % shards == shard); (statistics, model runs)."""
+    stats = Statistics()
+    stats.hist_spec = dict(job.hist_spec)
+    runs = 0
+    inputs = set(job.inputs)
+    groups = job.groups or [[]]
+    for g, names in enumerate(groups):
+        sess = _session(job.model, names, job.threads) if names else None
+        out_names = [o.name for o in sess.get_outputs()] if sess is not None else []
+        wanted = set(names)
+        if progress is not None:
+            progress.start_run()
+        for index, feed in enumerate(data):
+            if job.limit and index >= job.limit:
+                break
+            if job.moments_only and job.moment_limit and index >= job.moment_limit:
+                break
+            if index % job.shards != job.shard:
+                continue
+            if sess is not None:
+                outs = calibration.run_model(sess, feed)
+                runs += 1
+                for n, arr in zip(out_names, outs):
+                    if n in wanted and n not in inputs and isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+                        _observe(stats, job, n, arr, index)
+                del outs
+            if g == 0:  # graph inputs and the sample count: once, not once per group
+                stats.samples += 1
+                for n, arr in feed.items():
+                    if n in inputs and arr.dtype.kind == "f":
+                        _observe(stats, job, n, arr, index)
+            if progress is not None:
+                progress.tick()
+        if progress is not None:
+            progress.end_run()
+        del sess
+    return stats, runs
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def tensor_bytes(model: Any, names: Sequence[str], first: Feed, threads: int = 0) -> tuple[dict[str, int], int]:
+    """Bytes each of ``names`` takes for one sample, and the model runs spent measuring.
+
+    Shapes come from the IR (shape inference); symbolic dims that name a graph input's dim
+    are bound from the first sample; tensors still unknown are measured by running the first
+    sample with them exposed (in chunks). Variable-length data: estimated from sample 0."""
+    import onnx_graphsurgeon as gs
+
+    tensors = model.graph.gs.tensors()
+    bound: dict[str, int] = {}
+    for v in model.graph.inputs:
+        if isinstance(v, gs.Constant) or v.shape is None or v.name not in first:
+            continue
+        for dim, have in zip(v.shape, first[v.name].shape):
+            if isinstance(dim, str):
+                bound[dim] = int(have)
+    sizes: dict[str, int] = {}
+    unknown: list[str] = []
+    for n in names:
+        t = tensors.get(n)
+        shape = getattr(t, "shape", None)
+        dims = [d if isinstance(d, int) else bound.get(d) if isinstance(d, str) else None
+                for d in shape] if shape is not None else None
+        if dims is None or any(d is None or d < 0 for d in dims):
+            unknown.append(n)
+            continue
+        try:
+            itemsize = np.dtype(t.dtype).itemsize if t.dtype is not None else 4
+        except TypeError:
+            itemsize = 4
+        sizes[n] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    runs = 0
+    if unknown:
+        proto = model.to_proto().SerializeToString()
+        for start in range(0, len(unknown), 128):
+            chunk = unknown[start:start + 128]
+            sess = _session(proto, chunk, threads)
+            outs = calibration.run_model(sess, first)
+            runs += 1
+            got = {o.name: a for o, a in zip(sess.get_outputs(), outs)}
+            for n in chunk:
+                arr = got.get(n)
+                sizes[n] = int(arr.nbytes) if isinstance(arr, np.ndarray) else 0
+            del outs, got, sess
+    return sizes, runs
+
+
+def make_groups(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> list[list[str]]:
+    """Split ``names`` (in order) into consecutive groups whose summed bytes fit ``budget``;
+    a tensor larger than the budget on its own still gets a group (it must be observed)."""
+    groups: list[list[str]] = []
+    cur: list[str] = []
+    total = 0
+    for n in names:
+        size = int(sizes.get(n, 0))
+        if cur and total + size > budget:
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(n)
+        total += size
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident set size in MB of this process over its whole life (getrusage
+    ru_maxrss, the kernel's VmHWM: includes the model load before calibration), or with
+    ``children`` the largest peak of any finished child process (spawned workers)."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    kb = resource.getrusage(who).ru_maxrss
+    scale = 1 / 1024 / 1024 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KB on Linux
+    return round(kb * scale, 1)
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+
+class Progress:
+    """One status line on stderr: run r/R, samples done, rate, ETA. Disabled unless enabled
+    (the pass enables it when stderr is a terminal and the compile is not quiet). The total
+    is known once the first run has seen every sample; until then there is no ETA."""
+
+    def __init__(self, enabled: bool, runs: int, stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.runs = max(runs, 1)
+        self.stream = stream or sys.stderr
+        self.run = 0
+        self.done = 0
+        self.in_run = 0
+        self.per_run: int | None = None
+        self.start = time.perf_counter()
+        self._last = 0.0
+
+    def start_run(self) -> None:
+        self.run += 1
+        self.in_run = 0
+
+    def end_run(self) -> None:
+        if self.per_run is None:
+            self.per_run = self.in_run
+        self._draw(force=True)
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        self.in_run += n
+        self._draw()
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = ""
+        if self.per_run is not None and rate > 0:
+            left = max(self.per_run * self.runs - self.done, 0)
+            eta = f", ETA {int(left / rate) // 60}:{int(left / rate) % 60:02d}"
+        self.stream.write(f"\rcalibrate: run {min(self.run, self.runs)}/{self.runs}, {self.in_run} samples"
+                          f", {rate:.1f} samples/s{eta}   ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,82 @@
+"""The calibration cache: a rebuild with the same graph, data and options makes no model run
+and gives identical ranges; any change of data or method misses; writes are atomic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import qcompiler
+import qcompiler.calibration
+from conftest import TINY_INPUT, tiny_calibration, tiny_model
+from qcompiler.calib_cache import cache_key, data_digest
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts onnxruntime runs of the calibration engine."""
+    count = [0]
+    real = qcompiler.calibration.run_model
+
+    def counting(sess: Any, feed: Any) -> Any:
+        count[0] += 1
+        return real(sess, feed)
+
+    monkeypatch.setattr(qcompiler.calibration, "run_model", counting)
+    return count
+
+
+def _compile(cache: Path, data: dict[str, np.ndarray], method: str = "mse") -> qcompiler.CompileResult:
+    return qcompiler.compile(tiny_model(), calibration=data, calibration_cache=str(cache), calibration_method=method)
+
+
+def test_hit_skips_model_runs(tmp_path: Path, runs: list[int]) -> None:
+    data = tiny_calibration(5)
+    first = _compile(tmp_path / "cache", data)
+    assert first.report["calibration"]["cache"] == "miss" and runs[0] >= 10  # two phases x 5 samples
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].suffix == ".qcstats"  # no temp file left behind
+    runs[0] = 0
+    second = _compile(tmp_path / "cache", data)
+    assert second.report["calibration"]["cache"] == "hit"
+    assert runs[0] == 0
+    assert second.report["calibration"]["samples"] == 5
+    assert first.proto.SerializeToString() == second.proto.SerializeToString()
+
+
+def test_changes_miss(tmp_path: Path, runs: list[int]) -> None:
+    data = tiny_calibration(5)
+    _compile(tmp_path, data)
+    other = {TINY_INPUT: data[TINY_INPUT].copy()}
+    other[TINY_INPUT][2, 0, 0, 0] += 1e-3  # one value of one sample
+    assert _compile(tmp_path, other).report["calibration"]["cache"] == "miss"
+    assert _compile(tmp_path, data, method="entropy").report["calibration"]["cache"] == "miss"
+    runs[0] = 0
+    assert _compile(tmp_path, data, method="entropy").report["calibration"]["cache"] == "hit"
+    assert runs[0] == 0
+    assert len(list(tmp_path.glob("*.qcstats"))) == 3
+
+
+def test_key_parts() -> None:
+    feeds = [{"x": np.zeros((1, 2), np.float32)}, {"x": np.ones((1, 2), np.float32)}]
+    d, n = data_digest(feeds)
+    assert n == 2 and data_digest(feeds)[0] == d
+    assert data_digest(feeds[::-1])[0] != d                      # order matters
+    assert data_digest(feeds, limit=1)[0] != d                   # the sample limit matters
+    assert data_digest([{"x": np.zeros((2, 1), np.float32)}, feeds[1]])[0] != d  # shapes matter
+    assert data_digest([{"x": np.zeros((1, 2), np.float64)}, feeds[1]])[0] != d  # dtypes matter
+    assert cache_key(b"m", d, {"a": 1}) != cache_key(b"m2", d, {"a": 1}) != cache_key(b"m", d, {"a": 2})
+
+
+def test_corrupt_entry_is_recomputed(tmp_path: Path, runs: list[int]) -> None:
+    data = tiny_calibration(3)
+    first = _compile(tmp_path, data)
+    entry = next(tmp_path.glob("*.qcstats"))
+    entry.write_bytes(b"garbage")
+    runs[0] = 0
+    again = _compile(tmp_path, data)
+    assert again.report["calibration"]["cache"] == "miss" and runs[0] > 0
+    assert first.proto.SerializeToString() == again.proto.SerializeToString()

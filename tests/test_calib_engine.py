@@ -1,0 +1,297 @@
+"""The calibration engine: memory budget and groups, mergeable statistics, method choice per
+node / op type, target-aware grids, fixed qparams, progress and the report, and the CLI /
+Python flags that reach the calibrate pass.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import qcompiler
+import qcompiler.cli
+from conftest import TINY_INPUT, make_model, tensor_info, tiny_calibration, tiny_model
+from qcompiler.calib_engine import Job, Progress, make_groups, parse_memory, run_job
+from qcompiler.calibration import Statistics
+
+METHODS = ["minmax", "percentile", "entropy", "mse"]
+
+
+def calibrate(proto: onnx.ModelProto, feeds: Any, target: str = "ort-cpu", quiet: bool = True,
+              **options: object) -> qcompiler.PassContext:
+    """Run infer-shapes + calibrate alone; the context (analysis and report)."""
+    model = qcompiler.load_model(proto)
+    ctx = qcompiler.PassContext(target=qcompiler.load_target(target), quiet=quiet,
+                                calibration=qcompiler.load_calibration(feeds, qcompiler.input_specs(model)))
+    opts = tuple((k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in options.items())
+    reg = qcompiler.default_registry()
+    qcompiler.PassManager([reg.instantiate(qcompiler.PassSpec("infer-shapes")),
+                           reg.instantiate(qcompiler.PassSpec("calibrate", opts))]).run(model, ctx)
+    return ctx
+
+
+def _feeds(n: int = 6, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    x = tiny_calibration(n, seed)[TINY_INPUT]
+    return [{TINY_INPUT: x[i:i + 1]} for i in range(n)]
+
+
+def _same_analysis(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["ranges"] == b["ranges"]
+    assert a["channel_means"].keys() == b["channel_means"].keys()
+    for k in a["channel_means"]:
+        np.testing.assert_array_equal(a["channel_means"][k], b["channel_means"][k])
+    assert a["input_moments"].keys() == b["input_moments"].keys()
+    for k in a["input_moments"]:
+        np.testing.assert_array_equal(a["input_moments"][k], b["input_moments"][k])
+
+
+# -- memory budget ------------------------------------------------------------------------------------
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("1GB") == 1 << 30
+    assert parse_memory("512MB") == 512 << 20
+    assert parse_memory("1.5k") == 1536
+    assert parse_memory("4096") == 4096
+    for bad in ("lots", "12XB", "0", "-1MB"):
+        with pytest.raises(qcompiler.UserError, match="calibration-memory"):
+            parse_memory(bad)
+
+
+def test_make_groups() -> None:
+    sizes = {"a": 40, "b": 40, "c": 40, "d": 200, "e": 10}
+    assert make_groups(list(sizes), sizes, 100) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert make_groups(list(sizes), sizes, 10**6) == [list(sizes)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_budget_splits_into_groups_with_identical_results(method: str) -> None:
+    """A 2 KB budget forces one group per few tensors (the tiny model's activations take 256 to
+    1024 bytes each): the report counts the groups and runs, and ranges, channel means and
+    moments equal the single-group run exactly."""
+    proto, feeds = tiny_model(), _feeds()
+    one = calibrate(proto, feeds, method=method)
+    many = calibrate(proto, feeds, method=method, memory="2KB")
+    rep1, rep = one.report["calibration"], many.report["calibration"]
+    assert rep1["groups"] == 1 and rep["groups"] >= 3
+    assert rep["runs"] > rep1["runs"]
+    assert rep["samples"] == rep1["samples"] == 6
+    _same_analysis(one.analysis, many.analysis)
+
+
+def test_symbolic_shapes_are_measured() -> None:
+    """A batch dim named 'N' is bound from the first sample; groups still split and agree."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Neg", ["r"], ["n"], name="neg"),
+             helper.make_node("Abs", ["n"], ["y"], name="abs")]
+    proto = make_model(nodes, [tensor_info("x", ["N", 64])], [tensor_info("y", ["N", 64])])
+    feeds = [{"x": np.random.default_rng(i).standard_normal((4, 64)).astype(np.float32)} for i in range(3)]
+    one = calibrate(proto, feeds, method="minmax")
+    many = calibrate(proto, feeds, method="minmax", memory="1KB")  # each tensor is 4*64*4 = 1 KB
+    assert many.report["calibration"]["groups"] == 3
+    _same_analysis(one.analysis, many.analysis)
+
+
+# -- statistics ---------------------------------------------------------------------------------------
+
+
+def _job(proto: onnx.ModelProto, hist: bool) -> Job:
+    names = ["c1", "r1", "c2", "a1", "p1", "f1", "y"]
+    spec = {n: ("signed", -5.0, 5.0, 64) for n in names} if hist else {}
+    return Job(proto.SerializeToString(), [names], [TINY_INPUT], track=frozenset(names + [TINY_INPUT]),
+               per_sample=frozenset(["r1"]), channel_axes={"r1": 1}, hist_spec=spec)
+
+
+@pytest.mark.parametrize("hist", [False, True])
+def test_merge_of_shards_equals_single_pass(hist: bool) -> None:
+    """Shards (sample i -> i % 3) merged in shard order equal one pass: min/max, per-sample
+    extremes, histograms and zero counts exactly; float64 sums to 1e-12 relative."""
+    proto, feeds = tiny_model(), _feeds(7)
+    whole, runs = run_job(_job(proto, hist), feeds)
+    assert runs == 7 and whole.samples == 7
+    merged = Statistics()
+    for shard in range(3):
+        job = _job(proto, hist)
+        job.shard, job.shards = shard, 3
+        merged.merge(run_job(job, feeds)[0])
+    assert merged.samples == 7
+    assert merged.ranges() == whole.ranges()
+    assert merged.per_sample == whole.per_sample
+    assert merged.hist.keys() == whole.hist.keys() and all(np.array_equal(merged.hist[k], whole.hist[k]) for k in whole.hist)
+    assert merged.zeros == whole.zeros
+    for k in whole.sums:
+        np.testing.assert_allclose(merged.sums[k], whole.sums[k], rtol=1e-12)
+        assert merged.counts[k] == whole.counts[k]
+
+
+def test_serialization_is_deterministic_and_round_trips() -> None:
+    proto, feeds = tiny_model(), _feeds(3)
+    stats, _ = run_job(_job(proto, True), feeds)
+    blob = stats.to_bytes()
+    again = Statistics.from_bytes(blob)
+    assert again.to_bytes() == blob
+    assert again.ranges() == stats.ranges() and again.per_sample == stats.per_sample
+    assert run_job(_job(proto, True), feeds)[0].to_bytes() == blob  # same data -> same bytes
+    with pytest.raises(ValueError):
+        Statistics.from_bytes(b"not stats")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_size_invariance(method: str) -> None:
+    """The same 8 rows as 8 samples of batch 1, or 4 samples of batch 2 (model batch dim 'N'),
+    give identical ranges for every method (the moving average excepted: it is per sample)."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    proto = make_model(nodes, [tensor_info("x", ["N", 3, 6, 6])], [tensor_info("c", ["N", 4, 6, 6])],
+                       [onnx.numpy_helper.from_array(np.random.default_rng(1).uniform(-1, 1, (4, 3, 3, 3)).astype(np.float32), "w")])
+    xs = np.random.default_rng(2).standard_t(3, (8, 3, 6, 6)).astype(np.float32)
+    a = calibrate(proto, [{"x": xs[i:i + 1]} for i in range(8)], method=method).analysis
+    b = calibrate(proto, {"x": xs.reshape(4, 2, 3, 6, 6)}, method=method).analysis
+    c = calibrate(proto, [{"x": xs[i:i + 1]} for i in reversed(range(8))], method=method).analysis
+    assert a["ranges"] == b["ranges"] == c["ranges"]
+
+
+def test_moving_average_through_the_pass() -> None:
+    """momentum=0.9: each range is the moving average of the per-sample extremes in sample
+    order (computed here from the raw graph input)."""
+    feeds = _feeds(5)
+    ctx = calibrate(tiny_model(), feeds, method="minmax", momentum=0.9)
+    lo, hi = float(feeds[0][TINY_INPUT].min()), float(feeds[0][TINY_INPUT].max())
+    for f in feeds[1:]:
+        lo = 0.9 * lo + (1 - 0.9) * float(f[TINY_INPUT].min())
+        hi = 0.9 * hi + (1 - 0.9) * float(f[TINY_INPUT].max())
+    assert ctx.analysis["ranges"][TINY_INPUT] == (lo, hi)
+    assert ctx.report["calibration"]["momentum"] == 0.9
+
+
+# -- method choice --------------------------------------------------------------------------------------
+
+
+def test_overrides_by_op_type_and_node_name() -> None:
+    """Global percentile; Relu outputs by op type -> minmax; node 'conv2' by name -> entropy
+    (node names win over op types, shown by overriding 'relu1' by name back to mse)."""
+    proto, feeds = tiny_model(), _feeds()
+    ctx = calibrate(proto, feeds, method="percentile", overrides="[Relu=minmax,conv2=entropy,relu1=mse]")
+    rep = ctx.report["calibration"]
+    assert rep["overrides"] == {"Relu": "minmax", "conv2": "entropy", "relu1": "mse"}
+    ref = {m: calibrate(proto, feeds, method=m).analysis["ranges"] for m in METHODS}
+    ranges = ctx.analysis["ranges"]
+    assert ranges["c2"] == ref["entropy"]["c2"]
+    assert ranges["r1"] == ref["mse"]["r1"]
+    assert ranges["c1"] == ref["percentile"]["c1"]
+    assert ranges["c1"] != ref["minmax"]["c1"]
+
+
+def test_override_errors() -> None:
+    with pytest.raises(qcompiler.UserError, match="override key 'Nope'"):
+        calibrate(tiny_model(), _feeds(2), overrides="[Nope=minmax]")
+    with pytest.raises(qcompiler.UserError, match="override 'Relu': method 'fancy'"):
+        calibrate(tiny_model(), _feeds(2), overrides="[Relu=fancy]")
+    with pytest.raises(qcompiler.UserError, match="method 'kl'"):
+        calibrate(tiny_model(), _feeds(2), method="kl")
+
+
+def test_pipeline_text_round_trips() -> None:
+    text = "calibrate{method=entropy,overrides=[Softmax=minmax,/blk/conv=percentile],memory=64MB,workers=2}"
+    reg = qcompiler.default_registry()
+    p = reg.instantiate(qcompiler.parse_pipeline(text)[0])
+    assert p.overrides == ("Softmax=minmax", "/blk/conv=percentile")
+    assert p.spec() == text
+    assert reg.instantiate(qcompiler.parse_pipeline(p.spec())[0]) == p
+
+
+def test_symmetric_target_uses_abs_histogram() -> None:
+    """tensorrt (int8 symmetric): percentile clips |x| at one threshold t -> [max(lo,-t), min(hi,t)]."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")]
+    rng = np.random.default_rng(3)
+    proto = make_model(nodes, [tensor_info("x", [1, 2, 32, 32])], [tensor_info("c", [1, 2, 32, 32])],
+                       [onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1), "w")])
+    xs = rng.laplace(0, 1, (64, 1, 2, 32, 32)).astype(np.float32) + 1.0  # enough values for a dense tail
+    ctx = calibrate(proto, {"x": xs}, target="tensorrt", method="percentile", percentile=99.0)
+    lo, hi = ctx.analysis["ranges"]["c"]
+    t = float(np.percentile(np.abs(xs), 99.0))
+    amax = float(np.abs(xs).max())
+    assert abs(max(-lo, hi) - t) <= amax / 2048 + 1e-6
+    assert lo == max(float(xs.min()), -max(-lo, hi))
+
+
+def test_fixed_qparams_tensors_get_minmax_only() -> None:
+    """ort-cpu pins Sigmoid outputs: with method=mse the Sigmoid output keeps its min/max range
+    (no histogram) while the other tensors are clipped; the report counts it."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="sig"), helper.make_node("Mul", ["s", "x"], ["y"], name="mul")]
+    proto = make_model(nodes, [tensor_info("x", [1, 1, 32, 32])], [tensor_info("y", [1, 1, 32, 32])])
+    xs = np.random.default_rng(4).laplace(0, 2, (4, 1, 1, 32, 32)).astype(np.float32)
+    ctx = calibrate(proto, {"x": xs}, method="mse")
+    s = 1 / (1 + np.exp(-xs.astype(np.float64)))
+    lo, hi = ctx.analysis["ranges"]["s"]
+    assert abs(lo - s.min()) < 1e-6 and abs(hi - s.max()) < 1e-6
+    assert ctx.report["calibration"]["fixed_qparams_tensors"] == 1
+    assert ctx.analysis["ranges"]["x"] != (float(xs.min()), float(xs.max()))
+
+
+# -- progress and report ---------------------------------------------------------------------------------
+
+
+def test_progress_line() -> None:
+    out = io.StringIO()
+    p = Progress(True, runs=2, stream=out)
+    for _ in range(2):
+        p.start_run()
+        for _ in range(3):
+            p.tick()
+        p.end_run()
+    p.close()
+    text = out.getvalue()
+    assert "run 2/2" in text and "3 samples" in text and "samples/s" in text and "ETA" in text
+    silent = io.StringIO()
+    q = Progress(False, runs=1, stream=silent)
+    q.start_run(), q.tick(), q.end_run(), q.close()
+    assert silent.getvalue() == ""
+
+
+def test_quiet_or_not_a_terminal_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
+    calibrate(tiny_model(), _feeds(2), quiet=False)  # stderr is captured: not a terminal
+    assert "calibrate:" not in capsys.readouterr().err
+
+
+def test_report_fields() -> None:
+    rep = calibrate(tiny_model(), _feeds(3), method="entropy").report["calibration"]
+    for key in ("method", "overrides", "samples", "seconds", "peak_rss_mb", "groups", "runs", "cache", "real_data"):
+        assert key in rep
+    assert rep["method"] == "entropy" and rep["samples"] == 3 and rep["cache"] == "off"
+    assert rep["real_data"] is True and rep["peak_rss_mb"] > 0
+    assert rep["model_runs"] >= 3
+
+
+# -- flags ------------------------------------------------------------------------------------------------
+
+
+def test_compile_kwargs_reach_the_pass() -> None:
+    r = qcompiler.compile(tiny_model(), calibration=tiny_calibration(4), calibration_method="percentile",
+                          calibration_overrides={"Relu": "minmax"}, calibration_memory="4KB")
+    rep = r.report["calibration"]
+    assert rep["method"] == "percentile" and rep["overrides"] == {"Relu": "minmax"} and rep["groups"] > 1
+    spec = next(p["spec"] for p in r.report["passes"] if p["name"] == "calibrate")
+    assert "method=percentile" in spec and "overrides=[Relu=minmax]" in spec and "memory=4KB" in spec
+
+
+def test_cli_flags(tmp_path: Path) -> None:
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(tiny_model(), str(model))
+    np.savez(calib, **tiny_calibration(4))
+    rc = qcompiler.cli.main(["compile", str(model), "-o", str(tmp_path / "o.onnx"), "--calibration", str(calib),
+                             "--calibration-method", "entropy", "--calibration-override", "Relu=minmax",
+                             "--calibration-override", "conv2=mse", "--calibration-memory", "1MB",
+                             "--report", str(tmp_path / "r.json"), "-q"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "r.json").read_text())["calibration"]
+    assert rep["method"] == "entropy" and rep["overrides"] == {"Relu": "minmax", "conv2": "mse"}
+    assert rep["memory_budget_bytes"] == 1 << 20
+    rc = qcompiler.cli.main(["compile", str(model), "-o", str(tmp_path / "o.onnx"), "--calibration", str(calib),
+                             "--calibration-memory", "huge", "-q"])
+    assert rc == 2
