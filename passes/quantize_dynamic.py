@@ -8,6 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Pass, PassContext, PassResult, UserError, compute_qparams, quantize, weight_qparams
+from qcompiler.calib_methods import weight_mse_clip
 
 __all__ = ["QuantizeDynamic"]
 
@@ -25,6 +26,8 @@ class QuantizeDynamic(Pass):
     `max-k=1024` raises embedding cosine from 0.993 to 0.996 for about 0.1x more latency);
     `exclude` keeps named nodes float; Gather on a large constant table (embeddings) becomes
     an int8 table with one scale per row where the target lists `dynamic.ops.Gather`.
+    `weight-range=mse` clips each weight column to the range with the least quantization
+    error instead of its min/max (measured on all-MiniLM-L6: cosine 0.9939 -> 0.9940).
 
     Why: for MatMul-heavy models (transformers) activation ranges vary per input, so
     run-time ranges keep accuracy without calibration. Requires nothing. Edits in place.
@@ -36,6 +39,7 @@ class QuantizeDynamic(Pass):
     exclude: tuple[str, ...] = ()
     max_k: int = 0
     fold_bias: bool = True
+    weight_range: str = "minmax"
 
     def _gather(self, rw, graph, node: gs.Node, cfg) -> bool:
         """Gather(T, ids) on a large float table -> Gather on an int8 table, then one scale
@@ -63,6 +67,8 @@ class QuantizeDynamic(Pass):
         return True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if self.weight_range not in ("minmax", "mse"):
+            raise UserError(f"pass 'quantize-dynamic': option 'weight-range={self.weight_range}' must be minmax or mse")
         cfg = ctx.target.op("MatMul", mode="dynamic")
         if cfg is None:
             raise UserError(f"target '{ctx.target.name}' has no dynamic kernel for MatMul (key dynamic.ops.MatMul)")
@@ -90,7 +96,9 @@ class QuantizeDynamic(Pass):
                     continue
                 qtype = cfg.weight.qtype
                 # the pair-sum limit matters here too: DynamicQuantizeMatMul is a u8s8 GEMM
-                qp = weight_qparams(w, qtype, 1 if cfg.weight.per_channel else None)
+                axis = 1 if cfg.weight.per_channel else None
+                # mse: each channel's clipping range minimises its own quantization error
+                qp = weight_qparams(weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" else w, qtype, axis)
                 wq = rw.constant(w_val.name + "_quantized", quantize(w, qp))
                 ws = rw.constant(w_val.name + "_scale", qp.scale)
                 wz = rw.constant(w_val.name + "_zero_point", qp.zero_point)
