@@ -279,7 +279,7 @@ class Calibrate(Pass):
         first = next(iter(data), None)
         if first is None:
             raise UserError("pass 'calibrate': the calibration set is empty")
-        sizes, probe = tensor_bytes(model, names, first)
+        sizes, probe = tensor_bytes(model, names, first, serialized=proto)
         groups1 = make_groups(names, sizes, budget)
         has_phase2 = any(k is not None for _, _, k in plan.values())
         progress = Progress(not ctx.quiet and sys.stderr.isatty() and self.workers <= 1 and not self.scheduler,

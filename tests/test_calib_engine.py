@@ -295,3 +295,16 @@ def test_cli_flags(tmp_path: Path) -> None:
     rc = qcompiler.cli.main(["compile", str(model), "-o", str(tmp_path / "o.onnx"), "--calibration", str(calib),
                              "--calibration-memory", "huge", "-q"])
     assert rc == 2
+
+
+def test_graph_output_observed_once_per_sample() -> None:
+    """'y' is a graph output and also asked for as an observed tensor: the session returns it
+    twice (the outputs are appended to the serialized model), and it must be counted once:
+    its histogram holds exactly one count per element per sample, like an inner tensor's."""
+    proto, feeds = tiny_model(), _feeds(5)
+    names = ["c1", "y"]
+    spec = {n: ("signed", -50.0, 50.0, 32) for n in names}
+    stats, runs = run_job(Job(proto.SerializeToString(), [names], [], track=frozenset(names), hist_spec=spec), feeds)
+    assert runs == 5
+    assert int(stats.hist["y"].sum()) == 5 * 1 * 5       # [1, 5] logits per sample
+    assert int(stats.hist["c1"].sum()) == 5 * 4 * 8 * 8  # [1, 4, 8, 8] per sample
