@@ -36,9 +36,11 @@ class PatchSpec:
     trans: bool = False  # Gemm transA: channels on axis 0
 
 
-def input_patches(arr: np.ndarray, spec: PatchSpec) -> np.ndarray:
+def input_patches(arr: np.ndarray, spec: PatchSpec, max_positions: int = 0) -> np.ndarray:
     """Input vectors [G, K, P] the layer multiplies by its weight rows (im2col for Conv), in
-    the weight's flattening order (channel, then kernel positions)."""
+    the weight's flattening order (channel, then kernel positions). With ``max_positions``,
+    only every ceil(P / max_positions)-th position (in (batch, output position) order) is
+    kept, and only those are gathered: large feature maps are never unfolded whole."""
     if not spec.kernel:
         x = arr.T if spec.trans else arr
         return x.reshape(-1, x.shape[-1]).T[None]
@@ -54,11 +56,19 @@ def input_patches(arr: np.ndarray, spec: PatchSpec) -> np.ndarray:
     sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
         + tuple(slice(None, None, d) for d in dil)
     view = view[sl]  # [N, C, O1.., K1..]
+    ksz = int(np.prod(spec.kernel))
+    g = spec.group
+    out_shape = (n,) + view.shape[2:2 + nd]
+    total = int(np.prod(out_shape))
+    step = -(-total // max_positions) if max_positions else 1
+    if step > 1:
+        picked = np.unravel_index(np.arange(0, total, step), out_shape)
+        sub = view[(picked[0], slice(None)) + tuple(picked[1:])]  # [P', C, K1..]
+        flat = np.ascontiguousarray(np.moveaxis(sub, 0, -1))     # [C, K1.., P']
+        return flat.reshape(g, (c // g) * ksz, -1)
     # -> [C, K1.., N, O1..] in one copy, then [G, (C/G)*Ksz, P]
     order = (1,) + tuple(range(2 + nd, 2 + 2 * nd)) + (0,) + tuple(range(2, 2 + nd))
     flat = np.ascontiguousarray(view.transpose(order))
-    ksz = int(np.prod(spec.kernel))
-    g = spec.group
     return flat.reshape(g, (c // g) * ksz, -1)
 
 
@@ -77,16 +87,20 @@ class RangeCollector:
         """Accumulate sum(x x^T) over the layer's input vectors (mergeable by addition)."""
         if spec.kernel and spec.group == 1 and all(k == 1 for k in spec.kernel) \
                 and not any(spec.pads) and all(s == 1 for s in spec.strides or (1,)):
-            x = np.moveaxis(arr, 1, 0).reshape(arr.shape[1], -1).astype(np.float32)
-            step = -(-x.shape[1] // self.max_positions)
-            if step > 1:
-                x = np.ascontiguousarray(x[:, ::step])
+            n, ch = arr.shape[:2]
+            flat = arr.reshape(n, ch, -1)
+            total = n * flat.shape[2]
+            step = -(-total // self.max_positions)
+            if step > 1:  # gather only the evenly spaced positions kept, in (batch, position) order
+                nb, pos = np.divmod(np.arange(0, total, step), flat.shape[2])
+                x = np.ascontiguousarray(flat[nb, :, pos].T)
+            else:
+                x = np.moveaxis(flat, 1, 0).reshape(ch, -1)
+            x = x.astype(np.float32, copy=False)
             m = (x @ x.T).astype(np.float64)[None]  # 1x1 conv: a channel covariance, one GEMM
         else:
-            patches = input_patches(arr.astype(np.float32), spec)
-            step = -(-patches.shape[2] // self.max_positions)
-            if step > 1:  # large feature maps: evenly spaced positions estimate the moments well
-                patches = np.ascontiguousarray(patches[:, :, ::step])
+            # large feature maps: evenly spaced positions estimate the moments well
+            patches = input_patches(arr.astype(np.float32, copy=False), spec, self.max_positions)
             m = np.matmul(patches, np.swapaxes(patches, 1, 2)).astype(np.float64)
         self.moments[key] = self.moments[key] + m if key in self.moments else m
 

@@ -308,3 +308,20 @@ def test_graph_output_observed_once_per_sample() -> None:
     assert runs == 5
     assert int(stats.hist["y"].sum()) == 5 * 1 * 5       # [1, 5] logits per sample
     assert int(stats.hist["c1"].sum()) == 5 * 4 * 8 * 8  # [1, 4, 8, 8] per sample
+
+
+@pytest.mark.parametrize("shape,spec", [
+    ((2, 6, 33, 29), dict(kernel=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2))),
+    ((1, 8, 40, 40), dict(kernel=(3, 3), pads=(1, 1, 1, 1), group=8)),
+    ((1, 4, 50, 50), dict(kernel=(5, 5), pads=(2, 2, 2, 2), dilations=(2, 2))),
+])
+def test_subsampled_patches_equal_every_nth_column_of_all_patches(shape, spec) -> None:
+    """input_patches(..., max_positions) gathers only the kept positions; they must be exactly
+    the every-step-th columns of the full im2col, in the same order."""
+    from qcompiler.calibration import PatchSpec, input_patches
+
+    arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    full = input_patches(arr, PatchSpec(**spec))
+    some = input_patches(arr, PatchSpec(**spec), max_positions=100)
+    step = -(-full.shape[2] // 100)
+    assert step > 1 and np.array_equal(some, full[:, :, ::step])
