@@ -13,9 +13,11 @@ import onnx_graphsurgeon as gs
 from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, QType, Target, UserError
 from qcompiler.calib_cache import cache_key, data_digest, load_cached, store_cached
 from qcompiler.calib_dist import run_sharded
-from qcompiler.calib_engine import DEFAULT_MEMORY, Job, Progress, make_groups, parse_memory, peak_rss_mb, tensor_bytes
+from qcompiler.calib_engine import (DEFAULT_MEMORY, Job, Progress, make_groups, parse_memory, peak_rss_mb, tensor_bytes,
+                                    trial_run)
 from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histogram_kind, moving_average_range,
                                      mse_range, percentile_range)
+from qcompiler.calib_subgraphs import instrument, observable_subgraph_values
 from qcompiler.calibration import Statistics
 from qcompiler.rangefile import check_pinned, read_ranges
 
@@ -123,6 +125,42 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, Any],
+                    overrides: dict[str, str], method: str) -> tuple[Any, dict[str, tuple[str, str]]]:
+    """Float values computed inside If/Loop bodies of main-graph nodes, made observable
+    (qcompiler.calib_subgraphs): the model to run, and exposed name -> (body value name,
+    "If"|"Loop"), with their plan entries added. A first sample is run on the instrumented model; if onnxruntime refuses
+    it (a Loop value whose shape changes between iterations cannot be stacked), Loop bodies are
+    dropped, then If bodies: those values then stay uncalibrated and their ops float."""
+    skip = {v.name for g in model.graph.walk() for n in g.gs.nodes if n.op == "QuantizeLinear" for v in n.inputs}
+    found = observable_subgraph_values(proto, skip)
+    if not found:
+        return proto, {}
+    body_values: dict[str, tuple[Any, Any]] = {v.name: (v, None) for g in model.graph.walk() for v in g.inputs}
+    body_values.update({v.name: (v, n) for g in model.graph.walk() for n in g.gs.nodes for v in n.outputs})
+    kinds = {n.name: n.op for n in model.graph.gs.nodes}
+    first = next(iter(ctx.calibration), None)
+    for allowed in (("If", "Loop"), ("If",)):
+        chosen = [ob for ob in found if kinds.get(ob.node) in allowed]
+        if not chosen or first is None:
+            return proto, {}
+        trial, exposed = instrument(proto, chosen, allowed)
+        try:
+            trial_run(trial.SerializeToString(), list(exposed), first)
+        except Exception:  # noqa: BLE001 - onnxruntime's refusal decides, whatever its type
+            continue
+        out: dict[str, tuple[str, str]] = {}
+        for ob in chosen:
+            value, producer = body_values[ob.value]
+            m = (overrides.get(producer.name) or overrides.get(producer.op) if producer is not None
+                 else overrides.get(ob.value)) or method
+            grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
+            plan[ob.exposed] = (m, grid, histogram_kind(m, grid))
+            out[ob.exposed] = (ob.value, kinds[ob.node])
+        return trial, out
+    return proto, {}
+
+
 @dataclass(frozen=True)
 class Calibrate(Pass):
     """Run the current (float) model in onnxruntime over the calibration samples and record
@@ -214,10 +252,13 @@ class Calibrate(Pass):
                 m, fixed = "minmax", fixed + 1  # qparams pinned by the target: min/max is enough
             grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
             plan[n] = (m, grid, histogram_kind(m, grid))
+        base, exposed = _observe_bodies(model, model.to_proto(), ctx, plan, overrides, method)
+        names += list(exposed)
         per_sample = frozenset(n for n, (m, _, _) in plan.items() if m == "minmax" and self.momentum > 0)
         specs = _moment_specs(model, self.max_moment_dim) if self.second_moments else {}
 
-        proto = model.to_proto().SerializeToString()
+        proto = base.SerializeToString()
+        del base
         options = {"plan": {n: [m, g.levels, g.symmetric, k] for n, (m, g, k) in sorted(plan.items())},
                    "percentile": self.percentile, "momentum": self.momentum, "bins": self.bins,
                    "limit": self.limit, "moments": sorted(specs), "moment_samples": self.moment_samples}
@@ -251,15 +292,17 @@ class Calibrate(Pass):
                     ranges[n] = entropy_range(counts, lo, hi, grid, stats.zeros.get(n, 0))
             elif n in per_sample and stats.per_sample.get(n):
                 ranges[n] = moving_average_range(*stats.sample_extremes(n), self.momentum)
+        used: dict[str, int] = {}
+        for n in ranges:
+            used[plan[n][0]] = used.get(plan[n][0], 0) + 1
+        # body values observed through their If/Loop node go by their own names again
+        ranges = {exposed.get(n, (n, ""))[0]: r for n, r in ranges.items()}
         ctx.analysis["input_moments"] = stats.moments
         ctx.analysis["ranges"] = ranges
         if pinned:  # imported ranges override calibrated ones
             check_pinned(pinned, ranges, self.ranges_file)
             ranges.update(pinned)
         ctx.analysis["channel_means"] = stats.means()
-        used: dict[str, int] = {}
-        for n in ranges:
-            used[plan[n][0]] = used.get(plan[n][0], 0) + 1
         ctx.report["calibration"] = {
             "method": method, "overrides": dict(sorted(overrides.items())), "tensors_per_method": dict(sorted(used.items())),
             "percentile": self.percentile if "percentile" in used else None,
@@ -269,6 +312,7 @@ class Calibrate(Pass):
             "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
             "model_runs": info["model_runs"], "cache": cache_state, "workers": self.workers,
             "scheduler": self.scheduler or None, "real_data": bool(getattr(ctx.calibration, "real_data", True)),
+            "subgraph_values": len(exposed),
         }
         return PassResult(False)
 

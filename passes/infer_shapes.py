@@ -40,6 +40,19 @@ def _without_weights(proto: onnx.ModelProto, max_elements: int) -> onnx.ModelPro
     return proto
 
 
+def _value_infos(graph: onnx.GraphProto) -> dict[str, onnx.ValueInfoProto]:
+    """Inferred types of a graph's values and of every nested body's (If/Loop/Scan): names are
+    unique across a model's graphs, so one map serves all of them."""
+    infos = {vi.name: vi for vi in list(graph.value_info) + list(graph.output)}
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                for name, vi in _value_infos(body).items():
+                    infos.setdefault(name, vi)
+    return infos
+
+
 @dataclass(frozen=True)
 class InferShapes(Pass):
     """Annotate every value with the dtype and shape onnx's inference finds (symbolic dims
@@ -62,7 +75,7 @@ class InferShapes(Pass):
         except Exception as exc:  # inference is advisory: record and go on
             ctx.report.setdefault("warnings", []).append(f"infer-shapes: {str(exc).splitlines()[0]}")
             return PassResult(False)
-        infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        infos = _value_infos(inferred.graph)
         unknown: list[str] = []
         for graph in model.graph.walk():
             for node in graph.gs.nodes:

@@ -28,7 +28,7 @@ from . import calibration
 from .calibration import Feed, PatchSpec, Statistics
 from .errors import UserError
 
-__all__ = ["Job", "run_job", "parse_memory", "tensor_bytes", "make_groups", "Progress", "peak_rss_mb",
+__all__ = ["Job", "run_job", "trial_run", "parse_memory", "tensor_bytes", "make_groups", "Progress", "peak_rss_mb",
            "DEFAULT_MEMORY"]
 
 DEFAULT_MEMORY = "1GB"
@@ -89,6 +89,12 @@ def _session(model: bytes, names: Sequence[str], threads: int) -> Any:
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def trial_run(model: bytes, names: Sequence[str], feed: Feed) -> None:
+    """Build a session exposing ``names`` and run ``feed`` once; raises what onnxruntime raises."""
+    sess = _session(model, names, 0)
+    calibration.run_model(sess, feed)
 
 
 def _unique_outputs(sess: Any) -> list[tuple[int, str]]:
