@@ -191,7 +191,21 @@ class LowerQoperator(Pass):
                     lowered.append(name)
         rw.cleanup(model.graph)
         previous = set(ctx.analysis.get("lowered", []))
-        ctx.analysis["lowered"] = sorted(previous | set(lowered))
+        # a node insert-qdq planned as integer but still here as its float op had no quantized
+        # output to requantize into (a graph or branch output, or read only by float ops): in this
+        # format it runs in float on dequantized inputs, so the report says so
+        kept: dict[str, str] = {}
+        for graph in model.graph.walk():
+            for node in graph.nodes:
+                cfg = ctx.target.op(node.op)
+                if (node.name in previous and cfg is not None and cfg.kernel_op in KERNELS
+                        and node.name not in lowered):
+                    kept[node.name] = (f"no {cfg.kernel_op}: its output is not quantized (a graph output or "
+                                       f"read only by float ops), so it runs in float on dequantized inputs")
+        ctx.analysis["lowered"] = sorted((previous | set(lowered)) - set(kept))
+        floats = dict(ctx.analysis.get("float_nodes", {}))
+        floats.update(kept)
+        ctx.analysis["float_nodes"] = floats
         return PassResult(rw.modified)
 
     @staticmethod
