@@ -29,6 +29,7 @@ from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER  # noqa: E402
 _GS_LOGGER.severity = _GS_LOGGER.ERROR
 
 _TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
+_EXTERNAL_MIN_BYTES = 1024  # in a model saved with external data, smaller tensors stay inline
 _SUFFIX = re.compile(r"_\d+$")  # a counter suffix added by fresh_name
 
 
@@ -152,15 +153,18 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     try:
         if large:
             onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            # the model refers to the data file by name: rewrite it to the final name
-            _rename_external(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, directory / data_name)
+                            location=tmp_data.name, size_threshold=_EXTERNAL_MIN_BYTES)
+            if tmp_data.exists():  # (no tensor above the threshold: everything stayed inline)
+                # the model refers to the data file by name: rewrite it to the final name
+                _rename_external(tmp, tmp_data.name, data_name)
+                os.replace(tmp_data, directory / data_name)
         else:
             with open(tmp, "wb") as fh:
                 fh.write(proto.SerializeToString(deterministic=True))
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
+        if large:
+            _restore_inline(proto, tmp_data.name, data_name, directory)
     except OSError as exc:
         raise UserError(f"{out}: cannot write output: {exc.strerror or exc}") from exc
     finally:
@@ -171,6 +175,21 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     if large and (directory / data_name).exists():
         size += (directory / data_name).stat().st_size
     return size
+
+
+def _restore_inline(proto: onnx.ModelProto, old: str, new: str, directory: Path) -> None:
+    """onnx.save_model with external data rewrites the proto in place (tensors become references
+    to the temporary data file); read the saved data back so the caller's proto is whole again."""
+    from onnx import external_data_helper
+
+    tensors = [t for t in external_data_helper._get_all_tensors(proto) if t.external_data]
+    if not tensors:
+        return
+    for t in tensors:
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    external_data_helper.load_external_data_for_model(proto, str(directory))
 
 
 def _umask() -> int:
