@@ -741,14 +741,15 @@ def header(args: argparse.Namespace, idle_rss: float | None) -> str:
     ])
 
 
-def write_report(path: Path, section: str) -> None:
-    """Replace the text between the bench markers of ``path`` (creating the file or markers if missing)."""
-    block = f"{BEGIN_MARKER}\n{section.rstrip()}\n{END_MARKER}\n"
+def write_report(path: Path, section: str, begin: str = BEGIN_MARKER, end: str = END_MARKER) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path`` (creating the file or markers
+    if missing); the rest of the file, other benchmarks' marked sections included, is kept."""
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
     if path.exists():
         text = path.read_text()
-        start, end = text.find(BEGIN_MARKER), text.find(END_MARKER)
-        if start != -1 and end > start:
-            text = text[:start] + block.rstrip("\n") + text[end + len(END_MARKER):]
+        start, stop = text.find(begin), text.find(end)
+        if start != -1 and stop > start:
+            text = text[:start] + block.rstrip("\n") + text[stop + len(end):]
         else:
             text = text.rstrip("\n") + "\n\n" + block
     else:

@@ -320,21 +320,6 @@ def header(args: argparse.Namespace) -> str:
     ])
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the calib-bench markers (appending them if absent); the other
-    markers of the file are left alone."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -376,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             section = render(model, bench_model(model, args, work), args)
             print(section, flush=True)
             sections.append(section)
-        write_section(args.out, "\n".join(sections))
+        bench.write_report(args.out, "\n".join(sections), BEGIN, END)
         log(f"wrote {args.out}")
     finally:
         if args.work is None:

@@ -169,20 +169,6 @@ def render(rows: list[Row], args: argparse.Namespace, n_eval: dict[str, int]) ->
     return "\n".join(lines) + "\n"
 
 
-def write_report(path: Path, section: str) -> None:
-    """Replace the text between this benchmark's markers (appending them if absent)."""
-    block = f"{BEGIN_MARKER}\n{section.rstrip()}\n{END_MARKER}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(BEGIN_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARKER):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bench", type=Path, default=bench.DEFAULT_BENCH_DIR, help="benchmark material directory")
@@ -215,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = render(rows, args, n_eval)
     print(section)
     if not args.no_write:
-        write_report(args.out, section)
+        bench.write_report(args.out, section, BEGIN_MARKER, END_MARKER)
     return 0
 
 

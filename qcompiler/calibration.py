@@ -72,6 +72,20 @@ def input_patches(arr: np.ndarray, spec: PatchSpec, max_positions: int = 0) -> n
     return flat.reshape(g, (c // g) * ksz, -1)
 
 
+def _widen(mins: dict[str, float], maxs: dict[str, float], name: str, arr: np.ndarray) -> tuple[float, float] | None:
+    """Widen ``name``'s running [min, max] by ``arr``; returns arr's own extremes (None for an
+    empty array or one holding NaN, which leave the range as it was)."""
+    if arr.size == 0:
+        return None
+    lo = float(np.min(arr))
+    hi = float(np.max(arr))
+    if math.isnan(lo) or math.isnan(hi):
+        return None
+    mins[name] = min(lo, mins.get(name, lo))
+    maxs[name] = max(hi, maxs.get(name, hi))
+    return lo, hi
+
+
 class RangeCollector:
     """Running per-tensor min/max (the ``minmax`` method); exact under any batching or order."""
 
@@ -121,14 +135,7 @@ class RangeCollector:
         return {k: self.sums[k] / max(self.counts[k], 1) for k in sorted(self.sums)}
 
     def update(self, name: str, arr: np.ndarray) -> None:
-        if arr.size == 0:
-            return
-        lo = float(np.min(arr))
-        hi = float(np.max(arr))
-        if math.isnan(lo) or math.isnan(hi):
-            return
-        self.mins[name] = min(lo, self.mins.get(name, lo))
-        self.maxs[name] = max(hi, self.maxs.get(name, hi))
+        _widen(self.mins, self.maxs, name, arr)
 
     def merge(self, other: "RangeCollector") -> None:
         for k, v in other.mins.items():
@@ -266,16 +273,9 @@ class Statistics:
 
     def update_range(self, name: str, arr: np.ndarray, index: int | None = None) -> None:
         """Running min/max; with ``index`` also this sample's own extremes."""
-        if arr.size == 0:
-            return
-        lo = float(np.min(arr))
-        hi = float(np.max(arr))
-        if math.isnan(lo) or math.isnan(hi):
-            return
-        self.mins[name] = min(lo, self.mins.get(name, lo))
-        self.maxs[name] = max(hi, self.maxs.get(name, hi))
-        if index is not None:
-            self.per_sample.setdefault(name, {})[index] = (lo, hi)
+        seen = _widen(self.mins, self.maxs, name, arr)
+        if seen is not None and index is not None:
+            self.per_sample.setdefault(name, {})[index] = seen
 
     def update_hist(self, name: str, arr: np.ndarray) -> None:
         """Add ``arr`` to the tensor's fixed-range histogram (bins from its ``hist_spec``)."""
