@@ -7,7 +7,7 @@ quantization helpers. Built-in passes in ``qcompiler.passes`` use nothing else.
 
 from .api import INTEGER_OPS, CompileResult, compile, op_histogram
 from .calibration import (CalibrationData, InputSpec, PatchSpec, RangeCollector, Statistics, input_patches,
-                          input_specs, load_calibration, run_collect)
+                          input_specs, load_calibration)
 from .check import CheckResult, Problem, check_model
 from .errors import PassFailure, UserError
 from .imagedata import ImageSpec
@@ -34,5 +34,5 @@ __all__ = [
     "__version__", "apply_rules", "builtin_targets", "compile", "compute_qparams", "default_registry",
     "dequantize", "format_pipeline", "input_specs", "is_float", "load_calibration", "load_model", "load_target",
     "match", "node_subgraphs", "op_histogram", "parse_pipeline", "plan_quantization", "producer_op",
-    "qrange", "quantize", "run_collect", "Statistics", "verify_model", "weight_axis", "weight_qparams",
+    "qrange", "quantize", "Statistics", "verify_model", "weight_axis", "weight_qparams",
 ]

@@ -1,15 +1,15 @@
-"""Calibration statistics: the collectors that run the float model in onnxruntime and
-reduce each sample's tensors into running statistics (min/max, histograms, moments).
+"""Calibration statistics: the mergeable collectors (min/max, histograms, channel means,
+input second moments) that :mod:`qcompiler.calib_engine` fills while it runs the float model.
 
-Samples are streamed: one feed dict at a time is run, reduced and dropped, so memory does
-not grow with the number of samples. The data sources live in :mod:`qcompiler.calib_data`.
+Samples are streamed: each sample's tensors are reduced into these and dropped, so memory does
+not grow with the number of samples. ``Statistics`` extends ``RangeCollector`` with per-sample
+extremes, histograms and zero counts. The data sources live in :mod:`qcompiler.calib_data`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from .calib_data import CalibrationData, Feed, InputSpec, input_specs, load_cali
 from .calib_methods import mse_range
 
 __all__ = ["InputSpec", "CalibrationData", "load_calibration", "input_specs", "RangeCollector", "PatchSpec",
-           "input_patches", "HistogramCollector", "mse_range", "Statistics", "run_model"]
+           "input_patches", "mse_range", "Statistics", "run_model"]
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,10 @@ class RangeCollector:
         _widen(self.mins, self.maxs, name, arr)
 
     def merge(self, other: "RangeCollector") -> None:
-        for k, v in other.mins.items():
-            self.update(k, np.array([v, other.maxs[k]]))
+        """Add ``other``'s min/max, channel sums and moments into this collector."""
+        for k, lo in other.mins.items():
+            self.mins[k] = min(lo, self.mins.get(k, lo))
+            self.maxs[k] = max(other.maxs[k], self.maxs.get(k, other.maxs[k]))
         for k, total in other.sums.items():
             if k in self.sums:
                 self.sums[k] = self.sums[k] + total
@@ -153,88 +155,6 @@ class RangeCollector:
         return {k: (self.mins[k], self.maxs[k]) for k in sorted(self.mins)}
 
 
-def run_collect(model_proto: Any, names: Iterable[str], data: Iterable[Feed], collector: RangeCollector,
-                threads: int = 0, channel_axes: Mapping[str, int] | None = None,
-                moment_specs: Mapping[str, list[tuple[str, PatchSpec]]] | None = None,
-                moment_limit: int = 0) -> int:
-    """Run ``model_proto`` on every sample with ``names`` exposed as outputs; returns sample count."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model_proto)
-    existing = {o.name for o in proto.graph.output}
-    wanted = [n for n in names if n not in existing]
-    for n in wanted:
-        proto.graph.output.append(onnx.ValueInfoProto(name=n))
-    so = ort.SessionOptions()
-    # basic optimizations (constant folding, redundant node removal) keep every value asked
-    # for as an output, and run the float model faster than no optimization at all
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
-    observe = set(names)
-    axes = dict(channel_axes or {})
-    count = 0
-    for feed in data:
-        moments_now = not moment_limit or count < moment_limit
-        outs = sess.run(None, feed)
-        for n, arr in zip(out_names, outs):
-            if n in observe and isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
-                collector.update(n, arr)
-                if n in axes and arr.ndim:
-                    collector.update_mean(n, arr, axes[n])
-                for key, spec in (moment_specs or {}).get(n, ()) if moments_now else ():
-                    collector.update_moment(key, arr, spec)
-        for n, arr in feed.items():  # graph inputs are observed like any activation
-            if arr.dtype.kind != "f" or n in out_names:
-                continue
-            if n in observe:
-                collector.update(n, arr)
-            if n in axes:
-                collector.update_mean(n, arr, axes[n])
-            for key, spec in (moment_specs or {}).get(n, ()) if moments_now else ():
-                collector.update_moment(key, arr, spec)
-        count += 1
-    return count
-
-
-class HistogramCollector:
-    """Fixed-range histograms (the ranges found by a min/max pass), mergeable by addition and
-    independent of batch size or order: the same data gives the same counts."""
-
-    def __init__(self, ranges: Mapping[str, tuple[float, float]], bins: int = 2048) -> None:
-        self.ranges = dict(ranges)
-        self.bins = bins
-        self.counts: dict[str, np.ndarray] = {}
-        self.zeros: dict[str, int] = {}
-        self.moments: dict[str, np.ndarray] = {}
-        self.max_positions = 2048
-
-    def update(self, name: str, arr: np.ndarray) -> None:
-        if name not in self.ranges or arr.size == 0:
-            return
-        lo, hi = self.ranges[name]
-        if not hi > lo:
-            return
-        flat = arr.reshape(-1)
-        # bin index in float32 (values are float32 already); the last edge belongs to the last bin
-        idx = ((flat - np.float32(lo)) * np.float32(self.bins / (hi - lo))).astype(np.int32)
-        np.minimum(idx, self.bins - 1, out=idx)
-        np.maximum(idx, 0, out=idx)
-        counts = np.bincount(idx, minlength=self.bins)
-        self.counts[name] = self.counts[name] + counts if name in self.counts else counts
-        self.zeros[name] = self.zeros.get(name, 0) + int(np.count_nonzero(flat == 0.0))
-
-    update_moment = RangeCollector.update_moment
-
-    def update_mean(self, name: str, arr: np.ndarray, axis: int) -> None:  # means come from pass 1
-        return None
-
-
 def run_model(sess: Any, feed: Feed) -> list[Any]:
     """One onnxruntime run of the calibration model (module level so tests can count runs)."""
     return sess.run(None, feed)
@@ -243,7 +163,7 @@ def run_model(sess: Any, feed: Feed) -> list[Any]:
 _MAGIC = b"QCSTATS1"
 
 
-class Statistics:
+class Statistics(RangeCollector):
     """Everything calibration observes, as one mergeable, serialisable object.
 
     Per tensor: min/max; per-sample extremes by sample index (for the moving-average
@@ -254,22 +174,12 @@ class Statistics:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.samples = 0
-        self.mins: dict[str, float] = {}
-        self.maxs: dict[str, float] = {}
         self.per_sample: dict[str, dict[int, tuple[float, float]]] = {}
         self.hist: dict[str, np.ndarray] = {}
         self.hist_spec: dict[str, tuple[str, float, float, int]] = {}
         self.zeros: dict[str, int] = {}
-        self.sums: dict[str, np.ndarray] = {}
-        self.counts: dict[str, int] = {}
-        self.moments: dict[str, np.ndarray] = {}
-        self.max_positions = 2048
-
-    update_moment = RangeCollector.update_moment
-    update_mean = RangeCollector.update_mean
-    means = RangeCollector.means
-    ranges = RangeCollector.ranges
 
     def update_range(self, name: str, arr: np.ndarray, index: int | None = None) -> None:
         """Running min/max; with ``index`` also this sample's own extremes."""
@@ -295,29 +205,20 @@ class Statistics:
         self.hist[name] = self.hist[name] + counts if name in self.hist else counts
         self.zeros[name] = self.zeros.get(name, 0) + int(np.count_nonzero(flat == 0.0))
 
-    def merge(self, other: "Statistics") -> "Statistics":
+    def merge(self, other: "Statistics") -> "Statistics":  # type: ignore[override]
         """Add ``other`` into this object (in place) and return it."""
+        for k in other.hist:
+            if k in self.hist_spec and self.hist_spec[k] != other.hist_spec[k]:
+                raise ValueError(f"histograms of '{k}' have different ranges; cannot merge")
+        super().merge(other)
         self.samples += other.samples
-        for k, lo in other.mins.items():
-            self.mins[k] = min(lo, self.mins.get(k, lo))
-            self.maxs[k] = max(other.maxs[k], self.maxs.get(k, other.maxs[k]))
         for k, table in other.per_sample.items():
             self.per_sample.setdefault(k, {}).update(table)
         for k, counts in other.hist.items():
-            if k in self.hist_spec and self.hist_spec[k] != other.hist_spec[k]:
-                raise ValueError(f"histograms of '{k}' have different ranges; cannot merge")
             self.hist_spec[k] = other.hist_spec[k]
             self.hist[k] = self.hist[k] + counts if k in self.hist else counts.copy()
         for k, n in other.zeros.items():
             self.zeros[k] = self.zeros.get(k, 0) + n
-        for k, total in other.sums.items():
-            if k in self.sums:
-                self.sums[k] = self.sums[k] + total
-                self.counts[k] += other.counts[k]
-            else:
-                self.sums[k], self.counts[k] = total.copy(), other.counts[k]
-        for k, m in other.moments.items():
-            self.moments[k] = self.moments[k] + m if k in self.moments else m.copy()
         return self
 
     def sample_extremes(self, name: str) -> tuple[list[float], list[float]]:
