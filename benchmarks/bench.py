@@ -293,15 +293,14 @@ def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str,
     conn.close()
 
 
-def run_job(job: Job | None, model: str, model_path: Path, out_path: Path, bench_dir: Path, calib: int,
-            timeout: float) -> dict[str, Any]:
-    """Run one compile job in a fresh 'spawn' child, in a scratch working directory next to
-    ``out_path`` that is removed afterwards; returns its result dict (never raises)."""
+def spawn_in_child(entry: Callable[..., None], args: Sequence[Any], out_path: Path, timeout: float) -> dict[str, Any]:
+    """Run ``entry(conn, *args, scratch)`` in a fresh 'spawn' child, in a scratch working
+    directory next to ``out_path`` that is removed afterwards; the dict the child sends on
+    ``conn``, or an error dict when it times out or dies (never raises)."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     scratch = Path(tempfile.mkdtemp(prefix="scratch.", dir=out_path.parent))
-    proc = ctx.Process(target=_child_entry, args=(send, job, model, str(model_path), str(out_path), str(bench_dir),
-                                                  calib, str(scratch)))
+    proc = ctx.Process(target=entry, args=(send, *args, str(scratch)))
     proc.start()
     send.close()
     result: dict[str, Any] | None = None
@@ -319,6 +318,14 @@ def run_job(job: Job | None, model: str, model_path: Path, out_path: Path, bench
         code = proc.exitcode
         why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         result = {"ok": False, "error": f"child process died ({why}; -9 is usually out of memory)"}
+    return result
+
+
+def run_job(job: Job | None, model: str, model_path: Path, out_path: Path, bench_dir: Path, calib: int,
+            timeout: float) -> dict[str, Any]:
+    """Run one compile job in a fresh child (:func:`spawn_in_child`); its result dict."""
+    result = spawn_in_child(_child_entry, (job, model, str(model_path), str(out_path), str(bench_dir), calib),
+                            out_path, timeout)
     if result["ok"] and job is not None and not out_path.exists():
         result = {**result, "ok": False, "error": "job reported success but wrote no file"}
     return result

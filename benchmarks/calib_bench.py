@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import multiprocessing as mp
 import os
 import platform
 import shlex
@@ -122,29 +121,9 @@ def _child(conn: Connection, tool: str, model: str, method: str, samples: int, m
 
 def run_child(tool: str, model: str, method: str, samples: int, model_path: Path, out_path: Path,
               bench_dir: Path, timeout: float) -> dict[str, Any]:
-    """One quantization in a fresh spawned child; its result dict (never raises)."""
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    scratch = Path(tempfile.mkdtemp(prefix="scratch.", dir=out_path.parent))
-    proc = ctx.Process(target=_child, args=(send, tool, model, method, samples, str(model_path), str(out_path),
-                                            str(bench_dir), str(scratch)))
-    proc.start()
-    send.close()
-    result: dict[str, Any] | None = None
-    try:
-        if recv.poll(timeout):
-            result = recv.recv()
-        else:
-            proc.kill()
-            result = {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    except EOFError:
-        pass
-    proc.join()
-    shutil.rmtree(scratch, ignore_errors=True)
-    if result is None:
-        code = proc.exitcode
-        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        result = {"ok": False, "error": f"child died ({why}; -9 is usually out of memory)"}
+    """One quantization in a fresh spawned child (bench.spawn_in_child); its result dict."""
+    result = bench.spawn_in_child(_child, (tool, model, method, samples, str(model_path), str(out_path),
+                                           str(bench_dir)), out_path, timeout)
     if result["ok"] and not out_path.exists():
         result = {**result, "ok": False, "error": "reported success but wrote no model"}
     return result
