@@ -70,6 +70,15 @@ def _moment_specs(model: Model, max_dim: int) -> dict[str, list[tuple[str, Patch
     return specs
 
 
+def _kernel_only(const: gs.Constant) -> bool:
+    """Weights only onnxruntime's kernels read (a MatMul's B, a Gather's table): those can be
+    handed to the session as the IR's own arrays. Graph optimizations read others (a Conv
+    weight is re-laid-out for the blocked-layout kernels) from the model itself."""
+    return bool(const.outputs) and all(
+        (c.op == "MatMul" and len(c.inputs) > 1 and c.inputs[1] is const)
+        or (c.op == "Gather" and c.inputs and c.inputs[0] is const) for c in const.outputs)
+
+
 def _pinned_only(model: Model, ctx: PassContext, pinned: dict[str, tuple[float, float]], path: str) -> None:
     """No calibration data but a range file: accept it only if it pins every float tensor
     calibrate would observe (then no model run is needed)."""
@@ -126,7 +135,8 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, str]:
 
 
 def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, Any],
-                    overrides: dict[str, str], method: str) -> tuple[Any, dict[str, tuple[str, str]]]:
+                    overrides: dict[str, str], method: str,
+                    shared: dict[str, np.ndarray]) -> tuple[Any, dict[str, tuple[str, str]]]:
     """Float values computed inside If/Loop bodies of main-graph nodes, made observable
     (qcompiler.calib_subgraphs): the model to run, and exposed name -> (body value name,
     "If"|"Loop"), with their plan entries added. A first sample is run on the instrumented model; if onnxruntime refuses
@@ -146,7 +156,7 @@ def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, 
             return proto, {}
         trial, exposed = instrument(proto, chosen, allowed)
         try:
-            trial_run(trial.SerializeToString(), list(exposed), first)
+            trial_run(trial.SerializeToString(), list(exposed), first, shared)
         except Exception:  # noqa: BLE001 - onnxruntime's refusal decides, whatever its type
             continue
         out: dict[str, tuple[str, str]] = {}
@@ -252,7 +262,9 @@ class Calibrate(Pass):
                 m, fixed = "minmax", fixed + 1  # qparams pinned by the target: min/max is enough
             grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
             plan[n] = (m, grid, histogram_kind(m, grid))
-        base, exposed = _observe_bodies(model, model.to_proto(), ctx, plan, overrides, method)
+        shared: dict[str, np.ndarray] = {}  # weights the sessions read from the IR, not copied
+        base, exposed = _observe_bodies(model, model.to_proto(shared=shared, share=_kernel_only), ctx, plan,
+                                        overrides, method, shared)
         names += list(exposed)
         per_sample = frozenset(n for n, (m, _, _) in plan.items() if m == "minmax" and self.momentum > 0)
         specs = _moment_specs(model, self.max_moment_dim) if self.second_moments else {}
@@ -267,12 +279,12 @@ class Calibrate(Pass):
         key = ""
         if self.cache:
             digest, _ = data_digest(ctx.calibration, self.limit)
-            key = cache_key(proto, digest, options)
+            key = cache_key(proto, digest, options, shared)
             stats = load_cached(self.cache, key)
             cache_state = "hit" if stats is not None else "miss"
         info = {"groups": 0, "runs": 0, "model_runs": 0}
         if stats is None:
-            stats = self._collect(model, ctx, proto, names, inputs, plan, per_sample, specs, budget, info)
+            stats = self._collect(model, ctx, proto, shared, names, inputs, plan, per_sample, specs, budget, info)
             if self.cache:
                 store_cached(self.cache, key, stats)
 
@@ -316,20 +328,21 @@ class Calibrate(Pass):
         }
         return PassResult(False)
 
-    def _collect(self, model: Model, ctx: PassContext, proto: bytes, names: list[str], inputs: list[str],
+    def _collect(self, model: Model, ctx: PassContext, proto: bytes, shared: dict[str, np.ndarray],
+                 names: list[str], inputs: list[str],
                  plan: dict[str, tuple[str, RangeTarget, str | None]], per_sample: frozenset[str],
                  specs: dict[str, list[tuple[str, PatchSpec]]], budget: int, info: dict[str, int]) -> Statistics:
         data = ctx.calibration
         first = next(iter(data), None)
         if first is None:
             raise UserError("pass 'calibrate': the calibration set is empty")
-        sizes, probe = tensor_bytes(model, names, first, serialized=proto)
+        sizes, probe = tensor_bytes(model, names, first, serialized=proto, initializers=shared)
         groups1 = make_groups(names, sizes, budget)
         has_phase2 = any(k is not None for _, _, k in plan.values())
         progress = Progress(not ctx.quiet and sys.stderr.isatty() and self.workers <= 1 and not self.scheduler,
                             len(groups1) * (2 if has_phase2 else 1))
         # input second moments need no ranges: collected in the first pass, so minmax runs once
-        job1 = Job(proto, groups1, inputs, track=frozenset(names + inputs), per_sample=per_sample,
+        job1 = Job(proto, groups1, inputs, initializers=shared, track=frozenset(names + inputs), per_sample=per_sample,
                    channel_axes=_weighted_inputs(model), moment_specs=specs, moment_limit=self.moment_samples,
                    limit=self.limit)
         stats, runs = run_sharded(job1, data, workers=self.workers, scheduler=self.scheduler, progress=progress)
@@ -347,7 +360,8 @@ class Calibrate(Pass):
             names2 = [n for n in names if n in hist_spec]
             inputs2 = [n for n in inputs if n in hist_spec]
             groups2 = make_groups(names2, sizes, budget)
-            job2 = Job(proto, groups2, inputs2, hist_spec=hist_spec, limit=self.limit)
+            job2 = Job(proto, groups2, inputs2, initializers=shared, hist_spec=hist_spec, limit=self.limit,
+                       session_outputs=names)  # phase 1's model: the same fused graph, the same values
             stats2, runs2 = run_sharded(job2, data, workers=self.workers, scheduler=self.scheduler, progress=progress)
             stats2.samples = 0  # counted in phase 1
             stats.merge(stats2)

@@ -68,7 +68,9 @@ class InferShapes(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         rw = ctx.rewriter(model)
-        proto = _without_weights(model.to_proto(), max_elements=4096)
+        # weights over 32 KiB (more than 4096 elements) are exported as payload-less stubs,
+        # then declared as inputs: the IR's weights are never copied for inference
+        proto = _without_weights(model.to_proto(shared={}, min_bytes=4096 * 8 + 1), max_elements=4096)
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
                                                          data_prop=self.data_prop)

@@ -41,10 +41,17 @@ def data_digest(data: Iterable[Feed], limit: int = 0) -> tuple[str, int]:
     return h.hexdigest(), count
 
 
-def cache_key(model: bytes, digest: str, options: Mapping[str, Any]) -> str:
+def cache_key(model: bytes, digest: str, options: Mapping[str, Any],
+              initializers: Mapping[str, np.ndarray] | None = None) -> str:
+    """``initializers``: the weights a model serialized with shared initializers refers to
+    by name (their names, dtypes, shapes and bytes enter the key)."""
     h = hashlib.sha256()
     h.update(b"qcompiler-calibration-v1\n")
     h.update(hashlib.sha256(model).digest())
+    for name in sorted(initializers or {}):
+        arr = np.ascontiguousarray(initializers[name])
+        h.update(f"{name}|{arr.dtype.str}|{list(arr.shape)}\n".encode())
+        h.update(memoryview(arr).cast("B"))
     h.update(digest.encode())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()

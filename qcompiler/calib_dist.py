@@ -3,8 +3,8 @@
 Sample i goes to shard i % N; each shard runs the whole :class:`~qcompiler.calib_engine.Job`
 (its own onnxruntime session) and returns its statistics serialised; the parent merges them
 in shard order. Min/max, histograms and zero counts are integers or exact extremes, so the
-merge equals a single-process run bit for bit; float64 channel sums and second moments are
-added in a different order and agree to ~1e-12 relative.
+merge equals a single-process run bit for bit; channel sums and second moments (float32 per
+batch of samples) are added in a different order and agree to float32 rounding (~1e-6 relative).
 
 Workers read the data themselves: the calibration data object is pickled to them, so it must
 be a path (reachable from every worker) or in-memory arrays.

@@ -14,6 +14,7 @@ because each tensor's statistics only ever see that tensor.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -69,43 +70,83 @@ class Job:
     shards: int = 1
     threads: int = 0
     label: str = "calibrate"
+    # names the session exposes (default: every group's); a job observing a subset can
+    # expose the same set as another job so both see bit-identical values
+    session_outputs: list[str] = field(default_factory=list)
+    # initializers the model refers to by name (Model.to_proto(shared=...)): the session runs
+    # on these arrays without a copy; pickled along with the job to workers
+    initializers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _session(model: bytes, names: Sequence[str], threads: int) -> Any:
+def _placeholder_dir() -> str:
+    """A directory holding the empty file shared initializers name as their external data
+    (onnxruntime checks that the file exists, then takes the data from add_initializer)."""
+    global _PLACEHOLDER
+    if _PLACEHOLDER is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from .ir.model import SHARED_LOCATION
+
+        path = tempfile.mkdtemp(prefix="qcompiler-calib-")
+        open(os.path.join(path, SHARED_LOCATION), "wb").close()
+        atexit.register(shutil.rmtree, path, True)
+        _PLACEHOLDER = path
+    return _PLACEHOLDER
+
+
+_PLACEHOLDER: str | None = None
+
+
+def _session(model: bytes, names: Sequence[str], threads: int,
+             initializers: Mapping[str, np.ndarray] | None = None) -> Any:
     import onnx
     import onnxruntime as ort
 
     # Serialized protobuf messages merge when concatenated (a repeated field's entries are
     # appended), so the model gains these graph outputs without being parsed and serialized
-    # again: two fewer copies of the weights at the calibration's memory peak. A name that is
-    # already a graph output comes back twice; readers take the first (see _unique_outputs).
+    # again. A name that is already a graph output is listed twice; runs fetch it by name.
     extra = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in names]))
     data = model + extra.SerializeToString()
     so = ort.SessionOptions()
-    # basic optimizations (constant folding, redundant node removal) keep every value asked
-    # for as an output, and run the float model faster than no optimization at all
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # Every optimization level keeps a value asked for as an output (onnxruntime never fuses
+    # away a node whose output is a graph output); the full level adds the blocked-layout
+    # convolutions, which run the float model 1.5-2x faster than the basic level here.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # onnxruntime's idle worker threads spin for a while after each run, competing with the
+    # statistics numpy computes between runs for the same cores (measured: 2-10x slower numpy)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    if not initializers:
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    keep = [(name, ort.OrtValue.ortvalue_from_numpy(arr)) for name, arr in initializers.items()]
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", _placeholder_dir())
+    for name, value in keep:
+        so.add_initializer(name, value)  # the IR's array itself: no second copy of the weight
+    try:
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - an optimizer wanted to read one: hand them over as copies
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", _placeholder_dir())
+        so.add_external_initializers([n for n, _ in keep], [v for _, v in keep])
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    sess._qcompiler_keep = keep  # the OrtValues must outlive the session
+    return sess
 
 
-def trial_run(model: bytes, names: Sequence[str], feed: Feed) -> None:
+def trial_run(model: bytes, names: Sequence[str], feed: Feed,
+              initializers: Mapping[str, np.ndarray] | None = None) -> None:
     """Build a session exposing ``names`` and run ``feed`` once; raises what onnxruntime raises."""
-    sess = _session(model, names, 0)
+    sess = _session(model, names, 0, initializers)
     calibration.run_model(sess, feed)
-
-
-def _unique_outputs(sess: Any) -> list[tuple[int, str]]:
-    """(position, name) of each distinct output name, first occurrence."""
-    seen: set[str] = set()
-    out: list[tuple[int, str]] = []
-    for i, o in enumerate(sess.get_outputs()):
-        if o.name not in seen:
-            seen.add(o.name)
-            out.append((i, o.name))
-    return out
 
 
 def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int) -> None:
@@ -127,10 +168,14 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
     runs = 0
     inputs = set(job.inputs)
     groups = job.groups or [[]]
+    # One session for every group: all observed names are graph outputs of the same model, so
+    # onnxruntime optimizes (fuses) it the same way whatever the grouping and every value is
+    # bit-identical across memory budgets; a run fetches only its group's outputs, and
+    # onnxruntime frees the others as ordinary intermediates (memory stays per group).
+    exposed = list(dict.fromkeys(job.session_outputs or [n for g in groups for n in g]))
+    sess = _session(job.model, exposed, job.threads, job.initializers) if exposed else None
     for g, names in enumerate(groups):
-        sess = _session(job.model, names, job.threads) if names else None
-        out_pos = _unique_outputs(sess) if sess is not None else []
-        wanted = set(names)
+        fetch = [n for n in dict.fromkeys(names) if n not in inputs]
         if progress is not None:
             progress.start_run()
         for index, feed in enumerate(data):
@@ -140,12 +185,11 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
                 break
             if index % job.shards != job.shard:
                 continue
-            if sess is not None:
-                outs = calibration.run_model(sess, feed)
+            if sess is not None and fetch:
+                outs = calibration.run_model(sess, feed, fetch)
                 runs += 1
-                for i, n in out_pos:
-                    arr = outs[i]
-                    if n in wanted and n not in inputs and isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+                for n, arr in zip(fetch, outs):
+                    if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
                         _observe(stats, job, n, arr, index)
                 del outs
             if g == 0:  # graph inputs and the sample count: once, not once per group
@@ -157,7 +201,8 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
                 progress.tick()
         if progress is not None:
             progress.end_run()
-        del sess
+    del sess
+    stats.moments  # noqa: B018 - multiply the queued moment vectors now, inside the worker
     return stats, runs
 
 
@@ -165,7 +210,8 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
 
 
 def tensor_bytes(model: Any, names: Sequence[str], first: Feed, threads: int = 0,
-                 serialized: bytes | None = None) -> tuple[dict[str, int], int]:
+                 serialized: bytes | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, int], int]:
     """Bytes each of ``names`` takes for one sample, and the model runs spent measuring.
 
     Shapes come from the IR (shape inference); symbolic dims that name a graph input's dim
@@ -201,7 +247,7 @@ def tensor_bytes(model: Any, names: Sequence[str], first: Feed, threads: int = 0
         proto = serialized if serialized is not None else model.to_proto().SerializeToString()
         for start in range(0, len(unknown), 128):
             chunk = unknown[start:start + 128]
-            sess = _session(proto, chunk, threads)
+            sess = _session(proto, chunk, threads, initializers if serialized is not None else None)
             outs = calibration.run_model(sess, first)
             runs += 1
             got = {o.name: a for o, a in zip(sess.get_outputs(), outs)}

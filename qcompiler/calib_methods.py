@@ -115,19 +115,35 @@ def _smoothed_kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
     return float(np.sum(p * np.log(p / q)))
 
 
-def entropy_threshold(counts: np.ndarray, nq: int) -> int:
+def entropy_threshold(counts: np.ndarray, nq: int, step: int = 8) -> int:
     """The bin count i (threshold = upper edge of bin i-1) minimising the smoothed KL divergence
     between the clipped histogram and its ``nq``-level quantization (TensorRT-style search over
-    every i from nq to the number of bins). Ties go to the smallest i."""
+    i from nq to the number of bins). Ties go to the smallest i.
+
+    Coarse to fine: every ``step``-th i first, then every i within ``step`` of the four best
+    coarse ones (the divergence varies smoothly with i; ``step=1`` searches every i). Each
+    evaluation is a few numpy passes over up to 2048 bins; all ~1900 of them took 0.18 s per
+    tensor, the search as a whole more than the model runs of a histogram calibration."""
     hist = counts.astype(np.float64)
     bins = hist.shape[0]
     nq = max(1, min(nq, bins))
-    best_i, best = bins, math.inf
-    for i in range(nq, bins + 1):
-        kl = _kl_one(hist, i, nq)
-        if kl < best:
-            best, best_i = kl, i
-    return best_i
+    seen: dict[int, float] = {}
+
+    def kl(i: int) -> float:
+        if i not in seen:
+            seen[i] = _kl_one(hist, i, nq)
+        return seen[i]
+
+    step = max(1, int(step))
+    coarse = sorted(set(range(nq, bins + 1, step)) | {bins})
+    for i in coarse:
+        kl(i)
+    if step > 1:
+        best = sorted(coarse, key=lambda i: (seen[i], i))[:4]
+        for c in best:
+            for i in range(max(nq, c - step + 1), min(bins, c + step - 1) + 1):
+                kl(i)
+    return min(seen, key=lambda i: (seen[i], i))
 
 
 def entropy_range(counts: np.ndarray, lo: float, hi: float, target: RangeTarget,

@@ -94,42 +94,92 @@ class RangeCollector:
         self.maxs: dict[str, float] = {}
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
-        self.moments: dict[str, np.ndarray] = {}
+        self._moments: dict[str, np.ndarray] = {}
+        self._pending: dict[str, list[np.ndarray]] = {}  # input vectors not yet multiplied
         self.max_positions = 2048
 
+    @property
+    def moments(self) -> dict[str, np.ndarray]:
+        """Per layer, sum(x x^T) over its input vectors: [G, K, K] float32."""
+        for key in list(self._pending):
+            self._flush(key)
+        return self._moments
+
+    @moments.setter
+    def moments(self, table: dict[str, np.ndarray]) -> None:
+        self._pending = {}
+        self._moments = table
+
+    def positions_for(self, k: int, grouped: bool = False) -> int:
+        """Input vectors kept per sample for a layer whose weight rows have ``k`` entries.
+
+        The second-moment matrix has k x k entries; 8k vectors per sample (at least 64) over
+        the first samples estimate it well when k is small, while a large layer needs
+        more. Gathering every position of a large feature map (12544 on a 112x112 map) made
+        moments cost more than the model run itself. Grouped (depthwise) layers have one small
+        matrix per group, which numpy multiplies one group at a time: half as many there."""
+        return min(self.max_positions, max(32, 4 * k) if grouped else max(64, 8 * k))
+
     def update_moment(self, key: str, arr: np.ndarray, spec: PatchSpec) -> None:
-        """Accumulate sum(x x^T) over the layer's input vectors (mergeable by addition)."""
+        """Queue the layer's input vectors; they are multiplied once at least K columns are
+        queued (one GEMM per batch of samples, not one per sample: a 1152-wide layer sees 49
+        positions per sample), then accumulated in float32."""
         if spec.kernel and spec.group == 1 and all(k == 1 for k in spec.kernel) \
                 and not any(spec.pads) and all(s == 1 for s in spec.strides or (1,)):
             n, ch = arr.shape[:2]
             flat = arr.reshape(n, ch, -1)
             total = n * flat.shape[2]
-            step = -(-total // self.max_positions)
+            step = -(-total // self.positions_for(ch))
             if step > 1:  # gather only the evenly spaced positions kept, in (batch, position) order
                 nb, pos = np.divmod(np.arange(0, total, step), flat.shape[2])
-                x = np.ascontiguousarray(flat[nb, :, pos].T)
+                x = flat[nb, :, pos].T
             else:
                 x = np.moveaxis(flat, 1, 0).reshape(ch, -1)
-            x = x.astype(np.float32, copy=False)
-            m = (x @ x.T).astype(np.float64)[None]  # 1x1 conv: a channel covariance, one GEMM
+            cols = np.ascontiguousarray(x, dtype=np.float32)[None]  # 1x1 conv: channel vectors
         else:
-            # large feature maps: evenly spaced positions estimate the moments well
-            patches = input_patches(arr.astype(np.float32, copy=False), spec, self.max_positions)
-            m = np.matmul(patches, np.swapaxes(patches, 1, 2)).astype(np.float64)
-        self.moments[key] = self.moments[key] + m if key in self.moments else m
+            if spec.kernel:
+                k = arr.shape[1] // max(spec.group, 1) * int(np.prod(spec.kernel))
+            else:
+                k = arr.shape[0] if spec.trans else arr.shape[-1]
+            cols = input_patches(arr.astype(np.float32, copy=False), spec, self.positions_for(k, spec.group > 1))
+        pending = self._pending.setdefault(key, [])
+        pending.append(cols)
+        # queued vectors never take more memory than the [G, K, K] result they add to
+        if sum(c.shape[2] for c in pending) >= cols.shape[1]:
+            self._flush(key)
+
+    def _flush(self, key: str) -> None:
+        pending = self._pending.pop(key, [])
+        if not pending:
+            return
+        x = pending[0] if len(pending) == 1 else np.concatenate(pending, axis=2)
+        m = np.matmul(x, np.swapaxes(x, 1, 2))
+        if key in self._moments:
+            self._moments[key] += m
+        else:
+            self._moments[key] = m
 
     def update_mean(self, name: str, arr: np.ndarray, axis: int) -> None:
-        """Accumulate the per-channel mean along ``axis`` (for bias correction)."""
+        """Accumulate the per-channel mean along ``axis`` (for bias correction): per sample a
+        float32 matrix-vector product (fast), accumulated over samples in float64."""
         if arr.size == 0 or arr.ndim == 0:
             return
-        moved = np.moveaxis(arr.astype(np.float64), axis, -1).reshape(-1, arr.shape[axis])
-        total = moved.sum(axis=0)
+        axis %= arr.ndim
+        c = arr.shape[axis]
+        if axis == arr.ndim - 1:
+            x = arr.reshape(-1, c)
+            total = np.ones(x.shape[0], np.float32) @ x.astype(np.float32, copy=False)
+        else:
+            x = np.moveaxis(arr, axis, 0).reshape(c, -1) if axis else arr.reshape(c, -1)
+            total = x.astype(np.float32, copy=False) @ np.ones(x.shape[1], np.float32)
+        total = total.astype(np.float64)
+        count = arr.size // c
         if name in self.sums and self.sums[name].shape == total.shape:
             self.sums[name] += total
-            self.counts[name] += moved.shape[0]
+            self.counts[name] += count
         else:
             self.sums[name] = total
-            self.counts[name] = moved.shape[0]
+            self.counts[name] = count
 
     def means(self) -> dict[str, np.ndarray]:
         return {k: self.sums[k] / max(self.counts[k], 1) for k in sorted(self.sums)}
@@ -148,16 +198,18 @@ class RangeCollector:
                 self.counts[k] += other.counts[k]
             else:
                 self.sums[k], self.counts[k] = total.copy(), other.counts[k]
+        mine = self.moments
         for k, m in other.moments.items():
-            self.moments[k] = self.moments[k] + m if k in self.moments else m.copy()
+            mine[k] = mine[k] + m if k in mine else m.copy()
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         return {k: (self.mins[k], self.maxs[k]) for k in sorted(self.mins)}
 
 
-def run_model(sess: Any, feed: Feed) -> list[Any]:
-    """One onnxruntime run of the calibration model (module level so tests can count runs)."""
-    return sess.run(None, feed)
+def run_model(sess: Any, feed: Feed, outputs: list[str] | None = None) -> list[Any]:
+    """One onnxruntime run of the calibration model, fetching ``outputs`` (default: all);
+    module level so tests can count runs."""
+    return sess.run(outputs, feed)
 
 
 _MAGIC = b"QCSTATS1"
@@ -197,11 +249,17 @@ class Statistics(RangeCollector):
             return
         flat = arr.reshape(-1)
         src = np.abs(flat) if kind == "abs" else flat
-        # bin index in float32 (values are float32 already); the last edge belongs to the last bin
-        idx = ((src - np.float32(lo)) * np.float32(bins / (hi - lo))).astype(np.int32)
-        np.minimum(idx, bins - 1, out=idx)
-        np.maximum(idx, 0, out=idx)
-        counts = np.bincount(idx, minlength=bins)
+        # bin index in float32 (values are float32 already), in one scratch array; the last
+        # edge belongs to the last bin
+        if src is not flat and src.dtype == np.float32:
+            pos = src  # |x|: already a scratch array
+            if lo != 0.0:
+                np.subtract(pos, np.float32(lo), out=pos)
+        else:
+            pos = np.subtract(src, np.float32(lo), dtype=np.float32)
+        np.multiply(pos, np.float32(bins / (hi - lo)), out=pos)
+        np.clip(pos, 0, bins - 1, out=pos)
+        counts = np.bincount(pos.astype(np.int32), minlength=bins)
         self.hist[name] = self.hist[name] + counts if name in self.hist else counts
         self.zeros[name] = self.zeros.get(name, 0) + int(np.count_nonzero(flat == 0.0))
 

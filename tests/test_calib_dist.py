@@ -37,7 +37,9 @@ def _assert_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
     for key in ("channel_means", "input_moments"):
         assert a[key].keys() == b[key].keys()
         for k in a[key]:
-            np.testing.assert_allclose(a[key][k], b[key][k], rtol=1e-12, atol=1e-15)
+            # float32 per-batch sums (one GEMM / GEMV per batch), float64 across batches: the
+            # shard split changes the summation order, agreement is to float32 rounding
+            np.testing.assert_allclose(a[key][k], b[key][k], rtol=1e-5, atol=1e-6 * float(np.abs(b[key][k]).max()))
 
 
 @pytest.mark.parametrize("method", ["mse", "entropy"])

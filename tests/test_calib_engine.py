@@ -126,7 +126,7 @@ def test_merge_of_shards_equals_single_pass(hist: bool) -> None:
     assert merged.hist.keys() == whole.hist.keys() and all(np.array_equal(merged.hist[k], whole.hist[k]) for k in whole.hist)
     assert merged.zeros == whole.zeros
     for k in whole.sums:
-        np.testing.assert_allclose(merged.sums[k], whole.sums[k], rtol=1e-12)
+        np.testing.assert_allclose(merged.sums[k], whole.sums[k], rtol=1e-5)  # float32 per-sample sums
         assert merged.counts[k] == whole.counts[k]
 
 

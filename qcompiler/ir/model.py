@@ -11,6 +11,7 @@ import logging
 import re
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -31,12 +32,19 @@ _GS_LOGGER.severity = _GS_LOGGER.ERROR
 _TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
 _EXTERNAL_MIN_BYTES = 1024  # in a model saved with external data, smaller tensors stay inline
 _SUFFIX = re.compile(r"_\d+$")  # a counter suffix added by fresh_name
+# the dtypes whose payload numpy holds exactly (onnx_graphsurgeon would cast the others)
+_NATIVE = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                     onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                     onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+                     onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+SHARED_LOCATION = "qcompiler-shared-initializer"  # external-data placeholder of to_proto(shared=...)
+_SHARED_MIN_BYTES = 1024
 
 
 class Model:
     """The unit every pass works on: the main :class:`Graph` plus opsets and metadata."""
 
-    def __init__(self, proto: onnx.ModelProto, source: str = "<model>") -> None:
+    def __init__(self, proto: onnx.ModelProto, source: str = "<model>", *, owned: bool = False) -> None:
         self.source = source
         self.ir_version = int(proto.ir_version)
         self.opsets: dict[str, int] = {}
@@ -56,10 +64,47 @@ class Model:
                 self._names.add(node.name)
                 self._names.update(v.name for v in node.outputs)
             self._names.update(g.values().keys())
+        if owned:
+            self._take_payloads()
+
+    def _take_payloads(self) -> None:
+        """Detach every constant from the (owned) source proto.
+
+        graphsurgeon keeps imported initializers and Constant-node values as views of the
+        proto's tensors, and protobuf frees a message's memory only with the whole message:
+        any one view keeps every weight of the file alive, so a model whose weights a pass
+        rewrote was held twice. Payloads numpy holds exactly become arrays; the rest (int4,
+        bfloat16, external, ...) become standalone protos."""
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        def detach(const: gs.Constant) -> None:
+            lazy = getattr(const, "_values", None)
+            if not isinstance(lazy, LazyValues):
+                return
+            src = lazy.tensor
+            if isinstance(src, onnx.TensorProto) and src.data_type in _NATIVE \
+                    and src.data_location != onnx.TensorProto.EXTERNAL:
+                const._values = np.array(onnx.numpy_helper.to_array(src))
+            else:
+                own = type(src)()
+                own.CopyFrom(src)
+                const._values = LazyValues(own)
+
+        for g in self.graph.walk():
+            domains = getattr(g.gs, "import_domains", None)
+            if domains is not None:  # a view of the proto's opset_import: copy it out
+                g.gs.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in domains]
+            for tensor in g.gs.tensors().values():
+                if isinstance(tensor, gs.Constant):
+                    detach(tensor)
+            for node in g.gs.nodes:
+                for value in node.attrs.values():
+                    if isinstance(value, gs.Constant):
+                        detach(value)
 
     def _replace_contents(self, proto: onnx.ModelProto) -> None:
         """Re-import from a proto (used by whole-model rewrites such as opset conversion)."""
-        fresh = Model(proto, self.source)
+        fresh = Model(proto, self.source, owned=True)
         self.ir_version, self.opsets, self._gs = fresh.ir_version, fresh.opsets, fresh._gs
         self._names |= fresh._names
 
@@ -99,10 +144,23 @@ class Model:
         self._names.add(name)
 
     # -- export --------------------------------------------------------------------------
-    def to_proto(self) -> onnx.ModelProto:
+    def to_proto(self, shared: dict[str, np.ndarray] | None = None, min_bytes: int = _SHARED_MIN_BYTES,
+                 share: "Callable[[gs.Constant], bool] | None" = None) -> onnx.ModelProto:
+        """The model as an ONNX proto (a copy: later IR edits do not reach it).
+
+        With ``shared`` (a dict to fill), main-graph initializers of ``min_bytes`` or more are not
+        copied: the proto refers to them as external data at ``SHARED_LOCATION`` and
+        ``shared`` maps their names to the IR's own arrays (read-only use: onnxruntime's
+        ``add_initializer`` runs on them without a copy, see ``qcompiler.calib_engine``);
+        ``share`` narrows which constants qualify."""
         self._gs.opset = self.opsets.get("", self._gs.opset)
         _repack_4bit(self)
-        proto = gs.export_onnx(self._gs, do_type_check=False)
+        swapped = _swap_shared(self, shared, min_bytes, share) if shared is not None else []
+        try:
+            proto = gs.export_onnx(self._gs, do_type_check=False)
+        finally:
+            for tensor, values in swapped:
+                tensor._values = values
         del proto.opset_import[:]
         used = _used_domains(self._gs)
         for domain in sorted(set(self.opsets) | used):
@@ -122,6 +180,35 @@ class Model:
     def save(self, path: str | os.PathLike[str]) -> int:
         """Write atomically (temp file + rename). Returns the bytes written (model + external data)."""
         return save_proto(self.to_proto(), path)
+
+
+def _swap_shared(model: "Model", shared: dict[str, np.ndarray], min_bytes: int,
+                 share: "Callable[[gs.Constant], bool] | None") -> list[tuple[gs.Constant, np.ndarray]]:
+    """Replace large main-graph initializer values by payload-less external-data stubs (for
+    one export); returns what to put back. Constants a subgraph reads stay inline."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    in_bodies = {name for g in list(model.graph.walk())[1:] for name in g.gs.tensors()}
+    swapped: list[tuple[gs.Constant, np.ndarray]] = []
+    for name, tensor in model.graph.gs.tensors().items():
+        values = getattr(tensor, "_values", None)
+        if not isinstance(tensor, gs.Constant) or not isinstance(values, np.ndarray) or name in in_bodies \
+                or values.nbytes < min_bytes or (share is not None and not share(tensor)):
+            continue
+        try:
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if dtype not in _NATIVE:
+            continue
+        arr = np.ascontiguousarray(values)
+        stub = onnx.TensorProto(name=name, dims=list(arr.shape), data_type=dtype,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value=SHARED_LOCATION)
+        swapped.append((tensor, values))
+        tensor._values = LazyValues(stub)
+        shared[name] = arr
+    return swapped
 
 
 def _repack_4bit(model: "Model") -> None:
@@ -272,6 +359,7 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
         except onnx.checker.ValidationError as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc
+    model._take_payloads()  # the proto is ours (read from the file or copied): hold weights once
     return model
 
 

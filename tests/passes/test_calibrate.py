@@ -63,9 +63,11 @@ def test_minmax_ranges_are_data_extremes() -> None:
     ranges = calibrate(proto, samples, method="minmax")["ranges"]
     assert ranges["x"] == (float(xs.min()), float(xs.max()))
     c = np.stack(intermediates(proto, ["c"], samples)["c"])
-    assert ranges["c"] == (float(c.min()), float(c.max()))
+    # to float32 rounding: calibration runs onnxruntime's fully optimized (blocked-layout)
+    # convolution, the reference the default session's kernels
+    np.testing.assert_allclose(ranges["c"], (float(c.min()), float(c.max())), rtol=1e-6, atol=0)
     y = np.maximum(c, 0)
-    assert ranges["y"] == (float(y.min()), float(y.max()))
+    np.testing.assert_allclose(ranges["y"], (float(y.min()), float(y.max())), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("method", ["minmax", "mse"])
@@ -82,7 +84,8 @@ def test_ranges_invariant_to_order_and_batching(method: str) -> None:
     assert base["ranges"] == reversed_["ranges"] == batched["ranges"]
     for other in (reversed_, batched):
         for name, mean in base["channel_means"].items():
-            np.testing.assert_allclose(other["channel_means"][name], mean, rtol=1e-12, atol=1e-12)
+            # means: float32 per-batch sums, so equal to float32 rounding (ranges: exactly)
+            np.testing.assert_allclose(other["channel_means"][name], mean, rtol=1e-5, atol=1e-7)
 
 
 # -- mse ------------------------------------------------------------------------------------------
