@@ -126,6 +126,7 @@ def _session(model: bytes, names: Sequence[str], threads: int,
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", _placeholder_dir())
     for name, value in keep:
         so.add_initializer(name, value)  # the IR's array itself: no second copy of the weight
+    so.log_severity_level = 4  # a refusal below is expected and handled: keep it off stderr
     try:
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - an optimizer wanted to read one: hand them over as copies

@@ -325,3 +325,52 @@ def test_subsampled_patches_equal_every_nth_column_of_all_patches(shape, spec) -
     some = input_patches(arr, PatchSpec(**spec), max_positions=100)
     step = -(-full.shape[2] // 100)
     assert step > 1 and np.array_equal(some, full[:, :, ::step])
+
+
+# -- sessions on the IR's own weights ----------------------------------------------------------
+
+def _session_outputs(proto_bytes: bytes, names: list[str], feed: dict[str, np.ndarray],
+                     initializers: dict[str, np.ndarray] | None) -> list[np.ndarray]:
+    from qcompiler.calib_engine import _session
+
+    sess = _session(proto_bytes, names, 1, initializers)
+    return sess.run(names, feed)
+
+
+def _weighted_model() -> onnx.ModelProto:
+    """Conv (4.6 KB weight) + MatMul (4 KB) on an image, and a Gather (6.4 KB table) on ids."""
+    from conftest import init
+
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "W"], ["y"], name="mm"),
+             helper.make_node("Gather", ["E", "ids"], ["e"], name="emb")]
+    return make_model(nodes, [tensor_info("x", [1, 8, 6, 6]), tensor_info("ids", [1, 5], onnx.TensorProto.INT64)],
+                      [tensor_info("y", [1, 64]), tensor_info("e", [1, 5, 16])],
+                      [init("w", rng.standard_normal((16, 8, 3, 3)).astype(np.float32)),
+                       init("W", rng.standard_normal((16, 64)).astype(np.float32)),
+                       init("E", rng.standard_normal((100, 16)).astype(np.float32))])
+
+
+@pytest.mark.parametrize("share_all", [False, True])
+def test_session_on_shared_weights_equals_embedded(share_all: bool) -> None:
+    """A calibration session given the IR's arrays (add_initializer, no copy) computes exactly
+    what the self-contained model computes. Sharing the Conv weight too makes onnxruntime's
+    layout optimizer want its bytes: the session falls back to copies, same values."""
+    from qcompiler.ir.model import load_model
+    from qcompiler.passes.calibrate import _kernel_only
+
+    m = load_model(_weighted_model())
+    names = ["c", "r", "p", "f", "y", "e"]
+    rng = np.random.default_rng(8)
+    feed = {"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32), "ids": np.array([[0, 5, 99, 5, 42]])}
+    whole = _session_outputs(m.to_proto().SerializeToString(), names, feed, None)
+    shared: dict[str, np.ndarray] = {}
+    proto = m.to_proto(shared=shared, share=None if share_all else _kernel_only)
+    assert set(shared) == ({"w", "W", "E"} if share_all else {"W", "E"})
+    got = _session_outputs(proto.SerializeToString(), names, feed, shared)
+    for a, b in zip(whole, got):
+        np.testing.assert_array_equal(a, b)

@@ -440,3 +440,61 @@ def test_match_binds_constants_and_checks_attrs() -> None:
     # a producer chain: Gemm(Flatten(GlobalAveragePool(...)))
     chain = Op("Gemm", inputs=(Op("Flatten", inputs=(Op("GlobalAveragePool", bind="gap"),)),))
     assert match(chain, gemm, g).nodes["gap"].name == "gap"
+
+
+# -- weights held once; shared with onnxruntime ------------------------------------------------
+
+def _weights_model() -> onnx.ModelProto:
+    """x[1,8] -> MatMul(W 8x512) -> Gather-free; plus a bfloat16 constant cast to float."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 512)).astype(np.float32)  # 16 KiB: shared
+    small = rng.standard_normal((512,)).astype(np.float32)  # 2 KiB, read by Add: shared only without a filter
+    bf16 = helper.make_tensor("h", TensorProto.BFLOAT16, [4], [1.0, -2.0, 0.5, 3.0])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="add"),
+             helper.make_node("Cast", ["h"], ["hf"], name="cast", to=TensorProto.FLOAT)]
+    return make_model(nodes, [tensor_info("x", [1, 8])], [tensor_info("y", [1, 512]), tensor_info("hf", [4])],
+                      [init("W", w), init("b", small), bf16])
+
+
+def test_load_model_detaches_weights_from_the_source_proto() -> None:
+    """Every constant is the IR's own array (or a standalone proto for bfloat16), so the file's
+    proto can be freed; dtypes numpy cannot hold survive a round trip unchanged."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    src = _weights_model()
+    m = load_model(src)
+    consts = {n: t for n, t in m.graph.gs.tensors().items() if isinstance(t, gs.Constant)}
+    assert isinstance(consts["W"]._values, np.ndarray) and isinstance(consts["b"]._values, np.ndarray)
+    assert isinstance(consts["h"]._values, LazyValues)
+    h_src = next(t for t in src.graph.initializer if t.name == "h")
+    assert consts["h"]._values.tensor is not h_src and consts["h"]._values.tensor == h_src
+    assert isinstance(m.graph.gs.import_domains, list)  # not a view of the proto's opset_import
+    out = {t.name: t for t in m.to_proto().graph.initializer}
+    assert out["h"].data_type == TensorProto.BFLOAT16 and out["h"] == h_src
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(out["W"]),
+                                  onnx.numpy_helper.to_array(src.graph.initializer[0]))
+
+
+def test_to_proto_shared_lends_the_ir_arrays() -> None:
+    """to_proto(shared=...) exports large weights as payload-less external-data stubs and hands
+    out the IR's arrays themselves; the IR is unchanged afterwards."""
+    from qcompiler.ir.model import SHARED_LOCATION
+
+    m = load_model(_weights_model())
+    shared: dict[str, np.ndarray] = {}
+    proto = m.to_proto(shared=shared)
+    stubs = {t.name: t for t in proto.graph.initializer}
+    assert set(shared) == {"W", "b"}  # >= 1 KiB and a numpy dtype; bfloat16 stays inline
+    for name in ("W", "b"):
+        t = stubs[name]
+        assert t.data_location == TensorProto.EXTERNAL and not t.raw_data
+        assert {e.key: e.value for e in t.external_data}["location"] == SHARED_LOCATION
+        assert np.shares_memory(shared[name], m.graph.gs.tensors()[name].values)
+    assert stubs["h"].data_location != TensorProto.EXTERNAL
+    narrowed: dict[str, np.ndarray] = {}
+    m.to_proto(shared=narrowed, share=lambda c: all(n.op == "MatMul" for n in c.outputs))
+    assert set(narrowed) == {"W"}
+    whole = {t.name: t for t in m.to_proto().graph.initializer}  # the stubs were only for that export
+    assert whole["W"].raw_data and whole["W"].data_location != TensorProto.EXTERNAL
