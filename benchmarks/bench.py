@@ -265,6 +265,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets the
+    kernel's high-water mark, which ru_maxrss reports); False where that is not possible, and
+    the peak then covers the process's whole life."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str, out_path: str, bench_dir: str,
                  calib: int, scratch: str) -> None:
     """Child process body: load calibration, import, then time only the compile call(s).

@@ -9,7 +9,6 @@ extremes, histograms and zero counts. The data sources live in :mod:`qcompiler.c
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,15 +73,23 @@ def input_patches(arr: np.ndarray, spec: PatchSpec, max_positions: int = 0) -> n
 
 def _widen(mins: dict[str, float], maxs: dict[str, float], name: str, arr: np.ndarray) -> tuple[float, float] | None:
     """Widen ``name``'s running [min, max] by ``arr``; returns arr's own extremes (None for an
-    empty array or one holding NaN, which leave the range as it was)."""
+    empty array or one holding NaN, which leave the range as it was). Called for every observed
+    tensor of every sample (50k times for minilm at 256 samples): ufunc reductions directly and
+    no helper calls, a third of the cost of np.min/np.max with math.isnan."""
     if arr.size == 0:
         return None
-    lo = float(np.min(arr))
-    hi = float(np.max(arr))
-    if math.isnan(lo) or math.isnan(hi):
+    lo = float(np.minimum.reduce(arr, axis=None))
+    hi = float(np.maximum.reduce(arr, axis=None))
+    if lo != lo or hi != hi:  # NaN propagates through both reductions
         return None
-    mins[name] = min(lo, mins.get(name, lo))
-    maxs[name] = max(hi, maxs.get(name, hi))
+    old = mins.get(name)
+    if old is None:
+        mins[name], maxs[name] = lo, hi
+    else:
+        if lo < old:
+            mins[name] = lo
+        if hi > maxs[name]:
+            maxs[name] = hi
     return lo, hi
 
 

@@ -163,6 +163,7 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
             reason = _why_float(node, graph, model, target, ranges, plan, excluded, groups)
             if reason is not None:
                 plan.float_nodes[node.name] = reason
+    _drop_without_integer_consumer(plan, target)
     # a fused tail stays float only if its head does
     for tail, head in list(plan.fused.items()):
         if head not in plan.nodes:
@@ -171,6 +172,37 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
         else:
             plan.float_nodes.pop(tail, None)
     return plan
+
+
+def _reads_in_integer(value: Value, plan: Plan, target: Target, depth: int = 0) -> bool:
+    """Whether an integer node reads ``value``, directly or through integer data movement
+    (passthrough ops, which take their input's qparams)."""
+    for consumer in value.outputs:
+        if consumer.name in plan.nodes or consumer.name in plan.fused:
+            return True
+        if consumer.op in target.passthrough and depth < 16:
+            if any(_reads_in_integer(out, plan, target, depth + 1) for out in consumer.outputs):
+                return True
+    return False
+
+
+def _drop_without_integer_consumer(plan: Plan, target: Target) -> None:
+    """Ops the target marks ``needs_integer_consumer`` (weightless elementwise ops such as Add)
+    stay float when nothing integer reads their output: an integer Add whose result goes
+    straight back to float (a transformer's residual Add into LayerNormalization) buys no
+    integer region and only adds the rounding of its output. Repeated until stable, since
+    dropping one can leave another without an integer reader."""
+    changed = True
+    while changed:
+        changed = False
+        for name, np_ in list(plan.nodes.items()):
+            if not np_.config.needs_integer_consumer or _reads_in_integer(np_.output, plan, target):
+                continue
+            del plan.nodes[name]  # (its fused tail, if any, follows it below)
+            plan.float_nodes[name] = (f"{np_.node.op} output is read by no integer node: target '{target.name}' "
+                                      f"runs it in integer only inside integer regions "
+                                      f"(ops.{np_.node.op}.needs_integer_consumer)")
+            changed = True
 
 
 def _why_float(node: Node, graph: Graph, model: Model, target: Target,

@@ -53,6 +53,7 @@ _OP = {
     "prefer_gemm": bool,
     "exclude_when": list,
     "other_inputs": str,
+    "needs_integer_consumer": bool,
     "note": str,
 }
 # op variants: facts of a node (not of the target) that select a sub-table of overrides
@@ -171,6 +172,7 @@ class OpConfig:
     variants: "dict[str, OpConfig]" = None  # type: ignore[assignment]
     exclude_when: tuple[str, ...] = ()  # node facts (NODE_FACTS) that keep a node of this op float
     other_inputs: str = "float"         # role of inputs past the end of `inputs` (Concat: activation)
+    needs_integer_consumer: bool = False  # integer only if an integer node reads its output
 
     def for_node(self, node: Any) -> "OpConfig":
         """The configuration for one node: a variant's overrides where the node is one."""
@@ -408,7 +410,8 @@ class Target:
                 variants[v] = self._op_config(op, merged, src, f"{where}.{v}", section)
         return OpConfig(op, cfg.get("kernel"), roles, cfg.get("output", "quantized") == "quantized",
                         rules["activation"], rules["weight"], rules["bias"], int(cfg.get("min_opset", 1)),
-                        bool(cfg.get("prefer_gemm", False)), variants, facts, other)
+                        bool(cfg.get("prefer_gemm", False)), variants, facts, other,
+                        bool(cfg.get("needs_integer_consumer", False)))
 
     # -- lookups ----------------------------------------------------------------------------
     def pipeline(self, mode: str) -> str:
