@@ -265,6 +265,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def window_peak_rss_mb() -> float:
+    """Peak RSS since the last :func:`reset_peak_rss` (Linux: VmHWM; ru_maxrss also keeps the
+    peaks of threads that exited before the reset, so it cannot be windowed), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets the
     kernel's high-water mark, which ru_maxrss reports); False where that is not possible, and

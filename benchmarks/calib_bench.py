@@ -146,7 +146,7 @@ def _child(conn: Connection, tool: str, model: str, method: str, samples: int, m
                   "rss_window": windowed}
     except BaseException as exc:  # every failure becomes a table cell, never aborts the run
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    result["peak_rss_mb"] = bench._peak_rss_mb()
+    result["peak_rss_mb"] = bench.window_peak_rss_mb()
     conn.send(result)
     conn.close()
 

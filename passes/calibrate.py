@@ -251,6 +251,12 @@ class Calibrate(Pass):
                 raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
                                 f"of the model")
 
+        # values inside a fused group (head output, read only by its activation tail) are never
+        # quantized: the group runs as one kernel. Min/max is recorded (cheap, exported), no
+        # histogram (the largest tensors of a CNN: a Conv's output before its Relu6)
+        heads = ctx.analysis.get("groups", {})
+        inner = {node.outputs[0].name for node in graph.gs.nodes if node.name in heads and node.outputs}
+
         # per tensor: method, grid, histogram kind
         plan: dict[str, tuple[str, RangeTarget, str | None]] = {}
         fixed = 0
@@ -258,6 +264,8 @@ class Calibrate(Pass):
             producer = value.inputs[0] if value.inputs else None
             m = overrides.get(producer.name if producer is not None else n) or (
                 overrides.get(producer.op) if producer is not None else None) or method
+            if n in inner:
+                m = "minmax"
             if producer is not None and producer.op in ctx.target.fixed:
                 m, fixed = "minmax", fixed + 1  # qparams pinned by the target: min/max is enough
             grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
@@ -324,7 +332,7 @@ class Calibrate(Pass):
             "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
             "model_runs": info["model_runs"], "cache": cache_state, "workers": self.workers,
             "scheduler": self.scheduler or None, "real_data": bool(getattr(ctx.calibration, "real_data", True)),
-            "subgraph_values": len(exposed),
+            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner & set(ranges)),
         }
         return PassResult(False)
 

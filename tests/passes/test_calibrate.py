@@ -264,3 +264,34 @@ def test_moment_samples_limits_moments() -> None:
     f = np.concatenate(intermediates(proto, ["f"], samples[:2])["f"]).astype(np.float64)
     np.testing.assert_allclose(analysis["input_moments"]["gemm"][0], f.T @ f, rtol=1e-5)
     assert analysis["ranges"]["x"] == (float(xs.min()), float(xs.max()))
+
+
+def test_value_inside_a_fused_group_gets_min_max_only() -> None:
+    """Conv -> Relu grouped (ort-cpu fuses them): the Conv output is never quantized, so it
+    gets its observed min/max and no histogram; the Relu output gets the method's range."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu"),
+             helper.make_node("Conv", ["y", "w2"], ["z"], name="conv2")]
+    proto = make_model(nodes, [tensor("x", [1, 3, 6, 6])], [tensor("z", [1, 2, 6, 6])],
+                       [init("w", rand([4, 3, 3, 3], seed=1)), init("b", rand([4], seed=2)),
+                        init("w2", rand([2, 4, 1, 1], seed=3))])
+    xs = np.random.default_rng(4).laplace(0, 1, (6, 1, 3, 6, 6)).astype(np.float32)
+    samples = [{"x": x} for x in xs]
+    model = qcompiler.load_model(proto)
+    target = qcompiler.load_target("ort-cpu")
+    ctx = qcompiler.PassContext(target=target, calibration=qcompiler.load_calibration(samples, qcompiler.input_specs(model)))
+    reg = qcompiler.default_registry()
+    qcompiler.PassManager([reg.instantiate(qcompiler.PassSpec("infer-shapes")),
+                           reg.instantiate(qcompiler.PassSpec("group-activations")),
+                           reg.instantiate(qcompiler.PassSpec("calibrate", (("method", "percentile"),
+                                                                            ("percentile", "90"))))]).run(model, ctx)
+    assert ctx.analysis["groups"] == {"conv": "relu"}
+    rep = ctx.report["calibration"]
+    assert rep["fused_inner_tensors"] == 1
+    c = np.stack(intermediates(proto, ["c"], samples)["c"])
+    np.testing.assert_allclose(ctx.analysis["ranges"]["c"], (c.min(), c.max()), rtol=1e-6)  # min/max
+    y = np.maximum(c, 0)
+    lo, hi = ctx.analysis["ranges"]["y"]
+    assert hi < 0.8 * float(y.max())  # 90th percentile clips the tail: not the min/max
+    ungrouped = calibrate(proto, samples, method="percentile", percentile=90)["ranges"]["c"]
+    assert ungrouped[1] < 0.8 * float(c.max())  # without the group, c itself gets percentile
