@@ -79,17 +79,25 @@ def _kernel_only(const: gs.Constant) -> bool:
         or (c.op == "Gather" and c.inputs and c.inputs[0] is const) for c in const.outputs)
 
 
+def _fused_inner(model: Model, ctx: PassContext) -> set[str]:
+    """Values inside fused groups: a head's output read only by its activation tail."""
+    heads = ctx.analysis.get("groups", {})
+    return {node.outputs[0].name for node in model.graph.gs.nodes if node.name in heads and node.outputs}
+
+
 def _pinned_only(model: Model, ctx: PassContext, pinned: dict[str, tuple[float, float]], path: str) -> None:
     """No calibration data but a range file: accept it only if it pins every float tensor
     calibrate would observe (then no model run is needed)."""
     graph = model.graph
     wanted = [v.name for v in graph.inputs if not isinstance(v, gs.Constant)]
+    inner = _fused_inner(model, ctx)
     for node in graph.gs.nodes:
         if node.op != "QuantizeLinear":
-            wanted += [v.name for v in node.outputs if v.name and not any(c.op == "QuantizeLinear" for c in v.outputs)
+            wanted += [v.name for v in node.outputs if v.name and v.name not in inner
+                       and not any(c.op == "QuantizeLinear" for c in v.outputs)
                        and (v.dtype is None or np.dtype(v.dtype).kind == "f")]
     known = [n for n in wanted if n not in pinned]
-    check_pinned(pinned, wanted, path)
+    check_pinned(pinned, wanted + sorted(inner), path)  # (a pinned fused-inner value is accepted, unused)
     if known:
         raise UserError(f"pass 'calibrate' needs calibration data (--calibration PATH): range file {path} "
                         f"does not pin tensor '{known[0]}' ({len(known)} tensors unpinned)")
@@ -242,6 +250,12 @@ class Calibrate(Pass):
                     continue
                 if value.dtype is None or np.dtype(value.dtype).kind == "f":
                     values[value.name] = value
+        # A value inside a fused group (a head's output read only by its activation tail, see
+        # group-activations) is never quantized: the group runs as one kernel. Not observing
+        # it skips the largest tensors of a CNN (a Conv's output before its Relu6) and lets
+        # onnxruntime fuse the pair in the calibration session too.
+        inner = _fused_inner(model, ctx)
+        values = {n: v for n, v in values.items() if n not in inner}
         names = list(values)
         input_values = {v.name: v for v in graph.inputs if not isinstance(v, gs.Constant)}
         inputs = list(input_values)
@@ -251,11 +265,6 @@ class Calibrate(Pass):
                 raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
                                 f"of the model")
 
-        # values inside a fused group (head output, read only by its activation tail) are never
-        # quantized: the group runs as one kernel. Min/max is recorded (cheap, exported), no
-        # histogram (the largest tensors of a CNN: a Conv's output before its Relu6)
-        heads = ctx.analysis.get("groups", {})
-        inner = {node.outputs[0].name for node in graph.gs.nodes if node.name in heads and node.outputs}
 
         # per tensor: method, grid, histogram kind
         plan: dict[str, tuple[str, RangeTarget, str | None]] = {}
@@ -264,8 +273,6 @@ class Calibrate(Pass):
             producer = value.inputs[0] if value.inputs else None
             m = overrides.get(producer.name if producer is not None else n) or (
                 overrides.get(producer.op) if producer is not None else None) or method
-            if n in inner:
-                m = "minmax"
             if producer is not None and producer.op in ctx.target.fixed:
                 m, fixed = "minmax", fixed + 1  # qparams pinned by the target: min/max is enough
             grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
@@ -320,7 +327,7 @@ class Calibrate(Pass):
         ctx.analysis["input_moments"] = stats.moments
         ctx.analysis["ranges"] = ranges
         if pinned:  # imported ranges override calibrated ones
-            check_pinned(pinned, ranges, self.ranges_file)
+            check_pinned(pinned, set(ranges) | inner, self.ranges_file)  # fused-inner: accepted, unused
             ranges.update(pinned)
         ctx.analysis["channel_means"] = stats.means()
         ctx.report["calibration"] = {
@@ -332,7 +339,7 @@ class Calibrate(Pass):
             "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
             "model_runs": info["model_runs"], "cache": cache_state, "workers": self.workers,
             "scheduler": self.scheduler or None, "real_data": bool(getattr(ctx.calibration, "real_data", True)),
-            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner & set(ranges)),
+            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner),
         }
         return PassResult(False)
 

@@ -273,11 +273,11 @@ def test_report_fields() -> None:
 
 def test_compile_kwargs_reach_the_pass() -> None:
     r = qcompiler.compile(tiny_model(), calibration=tiny_calibration(4), calibration_method="percentile",
-                          calibration_overrides={"Relu": "minmax"}, calibration_memory="4KB")
+                          calibration_overrides={"Relu": "minmax"}, calibration_memory="1KB")
     rep = r.report["calibration"]
     assert rep["method"] == "percentile" and rep["overrides"] == {"Relu": "minmax"} and rep["groups"] > 1
     spec = next(p["spec"] for p in r.report["passes"] if p["name"] == "calibrate")
-    assert "method=percentile" in spec and "overrides=[Relu=minmax]" in spec and "memory=4KB" in spec
+    assert "method=percentile" in spec and "overrides=[Relu=minmax]" in spec and "memory=1KB" in spec
 
 
 def test_cli_flags(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from qcompiler.cli import main
 from qcompiler.rangefile import (read_ranges, read_tensorrt_table, tensorrt_table, write_ranges,
                                  write_tensorrt_table)
 
-TINY_TENSORS = {"x", "c1", "r1", "c2", "a1", "p1", "f1", "y"}  # float tensors calibrate observes
+TINY_TENSORS = {"x", "r1", "c2", "a1", "p1", "f1", "y"}  # float tensors calibrate observes (c1: inside the fused conv1+relu1)
 
 
 @pytest.fixture
@@ -163,3 +163,17 @@ def test_cli_export_import_and_errors(files: dict[str, Path], capsys: pytest.Cap
                "--export-ranges", str(d / "missing_dir" / "r.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "missing_dir" in err[0] and not out.exists()
+
+
+def test_pin_of_a_value_inside_a_fused_group_is_accepted_and_unused(files: dict[str, Path]) -> None:
+    """c1 (conv1's output, read only by relu1, fused on ort-cpu) is not observed; a range file
+    from before that (or hand-written) may still pin it: accepted, and the model is unchanged."""
+    out = files["dir"] / "ranges.json"
+    first = qcompiler.compile(str(files["model"]), calibration=str(files["calib"]), export_ranges=out)
+    ranges = read_ranges(out)
+    assert "c1" not in ranges
+    write_ranges(out, {**ranges, "c1": (-1.0, 1.0)})
+    with_c1 = qcompiler.compile(str(files["model"]), calibration=str(files["calib"]), import_ranges=out)
+    assert with_c1.proto.SerializeToString() == first.proto.SerializeToString()
+    data_free = qcompiler.compile(str(files["model"]), import_ranges=out)  # every observed tensor pinned
+    assert data_free.report["calibration"]["samples"] == 0
