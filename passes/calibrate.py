@@ -199,7 +199,8 @@ class Calibrate(Pass):
     (default 1GB) with one run per group. `cache` (a directory) stores the statistics keyed
     by graph, data and options; `workers` / `scheduler` shard samples over local processes
     or a Dask cluster. Ranges are observed on the graph after fusions, so they describe
-    exactly the tensors that get quantized; values already quantized (QAT) are not observed.
+    exactly the tensors that get quantized; values already quantized (QAT) and values inside a
+    fused group (a Conv's output read only by its fused Relu, never quantized) are not observed.
     Requires calibration data, unless `ranges-file` (a range JSON, see docs/calibration.md) pins
     every observed tensor; its ranges override calibrated ones. Does not change the graph.
     """
@@ -264,7 +265,6 @@ class Calibrate(Pass):
             if key not in known:
                 raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
                                 f"of the model")
-
 
         # per tensor: method, grid, histogram kind
         plan: dict[str, tuple[str, RangeTarget, str | None]] = {}

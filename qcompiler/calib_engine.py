@@ -99,6 +99,23 @@ def _placeholder_dir() -> str:
 _PLACEHOLDER: str | None = None
 
 
+def _options(threads: int, severity: int = 3) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # Every optimization level keeps a value asked for as an output (onnxruntime never fuses
+    # away a node whose output is a graph output); the full level adds the blocked-layout
+    # convolutions, which run the float model 1.5-2x faster than the basic level here.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = severity
+    # onnxruntime's idle worker threads spin for a while after each run, competing with the
+    # statistics numpy computes between runs for the same cores (measured: 2-10x slower numpy)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
 def _session(model: bytes, names: Sequence[str], threads: int,
              initializers: Mapping[str, np.ndarray] | None = None) -> Any:
     import onnx
@@ -109,33 +126,17 @@ def _session(model: bytes, names: Sequence[str], threads: int,
     # again. A name that is already a graph output is listed twice; runs fetch it by name.
     extra = onnx.ModelProto(graph=onnx.GraphProto(output=[onnx.ValueInfoProto(name=n) for n in names]))
     data = model + extra.SerializeToString()
-    so = ort.SessionOptions()
-    # Every optimization level keeps a value asked for as an output (onnxruntime never fuses
-    # away a node whose output is a graph output); the full level adds the blocked-layout
-    # convolutions, which run the float model 1.5-2x faster than the basic level here.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    # onnxruntime's idle worker threads spin for a while after each run, competing with the
-    # statistics numpy computes between runs for the same cores (measured: 2-10x slower numpy)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
     if not initializers:
-        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, _options(threads), providers=["CPUExecutionProvider"])
     keep = [(name, ort.OrtValue.ortvalue_from_numpy(arr)) for name, arr in initializers.items()]
+    so = _options(threads, severity=4)  # a refusal below is expected and handled: keep it off stderr
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", _placeholder_dir())
     for name, value in keep:
         so.add_initializer(name, value)  # the IR's array itself: no second copy of the weight
-    so.log_severity_level = 4  # a refusal below is expected and handled: keep it off stderr
     try:
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - an optimizer wanted to read one: hand them over as copies
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            so.intra_op_num_threads = threads
+        so = _options(threads)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", _placeholder_dir())
         so.add_external_initializers([n for n, _ in keep], [v for _, v in keep])
         sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
