@@ -19,17 +19,21 @@ from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histog
                                      mse_range, percentile_range)
 from qcompiler.calib_subgraphs import instrument, observable_subgraph_values
 from qcompiler.calibration import Statistics
+from qcompiler.plan import plan_quantization, ranges_read
 from qcompiler.rangefile import check_pinned, read_ranges
 
 __all__ = ["Calibrate"]
 
 
-def _weighted_inputs(model: Model) -> dict[str, int]:
-    """Activations multiplied by a constant weight, with the axis their channels lie on;
-    their per-channel means let insert-qdq correct the bias shift weight rounding causes."""
+def _weighted_inputs(model: Model, only: set[str] | None = None) -> dict[str, int]:
+    """Activations multiplied by a constant weight (by the nodes in ``only``, if given), with
+    the axis their channels lie on; their per-channel means let insert-qdq correct the bias
+    shift weight rounding causes."""
     axes: dict[str, int] = {}
     for node in model.graph.gs.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        if only is not None and node.name not in only:
             continue
         if not isinstance(node.inputs[1], gs.Constant) or isinstance(node.inputs[0], gs.Constant):
             continue
@@ -42,11 +46,14 @@ def _weighted_inputs(model: Model) -> dict[str, int]:
     return axes
 
 
-def _moment_specs(model: Model, max_dim: int) -> dict[str, list[tuple[str, PatchSpec]]]:
-    """Per activation, the (node, window) pairs whose input second moments to accumulate."""
+def _moment_specs(model: Model, max_dim: int, only: set[str] | None = None) -> dict[str, list[tuple[str, PatchSpec]]]:
+    """Per activation, the (node, window) pairs whose input second moments to accumulate
+    (for the nodes in ``only``, if given: GPTQ rounds only integer nodes' weights)."""
     specs: dict[str, list[tuple[str, PatchSpec]]] = {}
     for node in model.graph.gs.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        if only is not None and node.name not in only:
             continue
         w = node.inputs[1]
         if not isinstance(w, gs.Constant) or isinstance(node.inputs[0], gs.Constant) or w.shape is None:
@@ -85,24 +92,61 @@ def _fused_inner(model: Model, ctx: PassContext) -> set[str]:
     return {node.outputs[0].name for node in model.graph.gs.nodes if node.name in heads and node.outputs}
 
 
-def _pinned_only(model: Model, ctx: PassContext, pinned: dict[str, tuple[float, float]], path: str) -> None:
+def _candidates(model: Model, ctx: PassContext) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
+    """Float values of the main graph calibrate could observe (node outputs, graph inputs),
+    and the fused-inner values it never observes."""
+    graph = model.graph
+    values: dict[str, Any] = {}
+    for node in graph.gs.nodes:
+        if node.op == "QuantizeLinear":
+            continue
+        for value in node.outputs:
+            if not value.name or any(c.op == "QuantizeLinear" for c in value.outputs):
+                continue
+            if value.dtype is None or np.dtype(value.dtype).kind == "f":
+                values[value.name] = value
+    # A value inside a fused group (a head's output read only by its activation tail, see
+    # group-activations) is never quantized: the group runs as one kernel. Not observing
+    # it skips the largest tensors of a CNN (a Conv's output before its Relu6) and lets
+    # onnxruntime fuse the pair in the calibration session too.
+    inner = _fused_inner(model, ctx)
+    values = {n: v for n, v in values.items() if n not in inner}
+    inputs = {v.name: v for v in graph.inputs if not isinstance(v, gs.Constant)}
+    return values, inputs, inner
+
+
+def _quantized(model: Model, ctx: PassContext) -> tuple[set[str], dict[str, str], set[str]]:
+    """(values whose range insert-qdq will read, data-movement outputs that inherit their
+    source's range, integer node names) under the target, planned as if every value had a
+    range (the plan after calibration is then the same one)."""
+    every = {v.name for g in model.graph.walk() for v in g.inputs}
+    every.update(v.name for g in model.graph.walk() for n in g.gs.nodes for v in n.outputs)
+    plan = plan_quantization(model, ctx.target, ranges=dict.fromkeys(every), groups=ctx.analysis.get("groups", {}))
+    need, inherited = ranges_read(model, ctx.target, plan)
+    return need, inherited, set(plan.nodes)
+
+
+def _pinned_only(model: Model, ctx: PassContext, pinned: dict[str, tuple[float, float]], path: str,
+                 observe: str) -> None:
     """No calibration data but a range file: accept it only if it pins every float tensor
     calibrate would observe (then no model run is needed)."""
-    graph = model.graph
-    wanted = [v.name for v in graph.inputs if not isinstance(v, gs.Constant)]
-    inner = _fused_inner(model, ctx)
-    for node in graph.gs.nodes:
-        if node.op != "QuantizeLinear":
-            wanted += [v.name for v in node.outputs if v.name and v.name not in inner
-                       and not any(c.op == "QuantizeLinear" for c in v.outputs)
-                       and (v.dtype is None or np.dtype(v.dtype).kind == "f")]
+    values, inputs, inner = _candidates(model, ctx)
+    wanted = list(inputs) + list(values)
+    inherited: dict[str, str] = {}
+    if observe == "quantized":
+        keep, inherited, _ = _quantized(model, ctx)
+        wanted = [n for n in wanted if n in keep]
     known = [n for n in wanted if n not in pinned]
-    check_pinned(pinned, wanted + sorted(inner), path)  # (a pinned fused-inner value is accepted, unused)
+    check_pinned(pinned, list(inputs) + list(values) + sorted(inherited) + sorted(inner), path)  # some unused
     if known:
         raise UserError(f"pass 'calibrate' needs calibration data (--calibration PATH): range file {path} "
                         f"does not pin tensor '{known[0]}' ({len(known)} tensors unpinned)")
+    ranges = {n: pinned[n] for n in sorted(set(wanted))}
+    for out, src in inherited.items():
+        if src in ranges:
+            ranges[out] = pinned.get(out, ranges[src])
     ctx.analysis["input_moments"], ctx.analysis["channel_means"] = {}, {}
-    ctx.analysis["ranges"] = {n: pinned[n] for n in sorted(set(wanted))}
+    ctx.analysis["ranges"] = dict(sorted(ranges.items()))
     ctx.report["calibration"] = {"method": "pinned", "samples": 0, "tensors": len(set(wanted)), "seconds": 0.0}
 
 
@@ -144,14 +188,15 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, str]:
 
 def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, Any],
                     overrides: dict[str, str], method: str,
-                    shared: dict[str, np.ndarray]) -> tuple[Any, dict[str, tuple[str, str]]]:
+                    shared: dict[str, np.ndarray],
+                    keep: set[str] | None = None) -> tuple[Any, dict[str, tuple[str, str]]]:
     """Float values computed inside If/Loop bodies of main-graph nodes, made observable
     (qcompiler.calib_subgraphs): the model to run, and exposed name -> (body value name,
     "If"|"Loop"), with their plan entries added. A first sample is run on the instrumented model; if onnxruntime refuses
     it (a Loop value whose shape changes between iterations cannot be stacked), Loop bodies are
     dropped, then If bodies: those values then stay uncalibrated and their ops float."""
     skip = {v.name for g in model.graph.walk() for n in g.gs.nodes if n.op == "QuantizeLinear" for v in n.inputs}
-    found = observable_subgraph_values(proto, skip)
+    found = [ob for ob in observable_subgraph_values(proto, skip) if keep is None or ob.value in keep]
     if not found:
         return proto, {}
     body_values: dict[str, tuple[Any, Any]] = {v.name: (v, None) for g in model.graph.walk() for v in g.inputs}
@@ -220,6 +265,8 @@ class Calibrate(Pass):
     cache: str = ""
     workers: int = 1
     scheduler: str = ""
+    lanes: int = 2
+    observe: str = "quantized"  # quantized: the tensors insert-qdq reads a range of | all: every float tensor
     ranges_file: str = ""  # range JSON whose ranges override calibrated ones (qcompiler.rangefile; H2)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -233,38 +280,36 @@ class Calibrate(Pass):
             raise UserError(f"pass 'calibrate': option 'bins={self.bins}' must be at least 16")
         if self.workers < 1:
             raise UserError(f"pass 'calibrate': option 'workers={self.workers}' must be at least 1")
+        if self.observe not in ("quantized", "all"):
+            raise UserError(f"pass 'calibrate': option 'observe={self.observe}' must be 'quantized' or 'all'")
+        if self.lanes < 1:
+            raise UserError(f"pass 'calibrate': option 'lanes={self.lanes}' must be at least 1")
         budget = parse_memory(self.memory)
         pinned = read_ranges(self.ranges_file) if self.ranges_file else {}
         if ctx.calibration is None and pinned:  # every tensor pinned: no data, no model runs
-            _pinned_only(model, ctx, pinned, self.ranges_file)
+            _pinned_only(model, ctx, pinned, self.ranges_file, self.observe)
             return PassResult(False)
         if ctx.calibration is None:
             raise UserError("pass 'calibrate' needs calibration data (--calibration PATH)")
         start = time.perf_counter()
         graph = model.graph
-        values: dict[str, Any] = {}
-        for node in graph.gs.nodes:
-            if node.op == "QuantizeLinear":
-                continue
-            for value in node.outputs:
-                if not value.name or any(c.op == "QuantizeLinear" for c in value.outputs):
-                    continue
-                if value.dtype is None or np.dtype(value.dtype).kind == "f":
-                    values[value.name] = value
-        # A value inside a fused group (a head's output read only by its activation tail, see
-        # group-activations) is never quantized: the group runs as one kernel. Not observing
-        # it skips the largest tensors of a CNN (a Conv's output before its Relu6) and lets
-        # onnxruntime fuse the pair in the calibration session too.
-        inner = _fused_inner(model, ctx)
-        values = {n: v for n, v in values.items() if n not in inner}
-        names = list(values)
-        input_values = {v.name: v for v in graph.inputs if not isinstance(v, gs.Constant)}
-        inputs = list(input_values)
-        known = {n.name for n in graph.gs.nodes} | {n.op for n in graph.gs.nodes} | set(inputs)
+        values, input_values, inner = _candidates(model, ctx)
+        pinnable = set(values) | set(input_values) | inner  # a pin of an unobserved one is accepted, unused
+        known = {n.name for n in graph.gs.nodes} | {n.op for n in graph.gs.nodes} | set(input_values)
         for key in overrides:
             if key not in known:
                 raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
                                 f"of the model")
+        candidates = len(values) + len(input_values)
+        keep: set[str] | None = None
+        planned: set[str] | None = None
+        inherited: dict[str, str] = {}
+        if self.observe == "quantized":
+            keep, inherited, planned = _quantized(model, ctx)
+            values = {n: v for n, v in values.items() if n in keep}
+            input_values = {n: v for n, v in input_values.items() if n in keep}
+        names = list(values)
+        inputs = list(input_values)
 
         # per tensor: method, grid, histogram kind
         plan: dict[str, tuple[str, RangeTarget, str | None]] = {}
@@ -279,16 +324,25 @@ class Calibrate(Pass):
             plan[n] = (m, grid, histogram_kind(m, grid))
         shared: dict[str, np.ndarray] = {}  # weights the sessions read from the IR, not copied
         base, exposed = _observe_bodies(model, model.to_proto(shared=shared, share=_kernel_only), ctx, plan,
-                                        overrides, method, shared)
+                                        overrides, method, shared, keep)
         names += list(exposed)
         per_sample = frozenset(n for n, (m, _, _) in plan.items() if m == "minmax" and self.momentum > 0)
-        specs = _moment_specs(model, self.max_moment_dim) if self.second_moments else {}
+        specs = _moment_specs(model, self.max_moment_dim, planned) if self.second_moments else {}
+        axes = _weighted_inputs(model, planned)
+        track = frozenset(names + inputs)
+        # an integer layer's input that needs no range of its own (it inherits its producer's
+        # qparams through a Reshape, say) is still observed for its channel means and moments
+        graph_inputs = {v.name for v in graph.inputs}
+        for n in dict.fromkeys(list(axes) + list(specs)):
+            if n not in track:
+                (inputs if n in graph_inputs else names).append(n)
 
         proto = base.SerializeToString()
         del base
         options = {"plan": {n: [m, g.levels, g.symmetric, k] for n, (m, g, k) in sorted(plan.items())},
                    "percentile": self.percentile, "momentum": self.momentum, "bins": self.bins,
-                   "limit": self.limit, "moments": sorted(specs), "moment_samples": self.moment_samples}
+                   "limit": self.limit, "moments": sorted(specs), "moment_samples": self.moment_samples,
+                   "means": sorted(axes), "observe": self.observe}
         stats: Statistics | None = None
         cache_state = "off"
         key = ""
@@ -299,7 +353,8 @@ class Calibrate(Pass):
             cache_state = "hit" if stats is not None else "miss"
         info = {"groups": 0, "runs": 0, "model_runs": 0}
         if stats is None:
-            stats = self._collect(model, ctx, proto, shared, names, inputs, plan, per_sample, specs, budget, info)
+            stats = self._collect(model, ctx, proto, shared, names, inputs, track, plan, per_sample, specs, axes,
+                                  budget, info)
             if self.cache:
                 store_cached(self.cache, key, stats)
 
@@ -327,8 +382,11 @@ class Calibrate(Pass):
         ctx.analysis["input_moments"] = stats.moments
         ctx.analysis["ranges"] = ranges
         if pinned:  # imported ranges override calibrated ones
-            check_pinned(pinned, set(ranges) | inner, self.ranges_file)  # fused-inner: accepted, unused
+            check_pinned(pinned, set(ranges) | set(inherited) | pinnable, self.ranges_file)
             ranges.update(pinned)
+        for out, src in inherited.items():  # data movement shares its source's qparams, so its range
+            if src in ranges and out not in pinned:
+                ranges[out] = ranges[src]
         ctx.analysis["channel_means"] = stats.means()
         ctx.report["calibration"] = {
             "method": method, "overrides": dict(sorted(overrides.items())), "tensors_per_method": dict(sorted(used.items())),
@@ -339,27 +397,29 @@ class Calibrate(Pass):
             "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
             "model_runs": info["model_runs"], "cache": cache_state, "workers": self.workers,
             "scheduler": self.scheduler or None, "real_data": bool(getattr(ctx.calibration, "real_data", True)),
-            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner),
+            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner), "observe": self.observe,
+            "unobserved_tensors": candidates - len(values) - len(input_values), "lanes": self.lanes,
         }
         return PassResult(False)
 
     def _collect(self, model: Model, ctx: PassContext, proto: bytes, shared: dict[str, np.ndarray],
-                 names: list[str], inputs: list[str],
+                 names: list[str], inputs: list[str], track: frozenset[str],
                  plan: dict[str, tuple[str, RangeTarget, str | None]], per_sample: frozenset[str],
-                 specs: dict[str, list[tuple[str, PatchSpec]]], budget: int, info: dict[str, int]) -> Statistics:
+                 specs: dict[str, list[tuple[str, PatchSpec]]], axes: dict[str, int], budget: int,
+                 info: dict[str, int]) -> Statistics:
         data = ctx.calibration
         first = next(iter(data), None)
         if first is None:
             raise UserError("pass 'calibrate': the calibration set is empty")
         sizes, probe = tensor_bytes(model, names, first, serialized=proto, initializers=shared)
-        groups1 = make_groups(names, sizes, budget)
+        groups1 = make_groups(names, sizes, max(1, budget // self.lanes))  # a run per lane in flight
         has_phase2 = any(k is not None for _, _, k in plan.values())
         progress = Progress(not ctx.quiet and sys.stderr.isatty() and self.workers <= 1 and not self.scheduler,
                             len(groups1) * (2 if has_phase2 else 1))
         # input second moments need no ranges: collected in the first pass, so minmax runs once
-        job1 = Job(proto, groups1, inputs, initializers=shared, track=frozenset(names + inputs), per_sample=per_sample,
-                   channel_axes=_weighted_inputs(model), moment_specs=specs, moment_limit=self.moment_samples,
-                   limit=self.limit)
+        job1 = Job(proto, groups1, inputs, initializers=shared, track=track, per_sample=per_sample,
+                   channel_axes=axes, moment_specs=specs, moment_limit=self.moment_samples,
+                   limit=self.limit, lanes=self.lanes)
         stats, runs = run_sharded(job1, data, workers=self.workers, scheduler=self.scheduler, progress=progress)
         info["groups"], info["runs"], info["model_runs"] = len(groups1), len(groups1), runs + probe
         ranges = stats.ranges()
@@ -374,9 +434,9 @@ class Calibrate(Pass):
         if hist_spec:
             names2 = [n for n in names if n in hist_spec]
             inputs2 = [n for n in inputs if n in hist_spec]
-            groups2 = make_groups(names2, sizes, budget)
+            groups2 = make_groups(names2, sizes, max(1, budget // self.lanes))
             job2 = Job(proto, groups2, inputs2, initializers=shared, hist_spec=hist_spec, limit=self.limit,
-                       session_outputs=names)  # phase 1's model: the same fused graph, the same values
+                       session_outputs=names, lanes=self.lanes)  # phase 1's model: the same fused graph, the same values
             stats2, runs2 = run_sharded(job2, data, workers=self.workers, scheduler=self.scheduler, progress=progress)
             stats2.samples = 0  # counted in phase 1
             stats.merge(stats2)

@@ -103,7 +103,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             export_tensorrt_table: str | os.PathLike[str] | None = None,
             calibration_method: str | None = None, calibration_overrides: dict[str, str] | None = None,
             calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
-            workers: int | None = None, scheduler: str | None = None,
+            workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -127,7 +127,10 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ``calibration_method`` (minmax, percentile, entropy, mse; default the target's),
     ``calibration_overrides`` ({node name or op type: method}; node names win),
     ``calibration_memory`` (bytes or "512MB"; default 1GB), ``calibration_cache`` (directory),
-    ``workers`` (local processes) and ``scheduler`` (Dask scheduler address).
+    ``workers`` (local processes), ``scheduler`` (Dask scheduler address) and
+    ``calibration_observe``: ``quantized`` (the pass's default: only the tensors the target
+    quantizes) or ``all`` (every float tensor; the default when ranges are exported, so that
+    a range file or TensorRT table describes the whole model).
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -154,7 +157,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         "method": calibration_method, "memory": None if calibration_memory is None else str(calibration_memory),
         "cache": None if calibration_cache is None else str(calibration_cache), "workers": workers,
         "scheduler": scheduler, "overrides": None if calibration_overrides is None else tuple(
-            f"{k}={v}" for k, v in sorted(calibration_overrides.items()))}.items() if v is not None}
+            f"{k}={v}" for k, v in sorted(calibration_overrides.items())),
+        "observe": calibration_observe or ("all" if export_ranges is not None or export_tensorrt_table is not None
+                                           else None)}.items() if v is not None}
     if calib_opts:
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     for name in disable_passes:

@@ -87,7 +87,7 @@ def run_sharded(job: Job, data: Iterable[Feed], *, workers: int = 1, scheduler: 
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    threads = job.threads or max(1, (os.cpu_count() or 1) // workers)
+    threads = job.threads or max(1, (os.cpu_count() or 1) // (workers * max(1, job.lanes)))
     jobs = [dataclasses.replace(job, shard=i, shards=workers, threads=threads) for i in range(workers)]
     try:
         # an executor (not multiprocessing.Pool): a worker that dies surfaces as an error, not a hang

@@ -14,12 +14,14 @@ because each tensor's statistics only ever see that tensor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -76,6 +78,10 @@ class Job:
     # initializers the model refers to by name (Model.to_proto(shared=...)): the session runs
     # on these arrays without a copy; pickled along with the job to workers
     initializers: dict[str, np.ndarray] = field(default_factory=dict)
+    # samples in flight at once in this process (threads sharing the session); a fixed number,
+    # not the core count, so that float sums (channel means, moments) are added in the same
+    # order on every machine
+    lanes: int = 2
 
 
 def _placeholder_dir() -> str:
@@ -151,23 +157,72 @@ def trial_run(model: bytes, names: Sequence[str], feed: Feed,
     calibration.run_model(sess, feed)
 
 
-def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int) -> None:
+# A sample's channel sums and moment vectors, handed from its lane to the accumulator
+Deferred = list[tuple[str, str, Any, int]]
+
+
+def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int, deferred: Deferred) -> None:
+    """Reduce one fetched tensor: min/max and histograms into the lane's ``stats`` (exact, so
+    merging lanes in any grouping gives the same result); channel sums and moment vectors into
+    ``deferred``, added to the job's float sums in sample order by :func:`_accumulate`."""
     if job.track and name in job.track:
         stats.update_range(name, arr, index if name in job.per_sample else None)
-    if name in job.channel_axes and arr.ndim:
-        stats.update_mean(name, arr, job.channel_axes[name])
     if name in job.hist_spec:
         stats.update_hist(name, arr)
-    if not job.moment_limit or index < job.moment_limit:
-        for key, spec in job.moment_specs.get(name, ()):
-            stats.update_moment(key, arr, spec)
+    if name in job.channel_axes and arr.ndim:  # every sample: bias correction is sensitive to it
+        total = calibration.channel_totals(arr, job.channel_axes[name])
+        if total is not None:
+            deferred.append(("mean", name, total, arr.size // total.size))
+    if job.moment_limit and index >= job.moment_limit:
+        return
+    for key, spec in job.moment_specs.get(name, ()):
+        cols = stats.moment_columns(arr, spec)
+        if cols.shape[2] >= cols.shape[1]:  # enough vectors to multiply alone: here, in the lane
+            deferred.append(("gram", key, calibration.gram(cols), 0))
+        else:  # too few (a wide layer on a small map): queued and multiplied with later samples'
+            deferred.append(("moment", key, cols, 0))
+
+
+def _accumulate(stats: Statistics, deferred: Deferred) -> None:
+    for kind, name, value, count in deferred:
+        if kind == "mean":
+            stats.add_channel_totals(name, value, count)
+        elif kind == "gram":
+            stats.add_moment_product(name, value)
+        else:
+            stats.add_moment_columns(name, value)
+
+
+def _one_blas_thread() -> Any:
+    """BLAS limited to one thread while lanes run (threadpoolctl): OpenBLAS's worker threads
+    spin after each product, and with a lane's moment GEMM spinning on both cores the other
+    lane's model run stalls (measured: lanes 1.4x slower on EfficientNet than with one
+    BLAS thread)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a dependency; without it lanes still work, only slower
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) -> tuple[Statistics, int]:
-    """Run ``job`` over this shard's samples (index % shards == shard); (statistics, model runs)."""
-    stats = Statistics()
+    """Run ``job`` over this shard's samples (index % shards == shard); (statistics, model runs).
+
+    With ``job.lanes`` > 1, that many samples are in flight at once: each lane is a thread
+    that runs its samples (the shard's k-th sample goes to lane k % lanes) on the one shared
+    session and reduces them: min/max and histograms into its own statistics (exact, merged
+    at the end), channel sums and moment vectors handed back and added in sample order. The
+    statistics are therefore the same for any number of lanes, bit for bit.
+    onnxruntime and numpy's reductions release the GIL, so one lane's model run overlaps the
+    other's statistics: a single run of these small models uses two cores poorly (1.3x
+    faster than one), two lanes of one thread each use them fully."""
+    lanes = max(1, job.lanes)
+    stats = Statistics()  # the float sums (channel means, moments), added in sample order
     stats.hist_spec = dict(job.hist_spec)
-    runs = 0
+    parts = [Statistics() for _ in range(lanes)]  # per lane: min/max, histograms (exact)
+    for part in parts:
+        part.hist_spec = dict(job.hist_spec)
+    runs = [0] * lanes
     inputs = set(job.inputs)
     groups = job.groups or [[]]
     # One session for every group: all observed names are graph outputs of the same model, so
@@ -175,37 +230,72 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
     # bit-identical across memory budgets; a run fetches only its group's outputs, and
     # onnxruntime frees the others as ordinary intermediates (memory stays per group).
     exposed = list(dict.fromkeys(job.session_outputs or [n for g in groups for n in g]))
-    sess = _session(job.model, exposed, job.threads, job.initializers) if exposed else None
-    for g, names in enumerate(groups):
-        fetch = [n for n in dict.fromkeys(names) if n not in inputs]
+    threads = job.threads or max(1, (os.cpu_count() or 1) // lanes)
+    sess = _session(job.model, exposed, threads, job.initializers) if exposed else None
+
+    def one(lane: int, first_group: bool, fetch: list[str], index: int, feed: Feed) -> Deferred:
+        part = parts[lane]
+        deferred: Deferred = []
+        if sess is not None and fetch:
+            outs = calibration.run_model(sess, feed, fetch)
+            runs[lane] += 1
+            for n, arr in zip(fetch, outs):
+                if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+                    _observe(part, job, n, arr, index, deferred)
+            del outs
+        if first_group:  # graph inputs and the sample count: once, not once per group
+            part.samples += 1
+            for n, arr in feed.items():
+                if n in inputs and arr.dtype.kind == "f":
+                    _observe(part, job, n, arr, index, deferred)
+        return deferred
+
+    def done(result: Deferred) -> None:
+        _accumulate(stats, result)
         if progress is not None:
-            progress.start_run()
-        for index, feed in enumerate(data):
-            if job.limit and index >= job.limit:
-                break
-            if job.moments_only and job.moment_limit and index >= job.moment_limit:
-                break
-            if index % job.shards != job.shard:
-                continue
-            if sess is not None and fetch:
-                outs = calibration.run_model(sess, feed, fetch)
-                runs += 1
-                for n, arr in zip(fetch, outs):
-                    if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
-                        _observe(stats, job, n, arr, index)
-                del outs
-            if g == 0:  # graph inputs and the sample count: once, not once per group
-                stats.samples += 1
-                for n, arr in feed.items():
-                    if n in inputs and arr.dtype.kind == "f":
-                        _observe(stats, job, n, arr, index)
+            progress.tick()
+
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"qcompiler-calibrate-{i}") for i in range(lanes)] \
+        if lanes > 1 else []
+    blas = _one_blas_thread() if pools else contextlib.nullcontext()
+    try:
+        blas.__enter__()
+        for g, names in enumerate(groups):
+            fetch = [n for n in dict.fromkeys(names) if n not in inputs]
+            # past the moment samples, a tensor observed only for moments is not fetched at all
+            later = [n for n in fetch if n in job.track or n in job.hist_spec or n in job.channel_axes]
             if progress is not None:
-                progress.tick()
-        if progress is not None:
-            progress.end_run()
-    del sess
+                progress.start_run()
+            pending: list[Future[Deferred]] = []  # in sample order, at most one per lane
+            k = 0
+            for index, feed in enumerate(data):
+                if job.limit and index >= job.limit:
+                    break
+                if job.moments_only and job.moment_limit and index >= job.moment_limit:
+                    break
+                if index % job.shards != job.shard:
+                    continue
+                wanted = later if job.moment_limit and index >= job.moment_limit else fetch
+                if not pools:
+                    done(one(0, g == 0, wanted, index, feed))
+                    continue
+                if len(pending) == lanes:  # the oldest sample's lane is the next one free
+                    done(pending.pop(0).result())
+                pending.append(pools[k % lanes].submit(one, k % lanes, g == 0, wanted, index, feed))
+                k += 1
+            while pending:
+                done(pending.pop(0).result())
+            if progress is not None:
+                progress.end_run()
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        blas.__exit__(None, None, None)
+    sess = None  # noqa: F841 - release the session (the lanes are done with it) before merging
+    for part in parts:  # lane order: deterministic (and exact: extremes, counts)
+        stats.merge(part)
     stats.moments  # noqa: B018 - multiply the queued moment vectors now, inside the worker
-    return stats, runs
+    return stats, sum(runs)
 
 
 # -- memory ----------------------------------------------------------------------------------

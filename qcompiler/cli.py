@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-memory", metavar="SIZE", help="memory budget for observed tensors, e.g. 512MB (default 1GB)")
     c.add_argument("--calibration-cache", metavar="DIR", help="reuse calibration statistics stored in DIR")
     c.add_argument("--workers", type=int, help="shard calibration samples over N local processes")
+    c.add_argument("--calibration-observe", choices=("quantized", "all"),
+                   help="observe only the tensors the target quantizes (default) or every float tensor "
+                        "(default with --export-ranges / --export-tensorrt-table)")
     c.add_argument("--scheduler", metavar="ADDRESS", help="run calibration shards on this Dask scheduler")
     c.add_argument("--mode", choices=["static", "dynamic"])
     c.add_argument("--format", choices=["qdq", "qoperator"])
@@ -134,7 +137,7 @@ def _cmd_compile(a: argparse.Namespace) -> int:
                       export_tensorrt_table=a.export_tensorrt_table, check=a.check,
                       calibration_method=a.calibration_method, calibration_overrides=_overrides(a.calibration_override),
                       calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
-                      workers=a.workers, scheduler=a.scheduler,
+                      workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
                       quiet=a.quiet, verbose=a.verbose)
     if a.report:
         rep = Path(a.report)

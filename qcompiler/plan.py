@@ -15,8 +15,8 @@ import onnx_graphsurgeon as gs
 from .ir import Graph, Model, Node, Value
 from .target import OpConfig, Target
 
-__all__ = ["NodePlan", "Plan", "plan_quantization", "weight_axis", "reduction_axis", "is_float", "producer_op",
-           "partitions"]
+__all__ = ["NodePlan", "Plan", "plan_quantization", "ranges_read", "weight_axis", "reduction_axis", "is_float",
+           "producer_op", "partitions"]
 
 
 @dataclass
@@ -158,12 +158,21 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
     plan = Plan()
     groups = groups or {}
     excluded = set(exclude)
+    unranged: dict[str, str] = {}  # integer but for a missing range: decided after the drop below
     for graph in model.graph.walk():
         for node in graph.gs.nodes:
-            reason = _why_float(node, graph, model, target, ranges, plan, excluded, groups)
+            reason = _why_float(node, graph, model, target, ranges, plan, excluded, groups, unranged)
             if reason is not None:
                 plan.float_nodes[node.name] = reason
     _drop_without_integer_consumer(plan, target)
+    # A node without a range for an input stays float; that is only its reason if it would
+    # otherwise be integer (calibrate observes only what the plan quantizes, so a node dropped
+    # above for having no integer reader also has no range).
+    while any(name in plan.nodes for name in unranged):
+        for name, reason in unranged.items():
+            if plan.nodes.pop(name, None) is not None:
+                plan.float_nodes[name] = reason
+        _drop_without_integer_consumer(plan, target)
     # a fused tail stays float only if its head does
     for tail, head in list(plan.fused.items()):
         if head not in plan.nodes:
@@ -172,6 +181,55 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
         else:
             plan.float_nodes.pop(tail, None)
     return plan
+
+
+def ranges_read(model: Model, target: Target, plan: Plan) -> tuple[set[str], dict[str, str]]:
+    """The activations whose calibrated range insert-qdq turns into qparams under ``plan``
+    (the quantized inputs and published outputs of integer nodes, except constants, values
+    the model already quantizes (QAT) and outputs of ops with fixed qparams), and the outputs
+    of data movement (passthrough ops) that inherit their input's qparams instead, mapped to
+    that input: their range is their input's (plan_quantization still asks that an integer
+    node's inputs have one).
+
+    calibrate observes only these: a transformer's Erf, Div and Reshape outputs, or anything
+    feeding a float op, never become integer, and observing them cost a third of MiniLM's
+    calibration. Walks the graphs in insert-qdq's order, so a passthrough output counts as
+    inherited exactly when insert-qdq would find its input's qparams first."""
+    have: set[int] = set()
+    need: set[str] = set()
+    inherited: dict[str, str] = {}
+
+    def want(value: Value, fixed: bool = False) -> None:
+        if id(value) in have or producer_op(value) == "DequantizeLinear":
+            return
+        if any(c.op == "QuantizeLinear" for c in value.outputs):
+            return
+        have.add(id(value))
+        if not fixed and not isinstance(value, gs.Constant):
+            need.add(value.name)
+
+    for graph in model.graph.walk():
+        for node in graph.gs.nodes:
+            np_ = plan.nodes.get(node.name)
+            if np_ is not None and np_.node is node:
+                if np_.config.activation.qtype is None:
+                    continue
+                for value, role in zip(node.inputs, np_.roles):
+                    if role == "activation":
+                        want(value)
+                out = np_.output
+                if np_.config.output_quantized and (not graph.is_graph_output(out) or target.quantize_graph_outputs):
+                    want(out, fixed=node.op in target.fixed)  # insert-qdq's gate: a range, or fixed qparams
+            elif node.op in target.passthrough and node.inputs and len(node.outputs) == 1:
+                src, out = node.inputs[0], node.outputs[0]
+                if id(src) in have and not graph.is_graph_output(out):
+                    have.add(id(out))
+                    inherited[out.name] = inherited.get(src.name, src.name)
+    for out_name, src_name in list(inherited.items()):
+        if src_name not in need:  # the source has no range of its own (fixed qparams, QAT): measure this one
+            need.add(out_name)
+            del inherited[out_name]
+    return need, inherited
 
 
 def _reads_in_integer(value: Value, plan: Plan, target: Target, depth: int = 0) -> bool:
@@ -207,7 +265,7 @@ def _drop_without_integer_consumer(plan: Plan, target: Target) -> None:
 
 def _why_float(node: Node, graph: Graph, model: Model, target: Target,
                ranges: Mapping[str, object] | None, plan: Plan, excluded: set[str],
-               groups: Mapping[str, str]) -> str | None:
+               groups: Mapping[str, str], unranged: dict[str, str]) -> str | None:
     if node.op in ("QuantizeLinear", "DequantizeLinear"):
         return None
     domain = "" if node.domain in (None, "ai.onnx") else node.domain
@@ -257,7 +315,7 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
                 return f"weight '{value.name}' has no axis to block for {node.op}"
         if (role == "activation" and ranges is not None and not produced_by_dq
                 and not isinstance(value, gs.Constant) and value.name not in ranges):
-            return f"no calibration range for input '{value.name}'"
+            unranged.setdefault(node.name, f"no calibration range for input '{value.name}'")
         roles.append(role)
     if "activation" not in roles and "weight" not in roles:
         return "no input to quantize"

@@ -3,6 +3,7 @@ and gives identical ranges; any change of data or method misses; writes are atom
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts onnxruntime runs of the calibration engine."""
     count = [0]
     real = qcompiler.calibration.run_model
+    lock = threading.Lock()  # runs come from the engine's lanes (threads)
 
     def counting(sess: Any, feed: Any, outputs: Any = None) -> Any:
-        count[0] += 1
+        with lock:
+            count[0] += 1
         return real(sess, feed, outputs)
 
     monkeypatch.setattr(qcompiler.calibration, "run_model", counting)

@@ -26,7 +26,9 @@ METHODS = ["minmax", "percentile", "entropy", "mse"]
 
 def calibrate(proto: onnx.ModelProto, feeds: Any, target: str = "ort-cpu", quiet: bool = True,
               **options: object) -> qcompiler.PassContext:
-    """Run infer-shapes + calibrate alone; the context (analysis and report)."""
+    """Run infer-shapes + calibrate alone; the context (analysis and report). Observes every
+    float tensor unless ``observe`` says otherwise (these tests check the engine itself)."""
+    options.setdefault("observe", "all")
     model = qcompiler.load_model(proto)
     ctx = qcompiler.PassContext(target=qcompiler.load_target(target), quiet=quiet,
                                 calibration=qcompiler.load_calibration(feeds, qcompiler.input_specs(model)))
@@ -128,6 +130,29 @@ def test_merge_of_shards_equals_single_pass(hist: bool) -> None:
     for k in whole.sums:
         np.testing.assert_allclose(merged.sums[k], whole.sums[k], rtol=1e-5)  # float32 per-sample sums
         assert merged.counts[k] == whole.counts[k]
+
+
+def test_lanes_give_bit_identical_statistics() -> None:
+    """Samples in flight on 1, 2 or 3 lanes (threads sharing the session) give the same
+    statistics bit for bit: extremes, per-sample extremes, histograms, channel sums and GPTQ
+    moments (the lanes hand their float sums back, added in sample order) and the same runs."""
+    proto, feeds = tiny_model(), _feeds(7)
+    model = qcompiler.load_model(proto)
+    conv = next(n for n in model.graph.gs.nodes if n.op == "Conv")
+    spec = qcompiler.PatchSpec(tuple(conv.inputs[1].shape[2:]), tuple(conv.attrs.get("pads", ())),
+                               tuple(conv.attrs.get("strides", ())), tuple(conv.attrs.get("dilations", ())), 1)
+    blobs, runs = [], []
+    for lanes in (1, 2, 3):
+        job = _job(proto, True)
+        job.lanes = lanes
+        job.moment_specs = {conv.inputs[0].name: [(conv.name, spec)]}
+        job.moment_limit = 5
+        job.channel_axes = {**job.channel_axes, conv.inputs[0].name: 1}
+        stats, n = run_job(job, feeds)
+        assert stats.moments[conv.name].shape[0] == 1 and stats.samples == 7
+        blobs.append(stats.to_bytes())
+        runs.append(n)
+    assert blobs[0] == blobs[1] == blobs[2] and runs == [7, 7, 7]
 
 
 def test_serialization_is_deterministic_and_round_trips() -> None:
@@ -325,6 +350,44 @@ def test_subsampled_patches_equal_every_nth_column_of_all_patches(shape, spec) -
     some = input_patches(arr, PatchSpec(**spec), max_positions=100)
     step = -(-full.shape[2] // 100)
     assert step > 1 and np.array_equal(some, full[:, :, ::step])
+
+
+def _naive_patches(arr: np.ndarray, kernel: tuple[int, int], pads: tuple[int, ...], strides: tuple[int, int],
+                   dilations: tuple[int, int], group: int) -> np.ndarray:
+    """im2col by explicit loops: column (n, oy, ox), row (channel in group, ky, kx)."""
+    n, c, h, w = arr.shape
+    x = np.pad(arr, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    oh = (x.shape[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    ow = (x.shape[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    cg = c // group
+    out = np.zeros((group, cg * kernel[0] * kernel[1], n * oh * ow), np.float32)
+    for g in range(group):
+        for b in range(n):
+            for oy in range(oh):
+                for ox in range(ow):
+                    col = (b * oh + oy) * ow + ox
+                    row = 0
+                    for ci in range(cg):
+                        for ky in range(kernel[0]):
+                            for kx in range(kernel[1]):
+                                out[g, row, col] = x[b, g * cg + ci, oy * strides[0] + ky * dilations[0],
+                                                     ox * strides[1] + kx * dilations[1]]
+                                row += 1
+    return out
+
+
+@pytest.mark.parametrize("shape,kernel,pads,strides,dilations,group", [
+    ((2, 4, 9, 7), (3, 3), (1, 1, 1, 1), (1, 1), (1, 1), 1),
+    ((1, 6, 11, 10), (5, 5), (2, 1, 2, 3), (2, 2), (1, 1), 6),   # depthwise, asymmetric pads
+    ((2, 6, 12, 12), (3, 2), (0, 0, 0, 0), (1, 2), (2, 1), 3),   # grouped, dilated, no pads
+])
+def test_patches_equal_naive_im2col(shape, kernel, pads, strides, dilations, group) -> None:
+    """input_patches against a loop-by-loop im2col (exact: patches are copies of inputs)."""
+    from qcompiler.calibration import PatchSpec, input_patches
+
+    arr = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    got = input_patches(arr, PatchSpec(kernel, pads, strides, dilations, group))
+    assert np.array_equal(got, _naive_patches(arr, kernel, pads, strides, dilations, group))
 
 
 # -- sessions on the IR's own weights ----------------------------------------------------------

@@ -115,12 +115,22 @@ def test_loop_body_ranges_cover_every_iteration(tmp_path: Path) -> None:
 
 
 def test_loop_value_that_cannot_be_stacked_is_left_out(tmp_path: Path) -> None:
-    """A body value whose length changes per iteration cannot become a scan output: the
-    instrumented run fails, Loop observation is dropped, the compile still succeeds and the
-    loop's ops stay float (with a reason)."""
+    """A body value whose length changes per iteration cannot become a scan output: observing
+    every float tensor, the instrumented run fails, Loop observation is dropped, the compile
+    still succeeds and the loop's ops stay float (with a reason). Observing only what the
+    target quantizes (the default), that value (read by float Slice/ReduceSum) is not asked
+    for, and the loop's MatMul is calibrated and lowered."""
     m = _loop_model(grow=True)
     feeds = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)} for _ in range(3)]
-    r = qcompiler.compile(m, target="ort-cpu", calibration=feeds, calibration_method="minmax")
+    r = qcompiler.compile(m, target="ort-cpu", calibration=feeds, calibration_method="minmax",
+                          calibration_observe="all")
     assert r.report["calibration"]["subgraph_values"] == 0
     assert "loop_mm" in r.report["float_nodes"]
     np.testing.assert_allclose(_run(r.proto, feeds[0]), _run(m, feeds[0]), rtol=1e-5, atol=1e-6)
+    r = qcompiler.compile(m, target="ort-cpu", calibration=feeds, calibration_method="minmax")
+    assert r.report["calibration"]["subgraph_values"] == 3  # s, lt, s_next (not grown/varlen)
+    assert "loop_mm" not in r.report["float_nodes"]
+    body = next(a.g for n in r.proto.graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")
+    assert "QLinearMatMul" in [n.op_type for n in body.node]
+    ref, got = _run(m, feeds[0]), _run(r.proto, feeds[0])
+    assert np.abs(got - ref).max() <= 0.08 * np.abs(ref).max()

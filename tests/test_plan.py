@@ -11,9 +11,10 @@ import pytest
 from onnx import helper
 
 import qcompiler
+import qcompiler.rangefile
 from conftest import init, make_model, tensor_info
 from qcompiler import load_target
-from qcompiler.plan import plan_quantization
+from qcompiler.plan import plan_quantization, ranges_read
 
 
 def _model() -> onnx.ModelProto:
@@ -99,3 +100,35 @@ def test_compiled_model_keeps_float_adds_and_matches_float_model() -> None:
     for s in samples:
         for got, want in zip(sess.run(None, s), ref.run(None, s)):
             assert np.abs(got - want).max() <= 0.05 * (want.max() - want.min())
+
+
+# -- ranges_read: what calibrate observes -----------------------------------------------------------
+
+
+def test_ranges_read_is_what_insert_qdq_quantizes() -> None:
+    """Integer nodes' quantized inputs and outputs need a range; the Reshape output inherits
+    a_rs's qparams (mapped to it); float ops' values (a_out, s, m) and the float graph output
+    y3 need none."""
+    model = _typed(_model(), [1, 4, 6, 6])
+    target = load_target("ort-cpu")
+    need, inherited = ranges_read(model, target, plan_quantization(model, target))
+    assert need == {"x", "c1", "a_in", "c2", "a_rs"}
+    assert inherited == {"r": "a_rs"}
+
+
+def test_observing_only_quantized_tensors_gives_the_same_model(tmp_path) -> None:
+    """calibrate observes 5 of the 10 float tensors by default, and the compiled model is
+    byte-identical to the one calibrated on all of them; the Reshape output's range is its
+    source's (the qparams it shares)."""
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(8)]
+    few = qcompiler.compile(_model(), target="ort-cpu", calibration=samples)
+    every = qcompiler.compile(_model(), target="ort-cpu", calibration=samples, calibration_observe="all")
+    assert few.report["calibration"]["observe"] == "quantized"
+    assert few.report["calibration"]["unobserved_tensors"] == 5 and every.report["calibration"]["unobserved_tensors"] == 0
+    assert few.proto.SerializeToString() == every.proto.SerializeToString()
+    assert sorted(few.report["lowered"]) == sorted(every.report["lowered"])
+    qcompiler.compile(_model(), target="ort-cpu", calibration=samples, calibration_observe="quantized",
+                      export_ranges=tmp_path / "r.json")
+    ranges = qcompiler.rangefile.read_ranges(tmp_path / "r.json")
+    assert set(ranges) == {"x", "c1", "a_in", "c2", "a_rs", "r"} and ranges["r"] == ranges["a_rs"]
