@@ -77,6 +77,24 @@ def _moment_specs(model: Model, max_dim: int, only: set[str] | None = None) -> d
     return specs
 
 
+def _shared_moments(specs: dict[str, list[tuple[str, PatchSpec]]]
+                    ) -> tuple[dict[str, list[tuple[str, PatchSpec]]], dict[str, str]]:
+    """Layers reading the same input through the same window (a transformer's Q, K and V
+    projections) have the same input moments: accumulate them once, under the first layer's
+    name; (the deduplicated specs, other layer -> that name)."""
+    unique: dict[str, list[tuple[str, PatchSpec]]] = {}
+    alias: dict[str, str] = {}
+    for name, pairs in specs.items():
+        first: dict[PatchSpec, str] = {}
+        for node, spec in pairs:
+            if spec in first:
+                alias[node] = first[spec]
+            else:
+                first[spec] = node
+                unique.setdefault(name, []).append((node, spec))
+    return unique, alias
+
+
 def _kernel_only(const: gs.Constant) -> bool:
     """Weights only onnxruntime's kernels read (a MatMul's B, a Gather's table): those can be
     handed to the session as the IR's own arrays. Graph optimizations read others (a Conv
@@ -327,7 +345,7 @@ class Calibrate(Pass):
                                         overrides, method, shared, keep)
         names += list(exposed)
         per_sample = frozenset(n for n, (m, _, _) in plan.items() if m == "minmax" and self.momentum > 0)
-        specs = _moment_specs(model, self.max_moment_dim, planned) if self.second_moments else {}
+        specs, alias = _shared_moments(_moment_specs(model, self.max_moment_dim, planned) if self.second_moments else {})
         axes = _weighted_inputs(model, planned)
         track = frozenset(names + inputs)
         # an integer layer's input that needs no range of its own (it inherits its producer's
@@ -379,7 +397,9 @@ class Calibrate(Pass):
             used[plan[n][0]] = used.get(plan[n][0], 0) + 1
         # body values observed through their If/Loop node go by their own names again
         ranges = {exposed.get(n, (n, ""))[0]: r for n, r in ranges.items()}
-        ctx.analysis["input_moments"] = stats.moments
+        moments = dict(stats.moments)
+        moments.update({node: moments[first] for node, first in alias.items() if first in moments})
+        ctx.analysis["input_moments"] = moments
         ctx.analysis["ranges"] = ranges
         if pinned:  # imported ranges override calibrated ones
             check_pinned(pinned, set(ranges) | set(inherited) | pinnable, self.ranges_file)

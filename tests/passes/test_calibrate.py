@@ -299,3 +299,22 @@ def test_value_inside_a_fused_group_is_not_observed() -> None:
     assert hi < 0.8 * float(y.max())  # 90th percentile clips the tail: not the min/max
     ungrouped = calibrate(proto, samples, method="percentile", percentile=90)["ranges"]["c"]
     assert ungrouped[1] < 0.8 * float(c.max())  # without the group, c itself gets percentile
+
+
+def test_layers_reading_one_input_share_their_moments() -> None:
+    """Q/K/V-style MatMuls on the same input have the same input moments: accumulated once
+    and reported under every layer's name, equal to X^T X over every sample's rows; a MatMul
+    on another input has its own."""
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"h{i}"], name=f"mm{i}") for i in range(3)]
+    nodes += [helper.make_node("Add", ["h0", "h1"], ["s"], name="add"),
+              helper.make_node("MatMul", ["s", "w3"], ["y"], name="mm3")]
+    inits = [init(f"w{i}", rng.standard_normal((8, 8)).astype(np.float32)) for i in range(4)]
+    proto = make_model(nodes, [tensor("x", [5, 8])], [tensor("y", [5, 8]), tensor("h2", [5, 8])], inits)
+    samples = [{"x": rng.standard_normal((5, 8)).astype(np.float32)} for _ in range(4)]
+    moments = calibrate(proto, samples, method="minmax")["input_moments"]
+    x = np.concatenate([s["x"] for s in samples]).astype(np.float64)
+    np.testing.assert_allclose(moments["mm0"][0], x.T @ x, rtol=1e-5)
+    assert moments["mm1"] is moments["mm0"] and moments["mm2"] is moments["mm0"]
+    s = np.concatenate(intermediates(proto, ["s"], samples)["s"]).astype(np.float64)
+    np.testing.assert_allclose(moments["mm3"][0], s.T @ s, rtol=1e-5)
