@@ -13,7 +13,8 @@ import onnx_graphsurgeon as gs
 from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, QType, Target, UserError
 from qcompiler.calib_cache import cache_key, data_digest, load_cached, store_cached
 from qcompiler.calib_dist import run_sharded
-from qcompiler.calib_engine import (DEFAULT_MEMORY, Job, Progress, make_groups, parse_memory, peak_rss_mb, tensor_bytes,
+from qcompiler.calib_engine import (DEFAULT_MEMORY, Job, Progress, lane_threads, make_groups, parse_memory, peak_rss_mb,
+                                    reuse_sessions, tensor_bytes,
                                     trial_run)
 from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histogram_kind, moving_average_range,
                                      mse_range, percentile_range)
@@ -255,17 +256,22 @@ class Calibrate(Pass):
     is chosen for the dtype, symmetry and levels the target gives that tensor; tensors whose
     producer the target pins with fixed qparams only get min/max (no histogram).
 
-    Engine: phase 1 streams the data for min/max and channel means; phase 2 histograms each
-    tensor over its phase-1 range (counts independent of batching, order and sharding) and
-    accumulates, over the first `moment-samples` samples, the input second moments GPTQ
-    rounding in insert-qdq uses. Observed tensors are split into groups that fit `memory`
-    (default 1GB) with one run per group. `cache` (a directory) stores the statistics keyed
-    by graph, data and options; `workers` / `scheduler` shard samples over local processes
-    or a Dask cluster. Ranges are observed on the graph after fusions, so they describe
-    exactly the tensors that get quantized; values already quantized (QAT) and values inside a
-    fused group (a Conv's output read only by its fused Relu, never quantized) are not observed.
-    Requires calibration data, unless `ranges-file` (a range JSON, see docs/calibration.md) pins
-    every observed tensor; its ranges override calibrated ones. Does not change the graph.
+    Engine: phase 1 streams the data for min/max, channel means and, over the first
+    `moment-samples` samples (`grouped-moment-samples` for depthwise layers), the input second
+    moments GPTQ rounding in insert-qdq uses; phase 2 histograms each tensor over its phase-1
+    range (counts independent of batching, order and sharding). `lanes` (default 2) samples
+    are in flight at once on threads sharing the session; the statistics are bit-identical
+    for any number of lanes. Observed tensors are split into groups that fit `memory`
+    (default 1GB, shared by the lanes) with one run per group. `cache` (a directory) stores
+    the statistics keyed by graph, data and options; `workers` / `scheduler` shard samples
+    over local processes or a Dask cluster. Ranges are observed on the graph after fusions:
+    with `observe=quantized` (default) only the tensors insert-qdq will quantize under the
+    target (a data-movement output that shares its input's qparams gets that input's range),
+    with `observe=all` every float tensor; values already quantized (QAT) and values inside a
+    fused group (a Conv's output read only by its fused Relu, never quantized) are never
+    observed. Requires calibration data, unless `ranges-file` (a range JSON, see
+    docs/calibration.md) pins every observed tensor; its ranges override calibrated ones.
+    Does not change the graph.
     """
 
     name = "calibrate"
@@ -277,6 +283,7 @@ class Calibrate(Pass):
     limit: int = 0
     second_moments: bool = True
     moment_samples: int = 16
+    grouped_moment_samples: int = 8  # depthwise layers: K = 9 or 25, C matrices a sample
     clip_weight: float = 1.0
     max_moment_dim: int = 4608
     memory: str = DEFAULT_MEMORY
@@ -360,6 +367,7 @@ class Calibrate(Pass):
         options = {"plan": {n: [m, g.levels, g.symmetric, k] for n, (m, g, k) in sorted(plan.items())},
                    "percentile": self.percentile, "momentum": self.momentum, "bins": self.bins,
                    "limit": self.limit, "moments": sorted(specs), "moment_samples": self.moment_samples,
+                   "grouped_moment_samples": self.grouped_moment_samples,
                    "means": sorted(axes), "observe": self.observe}
         stats: Statistics | None = None
         cache_state = "off"
@@ -371,8 +379,9 @@ class Calibrate(Pass):
             cache_state = "hit" if stats is not None else "miss"
         info = {"groups": 0, "runs": 0, "model_runs": 0}
         if stats is None:
-            stats = self._collect(model, ctx, proto, shared, names, inputs, track, plan, per_sample, specs, axes,
-                                  budget, info)
+            with reuse_sessions():  # the size probe, phase 1 and phase 2 share one session
+                stats = self._collect(model, ctx, proto, shared, names, inputs, track, plan, per_sample, specs, axes,
+                                      budget, info)
             if self.cache:
                 store_cached(self.cache, key, stats)
 
@@ -431,7 +440,8 @@ class Calibrate(Pass):
         first = next(iter(data), None)
         if first is None:
             raise UserError("pass 'calibrate': the calibration set is empty")
-        sizes, probe = tensor_bytes(model, names, first, serialized=proto, initializers=shared)
+        sizes, probe = tensor_bytes(model, names, first, lane_threads(self.lanes), serialized=proto,
+                                    initializers=shared, exposed=list(dict.fromkeys(names)))  # phase 1's session
         groups1 = make_groups(names, sizes, max(1, budget // self.lanes))  # a run per lane in flight
         has_phase2 = any(k is not None for _, _, k in plan.values())
         progress = Progress(not ctx.quiet and sys.stderr.isatty() and self.workers <= 1 and not self.scheduler,
@@ -439,6 +449,7 @@ class Calibrate(Pass):
         # input second moments need no ranges: collected in the first pass, so minmax runs once
         job1 = Job(proto, groups1, inputs, initializers=shared, track=track, per_sample=per_sample,
                    channel_axes=axes, moment_specs=specs, moment_limit=self.moment_samples,
+                   grouped_moment_limit=min(self.grouped_moment_samples, self.moment_samples or self.grouped_moment_samples),
                    limit=self.limit, lanes=self.lanes)
         stats, runs = run_sharded(job1, data, workers=self.workers, scheduler=self.scheduler, progress=progress)
         info["groups"], info["runs"], info["model_runs"] = len(groups1), len(groups1), runs + probe

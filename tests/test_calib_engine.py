@@ -437,3 +437,30 @@ def test_session_on_shared_weights_equals_embedded(share_all: bool) -> None:
     got = _session_outputs(proto.SerializeToString(), names, feed, shared)
     for a, b in zip(whole, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_phases_share_one_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """percentile needs two passes over the data (min/max, then histograms) and the Reshape's
+    inferred-unknown dim a size probe: all three run on one onnxruntime session, built once."""
+    import qcompiler.calib_engine as engine
+    from conftest import init
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["t"], name="reshape"),
+             helper.make_node("Neg", ["t"], ["y"], name="neg")]
+    proto = make_model(nodes, [tensor_info("x", ["N", 64])], [tensor_info("y", ["M", 32])],
+                       [init("shape", np.array([-1, 32], np.int64))])
+    feeds = [{"x": np.random.default_rng(i).standard_normal((4, 64)).astype(np.float32)} for i in range(4)]
+
+    built = []
+    real = engine._build_session
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_build_session", counting)
+    ctx = calibrate(proto, feeds, method="percentile")
+    rep = ctx.report["calibration"]
+    assert rep["runs"] == 2 and rep["model_runs"] == 2 * 4 + 1  # two phases, one probe run
+    assert len(built) == 1

@@ -318,3 +318,25 @@ def test_layers_reading_one_input_share_their_moments() -> None:
     assert moments["mm1"] is moments["mm0"] and moments["mm2"] is moments["mm0"]
     s = np.concatenate(intermediates(proto, ["s"], samples)["s"]).astype(np.float64)
     np.testing.assert_allclose(moments["mm3"][0], s.T @ s, rtol=1e-5)
+
+
+def test_grouped_layers_take_moments_from_fewer_samples() -> None:
+    """grouped-moment-samples=2: a depthwise Conv's per-channel input moments come from the
+    first 2 samples, the following 1x1 Conv's from the first `moment-samples`=4; both equal
+    sum(patch patch^T) over those samples' im2col columns (every position of a 5x5 map)."""
+    rng = np.random.default_rng(31)
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], name="dw", pads=[1, 1, 1, 1], group=3),
+             helper.make_node("Conv", ["d", "wp"], ["y"], name="pw")]
+    proto = make_model(nodes, [tensor("x", [1, 3, 5, 5])], [tensor("y", [1, 2, 5, 5])],
+                       [init("wd", rng.standard_normal((3, 1, 3, 3)).astype(np.float32)),
+                        init("wp", rng.standard_normal((2, 3, 1, 1)).astype(np.float32))])
+    samples = [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)} for _ in range(6)]
+    moments = calibrate(proto, samples, method="minmax", moment_samples=4, grouped_moment_samples=2)["input_moments"]
+    spec = qcompiler.PatchSpec((3, 3), (1, 1, 1, 1), (), (), 3)
+    cols = [qcompiler.input_patches(s["x"], spec).astype(np.float64) for s in samples[:2]]
+    want = sum(c @ c.transpose(0, 2, 1) for c in cols)
+    assert moments["dw"].shape == (3, 9, 9)
+    np.testing.assert_allclose(moments["dw"], want, rtol=1e-5, atol=1e-5)
+    d = intermediates(proto, ["d"], samples[:4])["d"]
+    flat = np.concatenate([a.reshape(3, -1) for a in d], axis=1).astype(np.float64)
+    np.testing.assert_allclose(moments["pw"][0], flat @ flat.T, rtol=1e-5, atol=1e-5)
