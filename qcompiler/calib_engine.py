@@ -22,6 +22,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -314,6 +315,10 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
 
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"qcompiler-calibrate-{i}") for i in range(lanes)] \
         if lanes > 1 else []
+    # the float sums are added on one more thread, in sample order, so that the lane that
+    # finished a sample gets its next one at once (the moment products of a wide layer take
+    # 10-30 ms; on the dispatching thread they left the lanes idle)
+    adder = ThreadPoolExecutor(1, thread_name_prefix="qcompiler-calibrate-sums") if pools else None
     blas = _one_blas_thread() if pools else contextlib.nullcontext()
     try:
         blas.__enter__()
@@ -323,7 +328,8 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
             later = [n for n in fetch if n in job.track or n in job.hist_spec or n in job.channel_axes]
             if progress is not None:
                 progress.start_run()
-            pending: list[Future[Deferred]] = []  # in sample order, at most one per lane
+            running: deque[Future[Deferred]] = deque()  # in sample order, at most one per lane
+            adding: deque[Future[None]] = deque()       # the adder's queue, in sample order
             k = 0
             for index, feed in enumerate(data):
                 if job.limit and index >= job.limit:
@@ -333,19 +339,23 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
                 if index % job.shards != job.shard:
                     continue
                 wanted = later if job.moment_limit and index >= job.moment_limit else fetch
-                if not pools:
+                if adder is None:
                     done(one(0, g == 0, wanted, index, feed))
                     continue
-                if len(pending) == lanes:  # the oldest sample's lane is the next one free
-                    done(pending.pop(0).result())
-                pending.append(pools[k % lanes].submit(one, k % lanes, g == 0, wanted, index, feed))
+                if len(running) == lanes:  # the oldest sample's lane is the next one free
+                    running.popleft().result()
+                while len(adding) > lanes:  # bounded backlog of samples waiting to be added
+                    adding.popleft().result()
+                lane_run = pools[k % lanes].submit(one, k % lanes, g == 0, wanted, index, feed)
+                running.append(lane_run)
+                adding.append(adder.submit(lambda f=lane_run: done(f.result())))
                 k += 1
-            while pending:
-                done(pending.pop(0).result())
+            while adding:
+                adding.popleft().result()
             if progress is not None:
                 progress.end_run()
     finally:
-        for pool in pools:
+        for pool in pools + ([adder] if adder is not None else []):
             pool.shutdown(wait=True, cancel_futures=True)
         blas.__exit__(None, None, None)
     sess = None  # noqa: F841 - release the session (the lanes are done with it) before merging
