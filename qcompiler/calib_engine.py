@@ -313,15 +313,18 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
         if progress is not None:
             progress.tick()
 
-    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"qcompiler-calibrate-{i}") for i in range(lanes)] \
-        if lanes > 1 else []
-    # the float sums are added on one more thread, in sample order, so that the lane that
-    # finished a sample gets its next one at once (the moment products of a wide layer take
-    # 10-30 ms; on the dispatching thread they left the lanes idle)
-    adder = ThreadPoolExecutor(1, thread_name_prefix="qcompiler-calibrate-sums") if pools else None
-    blas = _one_blas_thread() if pools else contextlib.nullcontext()
-    try:
-        blas.__enter__()
+    with contextlib.ExitStack() as stack:  # on exit: lanes and adder joined, then BLAS threads back
+        pools: list[ThreadPoolExecutor] = []
+        adder: ThreadPoolExecutor | None = None
+        if lanes > 1:
+            stack.enter_context(_one_blas_thread())
+            pools = [ThreadPoolExecutor(1, thread_name_prefix=f"qcompiler-calibrate-{i}") for i in range(lanes)]
+            # the float sums are added on one more thread, in sample order, so that the lane that
+            # finished a sample gets its next one at once (the moment products of a wide layer
+            # take 10-30 ms; on the dispatching thread they left the lanes idle)
+            adder = ThreadPoolExecutor(1, thread_name_prefix="qcompiler-calibrate-sums")
+            for pool in [adder] + pools:
+                stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         for g, names in enumerate(groups):
             fetch = [n for n in dict.fromkeys(names) if n not in inputs]
             # past the moment samples, a tensor observed only for moments is not fetched at all
@@ -354,10 +357,6 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
                 adding.popleft().result()
             if progress is not None:
                 progress.end_run()
-    finally:
-        for pool in pools + ([adder] if adder is not None else []):
-            pool.shutdown(wait=True, cancel_futures=True)
-        blas.__exit__(None, None, None)
     sess = None  # noqa: F841 - release the session (the lanes are done with it) before merging
     _return_freed_memory()
     for part in parts:  # lane order: deterministic (and exact: extremes, counts)

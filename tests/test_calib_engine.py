@@ -464,3 +464,29 @@ def test_phases_share_one_session(monkeypatch: pytest.MonkeyPatch) -> None:
     rep = ctx.report["calibration"]
     assert rep["runs"] == 2 and rep["model_runs"] == 2 * 4 + 1  # two phases, one probe run
     assert len(built) == 1
+
+
+def test_a_failing_lane_stops_the_job_and_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in one lane's run (here the third model run) reaches the caller as itself,
+    and no lane or adder thread outlives the job."""
+    import threading
+
+    import qcompiler.calibration as calibration
+
+    calls = [0]
+    real = calibration.run_model
+    lock = threading.Lock()
+
+    def failing(sess: Any, feed: Any, outputs: Any = None) -> Any:
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n == 3:
+            raise RuntimeError("lane failure")
+        return real(sess, feed, outputs)
+
+    monkeypatch.setattr(calibration, "run_model", failing)
+    job = _job(tiny_model(), True)
+    with pytest.raises(RuntimeError, match="lane failure"):
+        run_job(job, _feeds(8))
+    assert not [t for t in threading.enumerate() if t.name.startswith("qcompiler-calibrate")]
