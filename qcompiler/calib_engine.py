@@ -1,10 +1,11 @@
 """The calibration engine: what to run, in how many groups, and the loop that runs it.
 
 A :class:`Job` is one pass over the data (one phase) for every group of observed tensors:
-phase 1 records min/max, per-sample extremes and channel sums; phase 2 fixed-range
-histograms (over the phase-1 ranges) and layer input moments. Jobs are plain data (the model
-as bytes), so the same job runs inline, in a spawned process or on a Dask worker
-(:mod:`qcompiler.calib_dist`) and gives the same statistics.
+phase 1 records min/max, per-sample extremes, channel sums and layer input moments; phase 2
+fixed-range histograms (over the phase-1 ranges). Jobs are plain data (the model as bytes), so
+the same job runs inline, in a spawned process or on a Dask worker (:mod:`qcompiler.calib_dist`)
+and gives the same statistics. Within a process, ``lanes`` samples are in flight at once on
+threads sharing the session (:func:`run_job`).
 
 Memory: onnxruntime holds every requested output of one run at once. The tensors to observe
 are split into groups whose per-sample bytes fit the budget (``--calibration-memory``), and
@@ -21,8 +22,8 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
