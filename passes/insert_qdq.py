@@ -9,11 +9,11 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter, TensorRule,
+from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter,
                        UserError, Value, compute_qparams, dequantize, gptq_round, plan_quantization, producer_op, quantize, weight_axis,
                        weight_qparams)
 from qcompiler.calib_methods import weight_mse_clip
-from qcompiler.plan import partitions, reduction_axis
+from qcompiler.plan import partitions, quantization_walk, reduction_axis
 from qcompiler.quant import INT_RANGES
 
 __all__ = ["InsertQdq", "qparams_of"]
@@ -105,48 +105,27 @@ class InsertQdq(Pass):
                 for v in n.outputs:
                     owner[id(v)] = g
 
-        def want(value: Value, graph: Graph, rule: TensorRule, fixed: tuple[float, int] | None = None) -> None:
-            qtype = rule.qtype
+        for step in quantization_walk(model, target, plan, ranges):
+            if step.kind == "float-move":
+                floats.setdefault(step.node.name, "data movement on a float input")
+                continue
+            value = step.value
+            if step.kind == "inherit":  # data movement: its input's qparams
+                floats.pop(step.node.name, None)
+                act[id(value)] = (value, step.graph, act[id(step.source)][2])
+                passthrough.append(step.node.name)
+                continue
+            qtype = step.rule.qtype
             assert qtype is not None
-            graph = owner.get(id(value), graph)
-            if id(value) in act or producer_op(value) == "DequantizeLinear":
-                return
-            if any(c.op == "QuantizeLinear" for c in value.outputs):
-                return  # already quantized by the model itself (QAT)
-            if fixed is not None:
-                qp = QParams(np.asarray(fixed[0], np.float32), np.asarray(fixed[1]).astype(qtype.np_dtype), qtype)
+            if step.fixed is not None:
+                qp = QParams(np.asarray(step.fixed[0], np.float32), np.asarray(step.fixed[1]).astype(qtype.np_dtype), qtype)
             elif isinstance(value, gs.Constant):
                 arr = np.asarray(value.values)
                 qp = compute_qparams(float(arr.min()), float(arr.max()), qtype)
             else:
-                lo, hi = rule.clamp(*ranges[value.name])  # a target's encoding range limits calibration
+                lo, hi = step.rule.clamp(*ranges[value.name])  # a target's encoding range limits calibration
                 qp = compute_qparams(lo, hi, qtype)
-            act[id(value)] = (value, graph, qp)
-
-        for graph in model.graph.walk():
-            for node in graph.gs.nodes:
-                np_ = plan.nodes.get(node.name)
-                if np_ is not None and np_.node is node:
-                    rule = np_.config.activation
-                    if rule.qtype is None:
-                        continue
-                    for value, role in zip(node.inputs, np_.roles):
-                        if role == "activation":
-                            want(value, graph, rule)
-                    out = np_.output
-                    publish = not graph.is_graph_output(out) or target.quantize_graph_outputs
-                    if np_.config.output_quantized and publish and (out.name in ranges or node.op in target.fixed):
-                        want(out, graph, rule, target.fixed.get((np_.tail or node).op))
-                elif node.op in target.passthrough and node.inputs:
-                    src = node.inputs[0]
-                    entry = act.get(id(src))
-                    out = node.outputs[0]
-                    if entry is None or graph.is_graph_output(out) or len(node.outputs) != 1:
-                        floats.setdefault(node.name, "data movement on a float input")
-                        continue
-                    floats.pop(node.name, None)
-                    act[id(out)] = (out, graph, entry[2])
-                    passthrough.append(node.name)
+            act[id(value)] = (value, owner.get(id(value), step.graph), qp)
 
         integer = sorted(plan.nodes) + sorted(plan.fused) + sorted(passthrough)
         parts = partitions(model, integer)

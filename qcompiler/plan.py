@@ -5,7 +5,7 @@ shows it) and third-party passes; the target decides, this module only reads the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -13,10 +13,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .ir import Graph, Model, Node, Value
-from .target import OpConfig, Target
+from .target import OpConfig, Target, TensorRule
 
-__all__ = ["NodePlan", "Plan", "plan_quantization", "ranges_read", "weight_axis", "reduction_axis", "is_float",
-           "producer_op", "partitions"]
+__all__ = ["NodePlan", "Plan", "plan_quantization", "QuantStep", "quantization_walk", "ranges_read", "weight_axis",
+           "reduction_axis", "is_float", "producer_op", "partitions"]
 
 
 @dataclass
@@ -183,48 +183,86 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
     return plan
 
 
-def ranges_read(model: Model, target: Target, plan: Plan) -> tuple[set[str], dict[str, str]]:
-    """The activations whose calibrated range insert-qdq turns into qparams under ``plan``
-    (the quantized inputs and published outputs of integer nodes, except constants, values
-    the model already quantizes (QAT) and outputs of ops with fixed qparams), and the outputs
-    of data movement (passthrough ops) that inherit their input's qparams instead, mapped to
-    that input: their range is their input's (plan_quantization still asks that an integer
-    node's inputs have one).
+@dataclass(frozen=True)
+class QuantStep:
+    """One step of the walk that gives values their qparams (:func:`quantization_walk`).
 
-    calibrate observes only these: a transformer's Erf, Div and Reshape outputs, or anything
-    feeding a float op, never become integer, and observing them cost a third of MiniLM's
-    calibration. Walks the graphs in insert-qdq's order, so a passthrough output counts as
-    inherited exactly when insert-qdq would find its input's qparams first."""
+    ``kind`` is ``quantize`` (``value`` gets qparams of its own: the target's ``fixed`` ones,
+    a constant's own range, or its calibrated range, which ``needs_range`` says must exist),
+    ``inherit`` (data movement: ``value``, the output of ``node``, shares ``source``'s
+    qparams) or ``float-move`` (data movement ``node`` on a value without qparams)."""
+
+    kind: str
+    graph: Graph
+    value: Value | None = None
+    rule: TensorRule | None = None
+    fixed: tuple[float, int] | None = None
+    needs_range: bool = False
+    source: Value | None = None
+    node: Node | None = None
+
+
+def quantization_walk(model: Model, target: Target, plan: Plan,
+                      ranges: Mapping[str, object] | None = None) -> Iterator[QuantStep]:
+    """The values that get qparams under ``plan``, in graph order: the activation inputs and
+    published outputs of integer nodes (values already quantized by the model, QAT, and
+    values produced by a DequantizeLinear are skipped; each value once), and data movement
+    that shares its input's qparams. insert-qdq acts on it; calibrate observes the values
+    whose step ``needs_range`` (:func:`ranges_read`). An integer node's output is quantized
+    only if it has a range (given ``ranges``) or the target fixes its qparams."""
     have: set[int] = set()
-    need: set[str] = set()
-    inherited: dict[str, str] = {}
 
-    def want(value: Value, fixed: bool = False) -> None:
+    def fresh(value: Value) -> bool:
         if id(value) in have or producer_op(value) == "DequantizeLinear":
-            return
+            return False
         if any(c.op == "QuantizeLinear" for c in value.outputs):
-            return
+            return False  # already quantized by the model itself (QAT)
         have.add(id(value))
-        if not fixed and not isinstance(value, gs.Constant):
-            need.add(value.name)
+        return True
 
     for graph in model.graph.walk():
         for node in graph.gs.nodes:
             np_ = plan.nodes.get(node.name)
             if np_ is not None and np_.node is node:
-                if np_.config.activation.qtype is None:
+                rule = np_.config.activation
+                if rule.qtype is None:
                     continue
                 for value, role in zip(node.inputs, np_.roles):
-                    if role == "activation":
-                        want(value)
+                    if role == "activation" and fresh(value):
+                        yield QuantStep("quantize", graph, value, rule,
+                                        needs_range=not isinstance(value, gs.Constant))
                 out = np_.output
-                if np_.config.output_quantized and (not graph.is_graph_output(out) or target.quantize_graph_outputs):
-                    want(out, fixed=node.op in target.fixed)  # insert-qdq's gate: a range, or fixed qparams
-            elif node.op in target.passthrough and node.inputs and len(node.outputs) == 1:
+                publish = not graph.is_graph_output(out) or target.quantize_graph_outputs
+                gated = node.op not in target.fixed  # the range must exist (even if fixed qparams win)
+                if np_.config.output_quantized and publish and (not gated or ranges is None or out.name in ranges) \
+                        and fresh(out):
+                    yield QuantStep("quantize", graph, out, rule, target.fixed.get((np_.tail or node).op),
+                                    needs_range=gated and not isinstance(out, gs.Constant))
+            elif node.op in target.passthrough and node.inputs:
                 src, out = node.inputs[0], node.outputs[0]
-                if id(src) in have and not graph.is_graph_output(out):
-                    have.add(id(out))
-                    inherited[out.name] = inherited.get(src.name, src.name)
+                if id(src) not in have or graph.is_graph_output(out) or len(node.outputs) != 1:
+                    yield QuantStep("float-move", graph, node=node)
+                    continue
+                have.add(id(out))
+                yield QuantStep("inherit", graph, out, source=src, node=node)
+
+
+def ranges_read(model: Model, target: Target, plan: Plan) -> tuple[set[str], dict[str, str]]:
+    """The activations whose calibrated range insert-qdq reads under ``plan`` (the steps of
+    :func:`quantization_walk` that need one), and the outputs of data movement that share
+    their input's qparams instead, mapped to the value whose range they share: their range
+    is that one's (plan_quantization still asks that an integer node's inputs have one).
+
+    calibrate observes only these: a transformer's Erf, Div and Reshape outputs, or anything
+    feeding a float op, never become integer, and observing them cost a third of MiniLM's
+    calibration."""
+    need: set[str] = set()
+    inherited: dict[str, str] = {}
+    for step in quantization_walk(model, target, plan):
+        if step.kind == "quantize" and step.needs_range and step.value is not None:
+            need.add(step.value.name)
+        elif step.kind == "inherit" and step.value is not None and step.source is not None:
+            inherited[step.value.name] = inherited.get(step.source.name, step.source.name)
     for out_name, src_name in list(inherited.items()):
         if src_name not in need:  # the source has no range of its own (fixed qparams, QAT): measure this one
             need.add(out_name)
