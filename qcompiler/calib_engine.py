@@ -16,7 +16,6 @@ because each tensor's statistics only ever see that tensor.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import resource
@@ -157,10 +156,11 @@ def _session(model: bytes, names: Sequence[str], threads: int,
              initializers: Mapping[str, np.ndarray] | None = None) -> Any:
     if _REUSE is None:
         return _build_session(model, names, threads, initializers)
-    key = (hashlib.sha1(model).digest(), tuple(names), threads, tuple(sorted(initializers or ())))
-    if key not in _REUSE:
-        _REUSE[key] = _build_session(model, names, threads, initializers)
-    return _REUSE[key]
+    # the same bytes object (not a hash of 20 MB): the block keeps it alive, so its id is stable
+    key = (id(model), tuple(names), threads, tuple(sorted(initializers or ())))
+    if key not in _REUSE or _REUSE[key][0] is not model:
+        _REUSE[key] = (model, _build_session(model, names, threads, initializers))
+    return _REUSE[key][1]
 
 
 def _build_session(model: bytes, names: Sequence[str], threads: int,
