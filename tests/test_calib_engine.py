@@ -490,3 +490,9 @@ def test_a_failing_lane_stops_the_job_and_its_threads(monkeypatch: pytest.Monkey
     with pytest.raises(RuntimeError, match="lane failure"):
         run_job(job, _feeds(8))
     assert not [t for t in threading.enumerate() if t.name.startswith("qcompiler-calibrate")]
+
+
+@pytest.mark.parametrize("option,value", [("observe", "some"), ("lanes", "0")])
+def test_bad_lane_and_observe_options(option: str, value: str) -> None:
+    with pytest.raises(qcompiler.UserError, match=f"option '{option}={value}'"):
+        calibrate(tiny_model(), _feeds(2), method="minmax", **{option: value})
