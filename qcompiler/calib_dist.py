@@ -13,13 +13,12 @@ be a path (reachable from every worker) or in-memory arrays.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from .calib_engine import Job, Progress, run_job
+from .calib_engine import Job, Progress, lane_threads, run_job
 from .calibration import Feed, Statistics
 from .errors import UserError
 
@@ -87,7 +86,7 @@ def run_sharded(job: Job, data: Iterable[Feed], *, workers: int = 1, scheduler: 
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    threads = job.threads or max(1, (os.cpu_count() or 1) // (workers * max(1, job.lanes)))
+    threads = lane_threads(workers * max(1, job.lanes), job.threads)  # the cores shared by every lane
     jobs = [dataclasses.replace(job, shard=i, shards=workers, threads=threads) for i in range(workers)]
     try:
         # an executor (not multiprocessing.Pool): a worker that dies surfaces as an error, not a hang

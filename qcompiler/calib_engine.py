@@ -219,21 +219,16 @@ def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int
     for key, spec in job.moment_specs.get(name, ()):
         if spec.group > 1 and job.grouped_moment_limit and index >= job.grouped_moment_limit:
             continue
-        cols = stats.moment_columns(arr, spec)
-        if cols.shape[2] >= calibration.flush_columns(cols.shape[1]):  # enough to multiply alone: in the lane
-            deferred.append(("gram", key, calibration.gram(cols), 0))
-        else:  # too few (a wide layer on a small map): queued and multiplied with later samples'
-            deferred.append(("moment", key, cols, 0))
+        kind, value = calibration.sample_moments(stats.moment_columns(arr, spec))
+        deferred.append((kind, key, value, 0))
 
 
 def _accumulate(stats: Statistics, deferred: Deferred) -> None:
     for kind, name, value, count in deferred:
         if kind == "mean":
             stats.add_channel_totals(name, value, count)
-        elif kind == "gram":
-            stats.add_moment_product(name, value)
         else:
-            stats.add_moment_columns(name, value)
+            stats.add_moments(name, kind, value)
 
 
 def _return_freed_memory() -> None:

@@ -19,7 +19,7 @@ from .calib_data import CalibrationData, Feed, InputSpec, input_specs, load_cali
 from .calib_methods import mse_range
 
 __all__ = ["InputSpec", "CalibrationData", "load_calibration", "input_specs", "RangeCollector", "PatchSpec",
-           "input_patches", "gram", "flush_columns", "channel_totals", "mse_range", "Statistics", "run_model"]
+           "input_patches", "gram", "sample_moments", "flush_columns", "channel_totals", "mse_range", "Statistics", "run_model"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,15 @@ def flush_columns(k: int) -> int:
     at most K), so the queue takes at most a quarter of the [G, K, K] result's memory for a
     wide layer (MiniLM's 1536-wide: 2.4 MB each, not 9.4) and no more than the result."""
     return max(min(k, 128), k // 4)
+
+
+def sample_moments(cols: np.ndarray) -> tuple[str, np.ndarray]:
+    """One sample's share of a layer's moments: its own product (``gram``) when it has enough
+    vectors to be multiplied alone, else the vectors (``columns``) to queue with later
+    samples' (a wide layer on a small map). Computed where the vectors are (a lane)."""
+    if cols.shape[2] >= flush_columns(cols.shape[1]):
+        return "gram", gram(cols)
+    return "columns", cols
 
 
 def gram(cols: np.ndarray) -> np.ndarray:
@@ -180,7 +189,7 @@ class RangeCollector:
         the first samples estimate it well when k is small, while a large layer needs
         more. Gathering every position of a large feature map (12544 on a 112x112 map) made
         moments cost more than the model run itself. Grouped (depthwise) layers have one small
-        matrix per group, which numpy multiplies one group at a time: half as many there."""
+        matrix per group (C of them a sample): half as many there."""
         return min(self.max_positions, max(32, 4 * k) if grouped else max(64, 8 * k))
 
     def moment_columns(self, arr: np.ndarray, spec: PatchSpec) -> np.ndarray:
@@ -202,8 +211,15 @@ class RangeCollector:
         if sum(c.shape[2] for c in pending) >= flush_columns(cols.shape[1]):
             self._flush(key)
 
+    def add_moments(self, key: str, kind: str, value: np.ndarray) -> None:
+        """Add what :func:`sample_moments` made of one sample's vectors."""
+        if kind == "gram":
+            self.add_moment_product(key, value)
+        else:
+            self.add_moment_columns(key, value)
+
     def update_moment(self, key: str, arr: np.ndarray, spec: PatchSpec) -> None:
-        self.add_moment_columns(key, self.moment_columns(arr, spec))
+        self.add_moments(key, *sample_moments(self.moment_columns(arr, spec)))
 
     def _flush(self, key: str) -> None:
         pending = self._pending.pop(key, [])
