@@ -6,7 +6,9 @@ samples repeated in name order when there are fewer) and each method, in the sam
 the same samples:
 
 * ``qcompiler``: ``qcompiler.compile(model, target="ort-cpu", calibration=<feeds>,
-  calibration_method=METHOD)`` (methods minmax, entropy, percentile, mse);
+  calibration_method=METHOD)`` (methods minmax, entropy, percentile, mse; ``minmax-ranges`` is
+  minmax with ``calibration_statistics="ranges"``: only the ranges, the statistics onnxruntime's
+  calibrator collects, without the bias-correction means and GPTQ moments of the default);
 * ``ort``: ``quantize_static(<quant_pre_process'ed model>, QDQ, per_channel=True,
   activation_type=QUInt8, weight_type=QInt8, reduce_range=False,
   calibrate_method=MinMax|Entropy|Percentile)`` (ORT has no mse; that row has no ORT side).
@@ -55,8 +57,11 @@ import bench  # noqa: E402  (benchmarks/bench.py: preprocessing, evaluation, rep
 REPO_ROOT = HERE.parent
 DEFAULT_BENCH = REPO_ROOT.parent / "shared" / "bench"
 MODELS = ("effnet_lite0", "minilm_l6")
-METHODS = ("minmax", "entropy", "percentile", "mse")
-ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+METHODS = ("minmax", "minmax-ranges", "entropy", "percentile", "mse")
+# "-ranges": qcompiler collecting only ranges (calibration_statistics="ranges": no bias-correction
+# means, no GPTQ moments), i.e. the statistics onnxruntime's calibrator collects; its ORT side is
+# the same calibrator's row (measured once per sample count)
+ORT_METHODS = {"minmax": "MinMax", "minmax-ranges": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 BEGIN = "<!-- calib-bench:begin -->"
 END = "<!-- calib-bench:end -->"
 METRICS = {"effnet_lite0": (("top1", "top-1 agree", ".3f"), ("cos", "logits cos", ".4f")),
@@ -76,8 +81,12 @@ def load_feeds(model: str, bench_dir: Path, count: int) -> list[bench.Feed]:
 def _qcompiler(model_path: Path, out_path: Path, feeds: list[bench.Feed], method: str) -> tuple[str, float | None]:
     import qcompiler
 
+    extra = {}
+    if method.endswith("-ranges"):
+        method, extra = method[:-len("-ranges")], {"calibration_statistics": "ranges"}
     try:
-        result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, calibration_method=method)
+        result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, calibration_method=method,
+                                   **extra)
         note = ""
     except TypeError as exc:  # before calibration_method= existed: the same through the pipeline
         if "calibration_method" not in str(exc):
@@ -255,11 +264,13 @@ def bench_model(model: str, args: argparse.Namespace, work: Path) -> list[Row]:
     assert ref is not None, fp32.error
     rows = []
     for n in args.samples:
+        ort_sides: dict[str, Side] = {}  # one measurement per ORT calibrator and sample count
         for method in args.methods:
             qc = measure("qcompiler", model, method, n, src, work, args, evalset, ref, output)
-            ort_side = measure("ort", model, method, n, pre, work, args, evalset, ref, output) \
-                if method in ORT_METHODS else None
-            rows.append(Row(n, method, qc, ort_side))
+            peer = ORT_METHODS.get(method)
+            if peer is not None and peer not in ort_sides:
+                ort_sides[peer] = measure("ort", model, method, n, pre, work, args, evalset, ref, output)
+            rows.append(Row(n, method, qc, ort_sides.get(peer) if peer else None))
     return rows
 
 

@@ -292,6 +292,7 @@ class Calibrate(Pass):
     scheduler: str = ""
     lanes: int = 2
     observe: str = "quantized"  # quantized: the tensors insert-qdq reads a range of | all: every float tensor
+    statistics: str = "all"  # all: ranges + bias-correction means + GPTQ moments | ranges: ranges only
     ranges_file: str = ""  # range JSON whose ranges override calibrated ones (qcompiler.rangefile; H2)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -309,6 +310,8 @@ class Calibrate(Pass):
             raise UserError(f"pass 'calibrate': option 'observe={self.observe}' must be 'quantized' or 'all'")
         if self.lanes < 1:
             raise UserError(f"pass 'calibrate': option 'lanes={self.lanes}' must be at least 1")
+        if self.statistics not in ("all", "ranges"):
+            raise UserError(f"pass 'calibrate': option 'statistics={self.statistics}' must be 'all' or 'ranges'")
         budget = parse_memory(self.memory)
         pinned = read_ranges(self.ranges_file) if self.ranges_file else {}
         if ctx.calibration is None and pinned:  # every tensor pinned: no data, no model runs
@@ -352,8 +355,9 @@ class Calibrate(Pass):
                                         overrides, method, shared, keep)
         names += list(exposed)
         per_sample = frozenset(n for n, (m, _, _) in plan.items() if m == "minmax" and self.momentum > 0)
-        specs, alias = _shared_moments(_moment_specs(model, self.max_moment_dim, planned) if self.second_moments else {})
-        axes = _weighted_inputs(model, planned)
+        full = self.statistics == "all"
+        specs, alias = _shared_moments(_moment_specs(model, self.max_moment_dim, planned) if self.second_moments and full else {})
+        axes = _weighted_inputs(model, planned) if full else {}
         track = frozenset(names + inputs)
         # an integer layer's input that needs no range of its own (it inherits its producer's
         # qparams through a Reshape, say) is still observed for its channel means and moments
@@ -426,7 +430,7 @@ class Calibrate(Pass):
             "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
             "model_runs": info["model_runs"], "cache": cache_state, "workers": self.workers,
             "scheduler": self.scheduler or None, "real_data": bool(getattr(ctx.calibration, "real_data", True)),
-            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner), "observe": self.observe,
+            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner), "observe": self.observe, "statistics": self.statistics,
             "unobserved_tensors": candidates - len(values) - len(input_values), "lanes": self.lanes,
         }
         return PassResult(False)

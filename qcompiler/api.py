@@ -104,7 +104,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             calibration_method: str | None = None, calibration_overrides: dict[str, str] | None = None,
             calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
             workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
-            check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
+            calibration_statistics: str | None = None, check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
 
@@ -130,7 +130,10 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ``workers`` (local processes), ``scheduler`` (Dask scheduler address) and
     ``calibration_observe``: ``quantized`` (the pass's default: only the tensors the target
     quantizes) or ``all`` (every float tensor; the default when ranges are exported, so that
-    a range file or TensorRT table describes the whole model).
+    a range file or TensorRT table describes the whole model);
+    ``calibration_statistics``: ``all`` (the pass's default: ranges plus the per-channel means
+    insert-qdq's bias correction uses and the second moments of its GPTQ rounding) or ``ranges``
+    (ranges only: faster calibration, plain rounding and no bias correction).
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -159,7 +162,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         "scheduler": scheduler, "overrides": None if calibration_overrides is None else tuple(
             f"{k}={v}" for k, v in sorted(calibration_overrides.items())),
         "observe": calibration_observe or ("all" if export_ranges is not None or export_tensorrt_table is not None
-                                           else None)}.items() if v is not None}
+                                           else None),
+        "statistics": calibration_statistics}.items() if v is not None}
     if calib_opts:
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     for name in disable_passes:

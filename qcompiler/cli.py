@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-observe", choices=("quantized", "all"),
                    help="observe only the tensors the target quantizes (default) or every float tensor "
                         "(default with --export-ranges / --export-tensorrt-table)")
+    c.add_argument("--calibration-statistics", choices=("all", "ranges"),
+                   help="collect ranges plus the bias-correction means and GPTQ moments (default), or "
+                        "ranges only (faster; plain rounding, no bias correction)")
     c.add_argument("--scheduler", metavar="ADDRESS", help="run calibration shards on this Dask scheduler")
     c.add_argument("--mode", choices=["static", "dynamic"])
     c.add_argument("--format", choices=["qdq", "qoperator"])
@@ -138,6 +141,7 @@ def _cmd_compile(a: argparse.Namespace) -> int:
                       calibration_method=a.calibration_method, calibration_overrides=_overrides(a.calibration_override),
                       calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
                       workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
+                      calibration_statistics=a.calibration_statistics,
                       quiet=a.quiet, verbose=a.verbose)
     if a.report:
         rep = Path(a.report)

@@ -34,6 +34,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-pad-conv": "qcompiler.passes.fuse_pad_conv:FusePadConv",
     "fold-conv-affine": "qcompiler.passes.fold_conv_affine:FoldConvAffine",
     "fuse-hardswish": "qcompiler.passes.fuse_hardswish:FuseHardswish",
+    "fuse-gelu": "qcompiler.passes.fuse_gelu:FuseGelu",
     "fold-matmul-add": "qcompiler.passes.fold_matmul_add:FoldMatmulAdd",
     "group-activations": "qcompiler.passes.group_activations:GroupActivations",
     "calibrate": "qcompiler.passes.calibrate:Calibrate",

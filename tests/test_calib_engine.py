@@ -492,7 +492,7 @@ def test_a_failing_lane_stops_the_job_and_its_threads(monkeypatch: pytest.Monkey
     assert not [t for t in threading.enumerate() if t.name.startswith("qcompiler-calibrate")]
 
 
-@pytest.mark.parametrize("option,value", [("observe", "some"), ("lanes", "0")])
+@pytest.mark.parametrize("option,value", [("observe", "some"), ("lanes", "0"), ("statistics", "most")])
 def test_bad_lane_and_observe_options(option: str, value: str) -> None:
     with pytest.raises(qcompiler.UserError, match=f"option '{option}={value}'"):
         calibrate(tiny_model(), _feeds(2), method="minmax", **{option: value})

@@ -298,7 +298,7 @@ def test_compile_success_with_report(target: str, fmt: str, integer_op: str, tmp
         assert key in report, key
     assert (report["target"], report["mode"], report["format"]) == (target, "static", fmt)
     assert report["qcompiler_version"] == qcompiler.__version__
-    pipeline = qcompiler.load_target(target).pipeline("static").split(",")
+    pipeline = [s.split("{")[0] for s in qcompiler.load_target(target).pipeline("static").split(",")]
     assert [p["name"] for p in report["passes"]] == pipeline
     for p in report["passes"]:
         assert isinstance(p["seconds"], float | int) and p["seconds"] >= 0

@@ -222,6 +222,18 @@ def test_other_qlinear_ops_match_onnxruntime(op: str) -> None:
     _assert_lsb(_model([node], inputs, [_vi("y", TensorProto.UINT8)], inits, ms=True), feed)
 
 
+def test_contrib_gelu_matches_onnxruntime() -> None:
+    """The float com.microsoft Gelu that fuse-gelu emits for onnxruntime targets: the simulator
+    computes it (the reference evaluator has no contrib ops) within float32 rounding of ORT."""
+    x = np.linspace(-6.0, 6.0, 481, dtype=np.float32).reshape(1, 481)
+    node = helper.make_node("Gelu", ["x"], ["y"], domain=MS)
+    model = _model([node], [_vi("x", TensorProto.FLOAT)], [_vi("y", TensorProto.FLOAT)], [], ms=True)
+    (got,), (want,) = _sim(model, {"x": x}), _ort(model, {"x": x})
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert x[0, 280] == 1.0 and got[0, 280] == pytest.approx(0.8413447461, abs=1e-7)  # Gelu(1) = Phi(1)
+
+
 def test_integer_ops_match_onnxruntime_exactly() -> None:
     rng = np.random.default_rng(6)
     x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)

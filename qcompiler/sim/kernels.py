@@ -8,6 +8,7 @@ Convolutions are im2col + one matrix product per group; nothing loops over eleme
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -468,6 +469,16 @@ class _FloatConv(_Kernel):
         return y.astype(x.dtype)
 
 
+class _Gelu(_Kernel):
+    """onnxruntime's contrib Gelu (what `fuse-gelu{domain=com.microsoft}` emits), exact form
+    x * 0.5 * (1 + erf(x / sqrt 2)): erf in float64 (math.erf), rounded to the input's type."""
+
+    def compute(self, x):  # type: ignore[override]
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        xd = np.asarray(x, dtype=np.float64)
+        return (0.5 * xd * (1.0 + erf(xd / math.sqrt(2.0)))).astype(x.dtype)
+
+
 _KERNELS: dict[str, tuple[type[_Kernel], tuple[str, ...]]] = {
     "QLinearConv": (_QLinearConv, ("", MS_DOMAIN, SIM_DOMAIN)),
     "ConvInteger": (_ConvInteger, ("", SIM_DOMAIN)),
@@ -485,6 +496,7 @@ _KERNELS: dict[str, tuple[type[_Kernel], tuple[str, ...]]] = {
     "DequantizeLinear": (_DequantizeLinear, ("", MS_DOMAIN)),
     "DynamicQuantizeLinear": (_DynamicQuantizeLinear, ("",)),
     "Conv": (_FloatConv, ("",)),
+    "Gelu": (_Gelu, (MS_DOMAIN,)),
 }
 
 

@@ -269,6 +269,19 @@ def test_moment_samples_limits_moments() -> None:
     assert analysis["ranges"]["x"] == (float(xs.min()), float(xs.max()))
 
 
+def test_statistics_ranges_collects_ranges_only() -> None:
+    """statistics=ranges: the same ranges as the default, and neither the channel means nor the
+    second moments (so insert-qdq rounds plainly and corrects no bias)."""
+    proto = _means_model(False)
+    xs = np.random.default_rng(13).standard_normal((4, 2, 3, 5, 5)).astype(np.float32)
+    samples = [{"x": x} for x in xs]
+    full = calibrate(proto, samples, method="minmax")
+    only = calibrate(proto, samples, method="minmax", statistics="ranges")
+    assert full["channel_means"] and full["input_moments"]
+    assert not only.get("channel_means") and not only.get("input_moments")
+    assert only["ranges"] == full["ranges"]
+
+
 def test_value_inside_a_fused_group_is_not_observed() -> None:
     """Conv -> Relu grouped (ort-cpu fuses them): the Conv output is never quantized, so it is
     not observed at all; the Relu output gets the method's range."""
