@@ -200,6 +200,10 @@ def trial_run(model: bytes, names: Sequence[str], feed: Feed,
 
 # A sample's channel sums and moment vectors, handed from its lane to the accumulator
 Deferred = list[tuple[str, str, Any, int]]
+# samples reduced by their lane and waiting for the adder: at most this many, holding at most
+# this many bytes of sums and moment vectors (beyond the one a lane per sample always allowed)
+_MAX_BACKLOG = 32
+_BACKLOG_BYTES = 32 << 20
 
 
 def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int, deferred: Deferred) -> None:
@@ -285,7 +289,7 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
     exposed = list(dict.fromkeys(job.session_outputs or [n for g in groups for n in g]))
     sess = _session(job.model, exposed, lane_threads(lanes, job.threads), job.initializers) if exposed else None
 
-    def one(lane: int, first_group: bool, fetch: list[str], index: int, feed: Feed) -> Deferred:
+    def one(lane: int, first_group: bool, fetch: list[str], index: int, feed: Feed) -> tuple[Deferred, int]:
         part = parts[lane]
         deferred: Deferred = []
         if sess is not None and fetch:
@@ -302,10 +306,12 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
             for n, arr in feed.items():
                 if n in inputs and arr.dtype.kind == "f":
                     _observe(part, job, n, arr, index, deferred)
-        return deferred
+        return deferred, sum(getattr(v, "nbytes", 0) for _, _, v, _ in deferred)
 
-    def done(result: Deferred) -> None:
-        _accumulate(stats, result)
+    def done(result: tuple[Deferred, int]) -> None:
+        deferred = result[0]
+        _accumulate(stats, deferred)
+        deferred.clear()  # the lane's future still holds the list: drop what it held
         if progress is not None:
             progress.tick()
 
@@ -327,8 +333,8 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
             later = [n for n in fetch if n in job.track or n in job.hist_spec or n in job.channel_axes]
             if progress is not None:
                 progress.start_run()
-            running: deque[Future[Deferred]] = deque()  # in sample order, at most one per lane
-            adding: deque[Future[None]] = deque()       # the adder's queue, in sample order
+            running: deque[Future[tuple[Deferred, int]]] = deque()  # in sample order, at most one per lane
+            adding: deque[tuple[Future[None], Future[tuple[Deferred, int]]]] = deque()  # the adder's queue, in order
             k = 0
             for index, feed in enumerate(data):
                 if job.limit and index >= job.limit:
@@ -343,14 +349,20 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
                     continue
                 if len(running) == lanes:  # the oldest sample's lane is the next one free
                     running.popleft().result()
-                while len(adding) > lanes:  # bounded backlog of samples waiting to be added
-                    adding.popleft().result()
+                while adding and adding[0][0].done():
+                    adding.popleft()[0].result()
+                # The lanes may run ahead of the adder while what waits for it is small: it
+                # multiplies the moment vectors short samples queue (MiniLM's 1536-wide layers),
+                # and a lane that waited for it left a core idle. Bounded by bytes and count.
+                while len(adding) > lanes and (len(adding) > _MAX_BACKLOG or sum(
+                        lf.result()[1] for _, lf in adding if lf.done()) > _BACKLOG_BYTES):
+                    adding.popleft()[0].result()
                 lane_run = pools[k % lanes].submit(one, k % lanes, g == 0, wanted, index, feed)
                 running.append(lane_run)
-                adding.append(adder.submit(lambda f=lane_run: done(f.result())))
+                adding.append((adder.submit(lambda f=lane_run: done(f.result())), lane_run))
                 k += 1
             while adding:
-                adding.popleft().result()
+                adding.popleft()[0].result()
             if progress is not None:
                 progress.end_run()
     sess = None  # noqa: F841 - release the session (the lanes are done with it) before merging

@@ -155,6 +155,52 @@ def test_lanes_give_bit_identical_statistics() -> None:
     assert blobs[0] == blobs[1] == blobs[2] and runs == [7, 7, 7]
 
 
+@pytest.mark.parametrize("bound", ["default", "zero"])
+def test_lanes_run_ahead_of_the_adder_within_the_byte_bound(monkeypatch: pytest.MonkeyPatch, bound: str) -> None:
+    """While the adder (the thread adding float sums in sample order) is busy, the lanes go on
+    with the next samples as long as what waits for it is small: all 12 samples of this tiny
+    model run before the first is added. With no bytes allowed, the lanes stop after one
+    sample each plus one more waiting, as before. The statistics are the same either way."""
+    import threading
+    import time
+
+    from qcompiler import calib_engine, calibration
+
+    if bound == "zero":
+        monkeypatch.setattr(calib_engine, "_BACKLOG_BYTES", 0)
+    gate, started, out = threading.Event(), [], []
+    real_acc, real_run = calib_engine._accumulate, calibration.run_model
+
+    def slow_adder(stats: Statistics, deferred: Any) -> None:
+        gate.wait(10)
+        real_acc(stats, deferred)
+
+    def counted(sess: Any, feed: Any, outputs: Any = None) -> Any:
+        started.append(1)
+        return real_run(sess, feed, outputs)
+
+    monkeypatch.setattr(calib_engine, "_accumulate", slow_adder)
+    monkeypatch.setattr(calibration, "run_model", counted)
+    job = _job(tiny_model(), False)
+    job.lanes = 2
+    feeds = _feeds(12)
+    worker = threading.Thread(target=lambda: out.append(run_job(job, feeds)))
+    worker.start()
+    deadline = time.monotonic() + (5.0 if bound == "default" else 0.5)
+    while time.monotonic() < deadline and len(started) < 12:
+        time.sleep(0.01)
+    ran_while_blocked = len(started)
+    gate.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    if bound == "default":
+        assert ran_while_blocked == 12
+    else:
+        assert 2 <= ran_while_blocked <= 4
+    monkeypatch.setattr(calib_engine, "_accumulate", real_acc)
+    assert out[0][0].to_bytes() == run_job(_job(tiny_model(), False), feeds)[0].to_bytes()
+
+
 def test_serialization_is_deterministic_and_round_trips() -> None:
     proto, feeds = tiny_model(), _feeds(3)
     stats, _ = run_job(_job(proto, True), feeds)
