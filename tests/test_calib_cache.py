@@ -83,3 +83,33 @@ def test_corrupt_entry_is_recomputed(tmp_path: Path, runs: list[int]) -> None:
     again = _compile(tmp_path, data)
     assert again.report["calibration"]["cache"] == "miss" and runs[0] > 0
     assert first.proto.SerializeToString() == again.proto.SerializeToString()
+
+
+def test_statistics_ranges_from_the_cli_and_in_the_key(tmp_path: Path, runs: list[int],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """--calibration-statistics ranges reaches the calibrate pass (its report says so), and the
+    statistics are part of the cache key: `all` cached does not serve `ranges`, `ranges`
+    cached serves `ranges`; an unknown value is a usage error (exit 2, nothing written)."""
+    import json
+
+    import onnx
+
+    from qcompiler.cli import main
+
+    model, data, cache = tmp_path / "tiny.onnx", tmp_path / "calib.npz", tmp_path / "cache"
+    onnx.save(tiny_model(), str(model))
+    np.savez(data, **tiny_calibration(4))
+    reports = []
+    for stats in ("all", "ranges", "ranges"):
+        report = tmp_path / f"report-{len(reports)}.json"
+        extra = [] if stats == "all" else ["--calibration-statistics", stats]
+        rc = main(["compile", str(model), "-o", str(tmp_path / f"q{len(reports)}.onnx"), "--calibration", str(data),
+                   "--calibration-cache", str(cache), "--report", str(report), "-q", *extra])
+        assert rc == 0, capsys.readouterr().err
+        reports.append(json.loads(report.read_text())["calibration"])
+    assert [r["statistics"] for r in reports] == ["all", "ranges", "ranges"]
+    assert [r["cache"] for r in reports] == ["miss", "miss", "hit"]
+    with pytest.raises(SystemExit) as exc:  # argparse's choices: usage and exit 2
+        main(["compile", str(model), "-o", str(tmp_path / "bad.onnx"), "--calibration", str(data),
+              "--calibration-statistics", "most"])
+    assert exc.value.code == 2 and not (tmp_path / "bad.onnx").exists()
