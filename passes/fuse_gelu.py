@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ __all__ = ["FuseGelu", "RULES"]
 _DOMAINS = {"ai.onnx": ("", 20), "com.microsoft": ("com.microsoft", 1)}  # emitted op's domain, opset it needs
 
 
-def _near(value: float):
+def _near(value: float) -> Callable[[np.ndarray], bool]:
     return lambda a: a.size == 1 and math.isclose(float(a.reshape(-1)[0]), value, rel_tol=1e-6)
 
 
@@ -25,6 +26,11 @@ def _scalar(v: object) -> float | None:
         if a.size == 1:
             return float(a.reshape(-1)[0])
     return None
+
+
+def _is_const(v: object, value: float) -> bool:
+    k = _scalar(v)
+    return k is not None and math.isclose(k, value, rel_tol=1e-6)
 
 
 def _other(node: gs.Node, value: object) -> object:
@@ -43,12 +49,11 @@ def _erf_argument(erf: gs.Node) -> object:
     if scale is None or len(scale.inputs) != 2:
         return None
     x, c = scale.inputs
-    if scale.op == "Div" and _scalar(c) is not None and math.isclose(_scalar(c), math.sqrt(2.0), rel_tol=1e-6):
+    if scale.op == "Div" and _is_const(c, math.sqrt(2.0)):
         return x
     if scale.op == "Mul":
         for x, c in ((scale.inputs[0], scale.inputs[1]), (scale.inputs[1], scale.inputs[0])):
-            k = _scalar(c)
-            if k is not None and not isinstance(x, gs.Constant) and math.isclose(k, math.sqrt(0.5), rel_tol=1e-6):
+            if not isinstance(x, gs.Constant) and _is_const(c, math.sqrt(0.5)):
                 return x
     return None
 
@@ -61,11 +66,12 @@ def _fuse(m: Match, rw: Rewriter, domain: str) -> bool:
     if x is None:
         return False
     scale = erf.inputs[0].inputs[0]
-    inner = m.nodes["inner"]  # the Mul reading the Add's output
-    outer_other = _other(root, inner.outputs[0])
-    inner_other = _other(inner, add.outputs[0])
-    # (x * (1 + erf)) * 0.5 or x * ((1 + erf) * 0.5)
-    if not ((inner_other is x and _scalar(outer_other) == 0.5) or (outer_other is x and _scalar(inner_other) == 0.5)):
+    inner = m.nodes["inner"]
+    if any(v is add.outputs[0] for v in inner.inputs):  # (x * a) * 0.5 or x * (a * 0.5)
+        f1, f2 = _other(inner, add.outputs[0]), _other(root, inner.outputs[0])
+    else:  # (x * 0.5) * a: the root reads the Add, the inner Mul scales x
+        f1, f2 = inner.inputs[0], inner.inputs[1]
+    if not ((f1 is x and _is_const(f2, 0.5)) or (f2 is x and _is_const(f1, 0.5))):
         return False
     if len(scale.outputs[0].outputs) != 1 or len(erf.outputs[0].outputs) != 1:
         return False
@@ -86,10 +92,15 @@ _ADD_C = Op("Add", inputs=(Const(check=_near(1.0)), Op("Erf", single_use=True)),
 
 
 def _rules(domain: str) -> tuple[Rule, ...]:
-    """Every grouping exporters write: ((x * a) * 0.5), (0.5 * (a * x)), (x * (a * 0.5)), ...
-    with a = 1 + erf(...); which factor is x is checked in :func:`_fuse`."""
+    """Every grouping exporters write: ((x * a) * 0.5), (0.5 * (a * x)), (x * (a * 0.5)),
+    ((x * 0.5) * a), ... with a = 1 + erf(...); which factor is x is checked in :func:`_fuse`."""
     rules: list[Rule] = []
     for a_name, a in (("add", _ADD), ("add-commuted", _ADD_C)):
+        half = Op("Mul", single_use=True, bind="inner")  # x * 0.5, multiplied by a at the root
+        for outer_side in (0, 1):
+            rules.append(Rule(f"gelu-{a_name}-half-first-{outer_side}",
+                              Op("Mul", inputs=(a, half) if outer_side == 0 else (half, a)),
+                              lambda m, rw: _fuse(m, rw, domain)))
         for side in (0, 1):  # where the Add's output sits in the inner Mul
             inner_inputs = (a, None) if side == 0 else (None, a)
             inner = Op("Mul", inputs=inner_inputs, single_use=True, bind="inner")

@@ -24,7 +24,8 @@ def _gelu(*, grouping: str = "hf", scale: str = "div", sqrt2: float = math.sqrt(
     a transformer's feed-forward layer.
 
     grouping: hf = (x * (1 + erf)) * 0.5; half-last = x * ((1 + erf) * 0.5);
-    x-first = 0.5 * ((1 + erf) * x) (operands swapped at both Muls)."""
+    x-first = 0.5 * ((1 + erf) * x) (operands swapped at both Muls); half-first =
+    (x * 0.5) * (1 + erf), as `x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))` exports."""
     inits = [init("w", rand([16, 16], seed=3)), init("c", np.array(sqrt2 if scale == "div" else 1 / sqrt2, np.float32)),
              init("one", np.array(one, np.float32)), init("half", np.array(half, np.float32))]
     factor = "z" if other else "x"
@@ -38,6 +39,9 @@ def _gelu(*, grouping: str = "hf", scale: str = "div", sqrt2: float = math.sqrt(
     elif grouping == "half-last":
         nodes += [helper.make_node("Mul", ["a", "half"], ["p"], name="inner"),
                   helper.make_node("Mul", [factor, "p"], ["y"], name="outer")]
+    elif grouping == "half-first":
+        nodes += [helper.make_node("Mul", [factor, "half"], ["p"], name="inner"),
+                  helper.make_node("Mul", ["p", "a"], ["y"], name="outer")]
     else:
         nodes += [helper.make_node("Mul", ["a", factor], ["p"], name="inner"),
                   helper.make_node("Mul", ["half", "p"], ["y"], name="outer")]
@@ -54,7 +58,8 @@ def _feeds(other: bool = False) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize(("grouping", "scale", "add_commuted"), [
-    ("hf", "div", False), ("half-last", "div", True), ("x-first", "mul", False), ("hf", "mul", True)])
+    ("hf", "div", False), ("half-last", "div", True), ("x-first", "mul", False), ("hf", "mul", True),
+    ("half-first", "div", False), ("half-first", "mul", True)])
 def test_fused_contrib(grouping: str, scale: str, add_commuted: bool) -> None:
     """Every grouping, Div by sqrt 2 or Mul by 1/sqrt 2: six nodes -> MatMul + com.microsoft Gelu."""
     proto = _gelu(grouping=grouping, scale=scale, add_commuted=add_commuted)
@@ -89,11 +94,13 @@ def test_standard_gelu_needs_opset_20() -> None:
 
 @pytest.mark.parametrize("kwargs", [
     {"sqrt2": 2.0},          # erf(x / 2)
+    {"grouping": "half-first", "half": 0.25},                 # (x * 0.25) * (1 + erf)
+    {"grouping": "half-first", "other": True},                # (z * 0.5) * (1 + erf(x / sqrt 2))
     {"one": 2.0},            # 2 + erf
     {"half": 0.25},          # * 0.25
     {"other": True},         # z * (1 + erf(x / sqrt 2)) * 0.5
     {"shared_erf": True},    # erf(...) also a graph output
-], ids=["div-2", "add-2", "quarter", "other-factor", "shared-erf"])
+], ids=["div-2", "half-first-quarter", "half-first-other", "add-2", "quarter", "other-factor", "shared-erf"])
 def test_not_fused(kwargs: dict) -> None:
     """Anything that is not exactly the exact GELU (with private intermediates) stays."""
     proto = _gelu(**kwargs)
