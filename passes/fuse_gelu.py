@@ -20,17 +20,9 @@ def _near(value: float) -> Callable[[np.ndarray], bool]:
     return lambda a: a.size == 1 and math.isclose(float(a.reshape(-1)[0]), value, rel_tol=1e-6)
 
 
-def _scalar(v: object) -> float | None:
-    if isinstance(v, gs.Constant):
-        a = np.asarray(v.values)
-        if a.size == 1:
-            return float(a.reshape(-1)[0])
-    return None
-
-
 def _is_const(v: object, value: float) -> bool:
-    k = _scalar(v)
-    return k is not None and math.isclose(k, value, rel_tol=1e-6)
+    """``v`` is an initializer holding one number close to ``value``."""
+    return isinstance(v, gs.Constant) and _near(value)(np.asarray(v.values))
 
 
 def _other(node: gs.Node, value: object) -> object:
