@@ -430,7 +430,8 @@ class Calibrate(Pass):
             "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
             "model_runs": info["model_runs"], "cache": cache_state, "workers": self.workers,
             "scheduler": self.scheduler or None, "real_data": bool(getattr(ctx.calibration, "real_data", True)),
-            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner), "observe": self.observe, "statistics": self.statistics,
+            "subgraph_values": len(exposed), "fused_inner_tensors": len(inner), "observe": self.observe,
+            "statistics": self.statistics,
             "unobserved_tensors": candidates - len(values) - len(input_values), "lanes": self.lanes,
         }
         return PassResult(False)

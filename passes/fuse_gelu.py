@@ -13,7 +13,8 @@ from qcompiler import Const, Match, Model, Op, Pass, PassContext, PassResult, Re
 
 __all__ = ["FuseGelu", "RULES"]
 
-_DOMAINS = {"ai.onnx": ("", 20), "com.microsoft": ("com.microsoft", 1)}  # emitted op's domain, opset it needs
+# option value -> (domain of the emitted Gelu, default-domain opset it needs)
+_DOMAINS = {"ai.onnx": ("", 20), "com.microsoft": ("com.microsoft", 0)}
 
 
 def _near(value: float) -> Callable[[np.ndarray], bool]:
@@ -103,7 +104,8 @@ def _rules(domain: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-RULES = _rules("")  # emitting the standard Gelu (opset 20+)
+_RULES = {domain: _rules(domain) for domain, _ in _DOMAINS.values()}
+RULES = _RULES[""]  # emitting the standard Gelu (opset 20+)
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,8 @@ class FuseGelu(Pass):
         if self.domain not in _DOMAINS:
             raise UserError(f"fuse-gelu: domain must be one of {', '.join(sorted(_DOMAINS))}, not '{self.domain}'")
         domain, needs = _DOMAINS[self.domain]
-        if domain == "" and (model.opset("") or 0) < needs:
+        if (model.opset("") or 0) < needs:
             return PassResult(False)
         rw = ctx.rewriter(model)
-        apply_rules(model, RULES if domain == "" else _rules(domain), rw)
+        apply_rules(model, _RULES[domain], rw)
         return PassResult(rw.modified)

@@ -104,7 +104,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             calibration_method: str | None = None, calibration_overrides: dict[str, str] | None = None,
             calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
             workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
-            calibration_statistics: str | None = None, check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
+            calibration_statistics: str | None = None,
+            check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
 
