@@ -5,12 +5,13 @@ The public API: ``compile`` for users, and for pass and target authors the IR (`
 quantization helpers. Built-in passes in ``qcompiler.passes`` use nothing else.
 """
 
-from .api import INTEGER_OPS, CompileResult, compile, op_histogram
+from .api import CompileResult, compile, op_histogram
 from .calibration import (CalibrationData, InputSpec, PatchSpec, RangeCollector, Statistics, input_patches,
                           input_specs, load_calibration)
 from .check import CheckResult, Problem, check_model
 from .errors import PassFailure, UserError
 from .imagedata import ImageSpec
+from .kernels import INTEGER_OPS, KERNELS, KernelSpec, Operand, assemble_inputs, kernel_spec, kernels_for
 from .ir import (AnyValue, Const, Constant, Graph, Match, Model, Node, Op, Rewriter, Rule, Value, Variable,
                  apply_rules, load_model, match, node_subgraphs, verify_model)
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager, PassResult
@@ -30,6 +31,7 @@ __all__ = [
     "PassFailure", "PassManager", "PassRegistry", "PassResult", "PassSpec", "Plan", "QParams", "QType",
     "RangeCollector", "Rewriter", "Rule", "Target", "TensorRule", "UserError", "Value", "Variable",
     "CheckResult", "Problem", "check_model",
+    "KERNELS", "KernelSpec", "Operand", "assemble_inputs", "kernel_spec", "kernels_for",
     "SimResult", "simulate",
     "__version__", "apply_rules", "builtin_targets", "compile", "compute_qparams", "default_registry",
     "dequantize", "format_pipeline", "input_specs", "is_float", "load_calibration", "load_model", "load_target",

@@ -16,6 +16,7 @@ import onnx
 from .calibration import input_specs, load_calibration
 from .errors import UserError
 from .ir import Model, load_model, save_proto
+from .kernels import INTEGER_OPS
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -24,11 +25,6 @@ from .version import __version__
 
 __all__ = ["compile", "CompileResult", "op_histogram", "INTEGER_OPS", "build_pipeline"]
 
-INTEGER_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-    "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax",
-    "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearWhere",
-})
 
 
 def op_histogram(model: Model) -> dict[str, int]:
