@@ -156,9 +156,9 @@ class LowerQoperator(Pass):
                     kept[node.name] = (f"no {spec.name}: its output is not quantized (a graph output or "
                                        f"read only by float ops), so it runs in float on dequantized inputs")
         ctx.analysis["lowered"] = sorted((previous | set(lowered)) - set(kept))
-        floats = dict(ctx.analysis.get("float_nodes", {}))
-        floats.update(kept)
-        ctx.analysis["float_nodes"] = floats
+        plan = ctx.analysis.get("plan")  # insert-qdq's: the report's float nodes are its
+        for name, reason in kept.items():
+            plan.deviate(name, reason)
         return PassResult(rw.modified)
 
     @staticmethod

@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 
 from qcompiler import (KernelSpec, Model, Pass, PassContext, PassResult, UserError, assemble_inputs, compute_qparams,
                        kernel_spec, kernels_for, quantize, weight_qparams)
+from qcompiler.plan import plan_dynamic
 from qcompiler.calib_methods import weight_mse_clip
 
 __all__ = ["QuantizeDynamic"]
@@ -88,28 +89,18 @@ class QuantizeDynamic(Pass):
         cfg = ctx.target.op("MatMul", mode="dynamic")
         if cfg is None:
             raise UserError(f"target '{ctx.target.name}' has no dynamic kernel for MatMul (key dynamic.ops.MatMul)")
+        plan = plan_dynamic(model, ctx.target, exclude=self.exclude, min_weight_elements=self.min_weight_elements,
+                            max_k=self.max_k, overrides=ctx.analysis.get("plan_overrides"))
         rw = ctx.rewriter(model)
         lowered: list[str] = []
-        floats: dict[str, str] = {}
         for graph in list(model.graph.walk()):
             shared: dict[int, tuple] = {}
             for node in graph.nodes:
-                if node.op != "MatMul" or not node.outputs:
-                    continue
-                if node.name in self.exclude:
-                    floats[node.name] = "excluded by option"
+                outcome = plan.outcome(node.name) if node.op == "MatMul" and node.outputs else None
+                if outcome is None or outcome.kind != "dynamic":
                     continue
                 w_val = node.inputs[1]
-                if not isinstance(w_val, gs.Constant):
-                    floats[node.name] = "MatMul of two run-time values (no constant weight)"
-                    continue
                 w = np.asarray(w_val.values)
-                if w.ndim != 2 or w.dtype != np.float32 or w.size < self.min_weight_elements:
-                    floats[node.name] = "weight is not a large 2-D float32 matrix"
-                    continue
-                if self.max_k and w.shape[0] > self.max_k:
-                    floats[node.name] = f"{w.shape[0]} input features > max-k {self.max_k}"
-                    continue
                 qtype = cfg.weight.qtype
                 # the pair-sum limit matters here too: the dynamic kernels are u8s8 GEMMs
                 axis = 1 if cfg.weight.per_channel else None
@@ -170,6 +161,7 @@ class QuantizeDynamic(Pass):
                 for node in graph.nodes:
                     if node.op == "Gather" and node.outputs and self._gather(rw, graph, node, gather_cfg):
                         lowered.append(node.name)
+        ctx.analysis["plan"] = plan
         ctx.analysis["lowered"] = lowered
-        ctx.analysis["float_nodes"] = floats
+        ctx.analysis["float_nodes"] = plan.float_nodes
         return PassResult(rw.modified)

@@ -16,7 +16,7 @@ from .ir import (AnyValue, Const, Constant, Graph, Match, Model, Node, Op, Rewri
                  apply_rules, load_model, match, node_subgraphs, verify_model)
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager, PassResult
 from .pipeline import PassSpec, format_pipeline, parse_pipeline
-from .plan import NodePlan, Plan, is_float, plan_quantization, producer_op, weight_axis
+from .plan import NodePlan, Outcome, Plan, is_float, plan_for, plan_quantization, producer_op, weight_axis
 from .rangefile import read_ranges, write_ranges, write_tensorrt_table
 from .quant import QParams, QType, compute_qparams, dequantize, gptq_round, qrange, quantize, weight_qparams
 from .registry import PassRegistry, default_registry
@@ -27,7 +27,7 @@ from .version import __version__
 __all__ = [
     "ImageSpec", "read_ranges", "write_ranges", "write_tensorrt_table",
     "AnyValue", "CalibrationData", "PatchSpec", "input_patches", "gptq_round", "CompileResult", "Const", "Constant", "Graph", "INTEGER_OPS", "InputSpec",
-    "Instrumentation", "Match", "Model", "Node", "NodePlan", "Op", "OpConfig", "Pass", "PassContext",
+    "Instrumentation", "Match", "Model", "Node", "NodePlan", "Outcome", "Op", "OpConfig", "Pass", "PassContext",
     "PassFailure", "PassManager", "PassRegistry", "PassResult", "PassSpec", "Plan", "QParams", "QType",
     "RangeCollector", "Rewriter", "Rule", "Target", "TensorRule", "UserError", "Value", "Variable",
     "CheckResult", "Problem", "check_model",
@@ -35,6 +35,6 @@ __all__ = [
     "SimResult", "simulate",
     "__version__", "apply_rules", "builtin_targets", "compile", "compute_qparams", "default_registry",
     "dequantize", "format_pipeline", "input_specs", "is_float", "load_calibration", "load_model", "load_target",
-    "match", "node_subgraphs", "op_histogram", "parse_pipeline", "plan_quantization", "producer_op",
+    "match", "node_subgraphs", "op_histogram", "parse_pipeline", "plan_for", "plan_quantization", "producer_op",
     "qrange", "quantize", "Statistics", "verify_model", "weight_axis", "weight_qparams",
 ]

@@ -101,6 +101,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
             workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
             calibration_statistics: str | None = None,
+            plan_overrides: dict[str, tuple[str, str]] | None = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -131,6 +132,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ``calibration_statistics``: ``all`` (the pass's default: ranges plus the per-channel means
     insert-qdq's bias correction uses and the second moments of its GPTQ rounding) or ``ranges``
     (ranges only: faster calibration, plain rounding and no bias correction).
+
+    ``plan_overrides`` ({node name: (outcome, reason)}) sets nodes' outcomes in the plan
+    (``qcompiler.plan``) that every pass reads: ``("float", why)`` keeps a node float.
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -178,11 +182,13 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose, log=log)
+    if plan_overrides:
+        ctx.analysis["plan_overrides"] = dict(plan_overrides)
     inst = Instrumentation(print_ir_after=set(print_ir_after), time_passes=time_passes, verify_each=verify_each,
                            stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr)
     manager = PassManager(passes, inst)
     manager.run(m, ctx)
-    check_report = _check_output(m, tgt) if check else None
+    check_report = _check_output(m, tgt, plan_overrides) if check else None
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
@@ -211,11 +217,12 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     return result
 
 
-def _check_output(model: Model, target: Target) -> dict[str, Any]:
+def _check_output(model: Model, target: Target, plan_overrides: dict[str, tuple[str, str]] | None
+                  ) -> dict[str, Any]:
     """The legality check of a compiled model (``qcompiler check``); illegal -> UserError."""
     from .check import check_model
 
-    res = check_model(model, target)
+    res = check_model(model, target, plan_overrides=plan_overrides)
     if not res.legal:
         lines = res.problem_lines()
         more = f" (+{len(lines) - 1} more offending nodes)" if len(lines) > 1 else ""

@@ -217,15 +217,16 @@ def _variant(cfg: OpConfig, op: str, attrs: dict, weight_shape: tuple[int, ...] 
 
 
 # -- the check --------------------------------------------------------------------------------
-def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target: str | os.PathLike[str] | Target
-                ) -> CheckResult:
-    """Check every Q/DQ and integer op of ``model`` against ``target``'s rules."""
+def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target: str | os.PathLike[str] | Target,
+                *, plan_overrides: dict[str, tuple[str, str]] | None = None) -> CheckResult:
+    """Check every Q/DQ and integer op of ``model`` against ``target``'s rules; a float node's
+    reason is the plan's (with ``plan_overrides``, as the compile had them)."""
     tgt = load_target(target)
     m = model if isinstance(model, Model) else load_model(model)
     result = CheckResult(tgt.name)
     kernels = _target_kernels(tgt)
     # the compiler's own reasons (gemv-shaped, wrong opset, ...) for ops the target could run
-    plan_reasons = plan_quantization(m, tgt).float_nodes
+    plan_reasons = plan_quantization(m, tgt, overrides=plan_overrides).float_nodes
     for graph in m.graph.walk():
         nodes = graph.gs.nodes
         outputs = {id(v) for v in graph.gs.outputs}
