@@ -129,13 +129,15 @@ def test_effnet_compiles_runs_and_keeps_fidelity(effnet, reference, target: str)
 @pytest.mark.parametrize("target", TARGETS)
 def test_tiny_model_compiles_and_runs(target: str) -> None:
     """The tiny Conv/Relu/Add/GAP/Gemm model compiles with each target's own pipeline and
-    stays close to the float model in onnxruntime (cosine > 0.98 on unseen inputs)."""
+    stays close to the float model in onnxruntime (cosine > 0.98 on unseen inputs). CPU fact
+    pinned: none (other hardware's output runs as written, see the effnet test)."""
     result = qcompiler.compile(tiny_model(), target=target, calibration=tiny_calibration(8),
                                pipeline=_cheap_pipeline(target))
     onnx.checker.check_model(result.proto, full_check=True)
     xs = tiny_calibration(6, seed=9)[TINY_INPUT]
     want = np.concatenate([_session(tiny_model()).run(None, {TINY_INPUT: x[None]})[0] for x in xs]).ravel()
-    got = np.concatenate([_session(result.proto).run(None, {TINY_INPUT: x[None]})[0] for x in xs]).ravel()
+    sess = _session(result.proto, as_written=not _runs_on_ort_cpu(target))
+    got = np.concatenate([sess.run(None, {TINY_INPUT: x[None]})[0] for x in xs]).ravel()
     assert want @ got / (np.linalg.norm(want) * np.linalg.norm(got)) > 0.98, target
 
 
