@@ -85,9 +85,7 @@ class Plan:
         """Run ``node`` as ``outcome`` whatever the target allows. Only ``float`` is supported
         (a node can always fall back to float); the other outcomes are the plan's own
         decisions. Readers that plan again get it through ``compile(plan_overrides=...)``."""
-        if outcome != "float":
-            raise ValueError(f"plan override for node '{node}': outcome '{outcome}' is not supported (float only)")
-        self.overrides[node] = Outcome(outcome, reason)
+        self.overrides[node] = _override(node, outcome, reason)
         self.nodes.pop(node, None)
         self.dynamic.pop(node, None)
         for tail, head in list(self.fused.items()):
@@ -212,13 +210,15 @@ def _group_tail(node: Node, graph: Graph, target: Target, groups: Mapping[str, s
     return tail if tail.name == tail_name and target.fused_with(node.op, tail.op) else None
 
 
+def _override(node: str, kind: str, reason: str) -> Outcome:
+    """An override's outcome; only ``float`` is built by the passes today (module docstring)."""
+    if kind != "float":
+        raise UserError(f"plan override for node '{node}': outcome '{kind}' is not supported (float only)")
+    return Outcome(kind, reason)
+
+
 def _overrides(overrides: Mapping[str, tuple[str, str]] | None) -> dict[str, Outcome]:
-    out: dict[str, Outcome] = {}
-    for node, (kind, reason) in (overrides or {}).items():
-        if kind != "float":
-            raise UserError(f"plan override for node '{node}': outcome '{kind}' is not supported (float only)")
-        out[node] = Outcome(kind, reason)
-    return out
+    return {node: _override(node, kind, reason) for node, (kind, reason) in (overrides or {}).items()}
 
 
 def plan_for(model: Model, ctx: Any, *, ranges: Mapping[str, object] | None = None,

@@ -84,7 +84,7 @@ def test_override_outcomes_other_than_float_are_refused() -> None:
     with pytest.raises(qcompiler.UserError, match="conv1.*'dynamic'"):
         plan_quantization(qcompiler.load_model(tiny_model()), qcompiler.load_target("ort-cpu"),
                           overrides={"conv1": ("dynamic", "x")})
-    with pytest.raises(ValueError):
+    with pytest.raises(qcompiler.UserError, match="'int16'"):
         Plan().override("conv1", "int16", "x")
 
 
