@@ -54,6 +54,10 @@ ROWS: dict[str, tuple[Row, ...]] = {
         Row("effnet_lite0"),
     ),
     "ppocr-calib": tuple(Row("ppocrv4_det", calib=n) for n in (32, 64, 80)),
+    # calibration-set instability: which statistic moves when 16 images are added
+    "ppocr-stats": tuple(Row("ppocrv4_det", calib=n, options=opts) for n in (64, 80) for opts in (
+        (("calibration_statistics", "ranges"),), (("calibration_method", "minmax"),),
+        (("calibration_method", "percentile"),))),
 }
 
 
