@@ -70,8 +70,9 @@ class _Pair:
     depthwise: bool  # second is depthwise: input channel c is its output channel c
 
 
-def _pairs(model: Model) -> tuple[list[_Pair], list[dict[str, str]]]:
-    """Conv -> [activation] -> Conv chains whose intermediate values have one reader each."""
+def _pairs(model: Model, clip_as_relu: bool) -> tuple[list[_Pair], list[dict[str, str]]]:
+    """Conv -> [activation] -> Conv chains whose intermediate values have one reader each
+    (with ``clip_as_relu``, Clip(0, b) counts as a Relu: the caller drops its bound)."""
     pairs, skipped = [], []
     outputs = {v.name for v in model.graph.gs.outputs}
     for node in model.graph.gs.nodes:
@@ -94,8 +95,9 @@ def _pairs(model: Model) -> tuple[list[_Pair], list[dict[str, str]]]:
         if act is not None and act.op not in _EXACT:
             why = ("Clip needs a per-channel bound after scaling; no integer Clip has one"
                    if act.op == "Clip" else f"{act.op} is not positively homogeneous")
-            if act.op == "Clip" and _clip_bounds(act) in ((0.0, np.inf),):
-                why = ""  # Clip(0, inf) is a Relu
+            bounds = _clip_bounds(act) if act.op == "Clip" else None
+            if bounds is not None and bounds[0] == 0.0 and (bounds[1] == np.inf or clip_as_relu):
+                why = ""  # Clip(0, inf) is a Relu; Clip(0, b) becomes one with clip=relu
             if why:
                 skipped.append({"first": node.name, "activation": act.name, "second": nxt.name, "reason": why})
                 continue
@@ -117,10 +119,13 @@ class EqualizeLayers(Pass):
     bias into Conv2's (``b2 += sum W2 c``), shrinking the activation range; exact wherever
     Conv1's output is >= c (by the 3-sigma rule almost everywhere) and Conv2 pads with zeros
     away from the border. `only-per-tensor` (default true): do nothing unless the target's
-    weights are per tensor, where equalization pays off.
+    weights are per tensor, where equalization pays off. `clip=relu` (inexact, as AIMET does
+    for ReLU6): a Clip(0, b) between the pair becomes a Relu and the pair is equalized; the
+    float model then differs wherever the pre-activation exceeded b (the report counts them).
     """
 
     name = "equalize-layers"
+    clip: str = "skip"  # skip: Clip(0, b) pairs are left alone | relu: its bound is dropped (inexact)
     iterations: int = 4
     absorb_bias: bool = False
     sigmas: float = 3.0
@@ -132,8 +137,20 @@ class EqualizeLayers(Pass):
         if self.only_per_tensor and ctx.target.weight_rule().per_channel:
             ctx.report["equalize_layers"] = {"pairs": 0, "skipped": [], "note": "target weights are per channel"}
             return PassResult(False)
-        pairs, skipped = _pairs(model)
+        if self.clip not in ("skip", "relu"):
+            raise UserError(f"pass 'equalize-layers': option 'clip={self.clip}' must be 'skip' or 'relu'")
+        pairs, skipped = _pairs(model, self.clip == "relu")
         rw = ctx.rewriter(model)
+        unbounded = 0
+        for p in pairs:
+            if p.act is not None and p.act.op == "Clip" and _clip_bounds(p.act) != (0.0, np.inf):
+                relu = rw.value(p.act.outputs[0].name + "_relu", dtype=p.act.outputs[0].dtype,
+                                shape=p.act.outputs[0].shape)
+                new = rw.create_node(model.graph, "Relu", [p.act.inputs[0]], [relu], name=p.act.name + "_relu",
+                                     before=p.act)
+                rw.set_input(p.second, 0, relu)
+                rw.erase_node(model.graph, p.act)
+                p.act, unbounded = new, unbounded + 1
         before = [_spread(p) for p in pairs]
         for _ in range(self.iterations):
             for p in pairs:
@@ -141,6 +158,7 @@ class EqualizeLayers(Pass):
         absorbed = self._absorb(model, ctx, rw, pairs) if self.absorb_bias and pairs else 0
         ctx.report["equalize_layers"] = {
             "pairs": len(pairs), "absorbed_channels": absorbed, "skipped": skipped,
+            "clips_made_relu": unbounded,
             "spread_before": round(float(np.median(before)), 3) if before else None,
             "spread_after": round(float(np.median([_spread(p) for p in pairs])), 3) if pairs else None}
         return PassResult(rw.modified)

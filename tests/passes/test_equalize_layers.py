@@ -142,3 +142,20 @@ def test_per_tensor_quantization_error_drops() -> None:
     proto = _model("Relu")
     plain, equalized = _quant_error(proto, False), _quant_error(proto, True)
     assert equalized < 0.5 * plain, (plain, equalized)
+
+
+def test_clip_as_relu_option() -> None:
+    """clip=relu: the Clip(0, 6) becomes a Relu and the pair is equalized; the float output is
+    unchanged where no pre-activation reaches 6 (inputs scaled down here), and differs where
+    one does (the documented inexactness)."""
+    proto = _model("Clip")
+    model, report, changed = _run(proto, clip="relu")
+    assert changed and report["pairs"] == 1 and report["clips_made_relu"] == 1 and report["skipped"] == []
+    assert "Clip" not in op_types(model) and "Relu" in op_types(model)
+    small = {"x": rand([1, C_IN, HW, HW], 9) * 0.1}
+    want, got = run_ort(proto, small)[0], run_ort(model, small)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    large = {"x": rand([1, C_IN, HW, HW], 9) * 50}
+    assert not np.allclose(run_ort(proto, large)[0], run_ort(model, large)[0], rtol=1e-3)
+    with pytest.raises(qcompiler.UserError, match="clip"):
+        _run(proto, clip="maybe")
