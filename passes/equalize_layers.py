@@ -165,6 +165,9 @@ class EqualizeLayers(Pass):
 
     @staticmethod
     def _equalize(rw: Rewriter, p: _Pair) -> None:
+        # a chain's middle layer is the second of one pair and the first of the next: read
+        # both weights from the graph, never from an earlier copy
+        p.w1, p.w2 = np.asarray(p.first.inputs[1].values), np.asarray(p.second.inputs[1].values)
         axes1 = tuple(range(1, p.w1.ndim))
         r1 = np.abs(p.w1).max(axis=axes1)
         r2 = np.abs(p.w2).max(axis=tuple(range(1, p.w2.ndim))) if p.depthwise else \
@@ -198,6 +201,7 @@ class EqualizeLayers(Pass):
         observe_values(model, ctx.calibration, [p.first.outputs[0].name for p in relu], visit, who=self.name)
         absorbed = 0
         for p in relu:
+            p.w2 = np.asarray(p.second.inputs[1].values)
             total, square, n = sums[p.first.outputs[0].name]
             mean = total / n
             std = np.sqrt(np.maximum(square / n - mean**2, 0.0))

@@ -159,3 +159,20 @@ def test_clip_as_relu_option() -> None:
     assert not np.allclose(run_ort(proto, large)[0], run_ort(model, large)[0], rtol=1e-3)
     with pytest.raises(qcompiler.UserError, match="clip"):
         _run(proto, clip="maybe")
+
+
+def test_chain_of_three_stays_exact() -> None:
+    """conv1 -> Relu -> conv2 -> Relu -> conv3: conv2 is the second of one pair and the first
+    of the next; sweeping both pairs keeps the float output (and equalizes each pair)."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a1"], name="act1"),
+             helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], name="conv2", group=C, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["a2"], name="act2"),
+             helper.make_node("Conv", ["a2", "w3"], ["y"], name="conv3")]
+    inits = [init("w1", _imbalanced([C, C_IN, 3, 3], 1)), init("b1", rand([C], 2)),
+             init("w2", _imbalanced([C, 1, 3, 3], 3)), init("b2", rand([C], 4)),
+             init("w3", rand([C_OUT, C, 1, 1], 5))]
+    proto = make_model(nodes, [tensor("x", [1, C_IN, HW, HW])], [tensor("y", [1, C_OUT, HW, HW])], inits)
+    model, report, changed = _run(proto, iterations="8")
+    assert changed and report["pairs"] == 2 and report["spread_after"] < report["spread_before"]
+    _close(proto, model)
