@@ -46,6 +46,10 @@ class Row:
         return f"{self.target}, {self.calib} calib" + (f", {opts}" if opts else "")
 
 
+_ORT_CPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn,fold-conv-affine,fuse-hardswish,"
+            "fuse-gelu{domain=com.microsoft},fuse-pad-conv,group-activations,calibrate,insert-qdq,lower-qoperator,"
+            "cleanup-qdq,convert-float16,compress-weights,compact-qparams")  # ort-cpu's static pipeline
+
 ROWS: dict[str, tuple[Row, ...]] = {
     "default": (
         Row("minilm_l6"),
@@ -55,9 +59,12 @@ ROWS: dict[str, tuple[Row, ...]] = {
     ),
     "ppocr-calib": tuple(Row("ppocrv4_det", calib=n) for n in (32, 64, 80)),
     # calibration-set instability: which statistic moves when 16 images are added
-    "ppocr-stats": tuple(Row("ppocrv4_det", calib=n, options=opts) for n in (64, 80) for opts in (
+    "ppocr-stats": tuple(Row("ppocrv4_det", calib=n, options=opts) for n in (80, 64) for opts in (
         (("calibration_statistics", "ranges"),), (("calibration_method", "minmax"),),
         (("calibration_method", "percentile"),))),
+    # which of insert-qdq's two uses of the statistics: GPTQ rounding or bias correction
+    "ppocr-insert": tuple(Row("ppocrv4_det", calib=80, options=(("pipeline", _ORT_CPU.replace("insert-qdq", o)),))
+                          for o in ("insert-qdq{rounding=nearest}", "insert-qdq{bias-correction=false}")),
 }
 
 

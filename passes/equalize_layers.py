@@ -82,6 +82,8 @@ def _pairs(model: Model, clip_as_relu: bool) -> tuple[list[_Pair], list[dict[str
         nxt, act = node.outputs[0].outputs[0], None
         if nxt.op != "Conv":
             act = nxt
+            if sum(not isinstance(v, gs.Constant) for v in act.inputs) != 1:
+                continue  # a residual Add, a Concat: not an activation between two layers
             if len(act.outputs) != 1 or len(act.outputs[0].outputs) != 1 or act.outputs[0].name in outputs:
                 continue
             nxt = act.outputs[0].outputs[0]
