@@ -58,6 +58,7 @@ ROWS: dict[str, tuple[Row, ...]] = {
         Row("effnet_lite0"),
     ),
     "ppocr-calib": tuple(Row("ppocrv4_det", calib=n) for n in (32, 64, 80)),
+    "ppocr-32": (Row("ppocrv4_det", calib=32), Row("ppocrv4_det", calib=32, options=(("calibration_statistics", "ranges"),))),
     # calibration-set instability: which statistic moves when 16 images are added
     "ppocr-stats": tuple(Row("ppocrv4_det", calib=n, options=opts) for n in (80, 64) for opts in (
         (("calibration_statistics", "ranges"),), (("calibration_method", "minmax"),),
