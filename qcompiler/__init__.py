@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(['PassFailure', 'UserError'], ".errors"),
     **dict.fromkeys(['ImageSpec'], ".imagedata"),
     **dict.fromkeys(['AnyValue', 'Const', 'Constant', 'Graph', 'Match', 'Model', 'Node', 'Op', 'Rewriter', 'Rule', 'Value', 'Variable', 'apply_rules', 'load_model', 'match', 'node_subgraphs', 'verify_model'], ".ir"),
+    **dict.fromkeys(['observe_values'], ".observe"),
     **dict.fromkeys(['Instrumentation', 'Pass', 'PassContext', 'PassManager', 'PassResult'], ".pass_manager"),
     **dict.fromkeys(['PassSpec', 'format_pipeline', 'parse_pipeline'], ".pipeline"),
     **dict.fromkeys(['NodePlan', 'Plan', 'is_float', 'plan_quantization', 'producer_op', 'weight_axis'], ".plan"),
