@@ -5,6 +5,7 @@ The public API: ``compile`` for users, and for pass and target authors the IR (`
 quantization helpers. Built-in passes in ``qcompiler.passes`` use nothing else.
 """
 
+from .analysis import analyze, layer_sensitivity
 from .api import INTEGER_OPS, CompileResult, compile, op_histogram
 from .calibration import (CalibrationData, InputSpec, PatchSpec, RangeCollector, Statistics, input_patches,
                           input_specs, load_calibration)
@@ -30,7 +31,7 @@ __all__ = [
     "PassFailure", "PassManager", "PassRegistry", "PassResult", "PassSpec", "Plan", "QParams", "QType",
     "RangeCollector", "Rewriter", "Rule", "Target", "TensorRule", "UserError", "Value", "Variable",
     "CheckResult", "Problem", "check_model",
-    "SimResult", "simulate",
+    "SimResult", "simulate", "analyze", "layer_sensitivity",
     "__version__", "apply_rules", "builtin_targets", "compile", "compute_qparams", "default_registry",
     "dequantize", "format_pipeline", "input_specs", "is_float", "load_calibration", "load_model", "load_target",
     "match", "node_subgraphs", "op_histogram", "parse_pipeline", "plan_quantization", "producer_op",
