@@ -7,11 +7,12 @@ model stores them, and its output grid. Each maps back to the node of the float 
 (prepared by the target's pipeline up to calibration, so fused BatchNorms and fused
 activations have the names and weights the compiler saw) it came from.
 
-:class:`FakeQuantModel` is that float model with every layer's quantization inserted behind
-a switch (one scalar graph input per layer): ``x + on * (DQ(Q(x)) - x)`` on each activation
-input and output, ``w + on * (w_int - w)`` on weights and biases. One onnxruntime session
-(the Q/DQ pairs run as float ops, never as integer kernels, so every CPU gives the same
-numbers up to float rounding) then runs the float model (all off), the quantized one (all on) or any mix -
+:class:`FakeQuantModel` is that float model with every layer's quantization behind a switch
+(one boolean graph input per layer): the layer node becomes an ``If`` whose then-branch runs it
+on ``DQ(Q(x))`` inputs with the quantized model's dequantized weights and bias, and its output
+passes through an ``If`` that applies ``DQ(Q(y))``. One onnxruntime session (the Q/DQ pairs run
+as float ops, never as integer kernels, so every CPU gives the same numbers up to float
+rounding) then runs the float model (all off), the quantized one (all on) or any mix -
 the per-layer sensitivity and, later, an accuracy budget search.
 """
 
@@ -41,6 +42,11 @@ _LAYOUT: dict[str, tuple[tuple[tuple[int, int], ...], int | None, tuple[int, int
     "QLinearLeakyRelu": (((0, 0),), None, (3, 4)),
     "QLinearSoftmax": (((0, 0),), None, (3, 4)),
 }
+
+
+#: onnxruntime graph transformers that turn Q/DQ into integer kernels or move them
+_QDQ_OPTIMIZERS = ("QDQSelectorActionTransformer", "QDQS8ToU8Transformer", "QDQPropagationTransformer",
+                   "QDQFinalCleanupTransformer", "DoubleQDQPairsRemover", "ConstantFolding")
 
 
 @dataclass(frozen=True)
@@ -210,19 +216,25 @@ class FakeQuantModel:
         producers = {o: n for n in g.node for o in n.output}
         by_name = {n.name: n for n in g.node}
         self.switch = {layer.name: f"qc_on_{i}" for i, layer in enumerate(self.layers)}
-        self.skipped: dict[str, str] = {}
-        before: dict[int, list[onnx.NodeProto]] = {}  # node position -> nodes to insert before it
-        after: dict[int, list[onnx.NodeProto]] = {}
+        replace: dict[int, onnx.NodeProto] = {}       # node position -> the If node standing for it
+        after: dict[int, list[onnx.NodeProto]] = {}   # node position -> nodes right after it
         order = {id(n): i for i, n in enumerate(g.node)}
         for layer in self.layers:
             sw = self.switch[layer.name]
-            g.input.append(helper.make_tensor_value_info(sw, onnx.TensorProto.FLOAT, []))
+            g.input.append(helper.make_tensor_value_info(sw, onnx.TensorProto.BOOL, []))
             node = by_name[layer.name]
-            pre: list[onnx.NodeProto] = []
+            then_nodes: list[onnx.NodeProto] = []
+            then_inits: list[onnx.TensorProto] = []
+            else_inits: list[onnx.TensorProto] = []
+            q = onnx.NodeProto()
+            q.CopyFrom(node)
+            f = onnx.NodeProto()
+            f.CopyFrom(node)
             for fi, grid in layer.activations.items():
-                new = f"{node.input[fi]}__qc{layer.index}_{fi}"
-                pre += self._qdq(g, node.input[fi], new, grid, sw, f"{layer.index}_{fi}")
-                node.input[fi] = new
+                tag = f"{layer.index}_{fi}"
+                local = f"{node.input[fi]}__qc{tag}"
+                then_nodes += self._qdq(then_inits, node.input[fi], local, grid, tag)
+                q.input[fi] = local
             for fi, w in layer.weights.items():
                 name = node.input[fi] if fi < len(node.input) else ""
                 if name not in inits:
@@ -232,26 +244,48 @@ class FakeQuantModel:
                 if wf.shape != w.shape:
                     layer.notes.append(f"input {fi}: weight shape {w.shape} != float {wf.shape}")
                     continue
-                delta = f"qc_delta_{layer.index}_{fi}"
-                g.initializer.append(numpy_helper.from_array((w.astype(np.float32) - wf.astype(np.float32)), delta))
-                d, new = f"{delta}_on", f"{name}__qc{layer.index}_{fi}"
-                pre += [helper.make_node("Mul", [delta, sw], [d]), helper.make_node("Add", [name, d], [new])]
-                node.input[fi] = new
-            before.setdefault(order[id(node)], []).extend(pre)
+                # both branches hold their weights as their own constants: onnxruntime pre-packs
+                # them (an outer-scope or computed weight would make Conv take its slow path)
+                qn, fn = f"qc_w{layer.index}_{fi}_q", f"qc_w{layer.index}_{fi}_f"
+                then_inits.append(numpy_helper.from_array(w.astype(np.float32), qn))
+                else_inits.append(numpy_helper.from_array(wf, fn))
+                q.input[fi], f.input[fi] = qn, fn
+            outs = list(node.output)
+            q.name, f.name = f"{node.name}__qc_q", f"{node.name}__qc_f"
+            del q.output[:], f.output[:]
+            q.output.extend(f"{o}__qc_then" for o in outs)
+            f.output.extend(f"{o}__qc_else" for o in outs)
+            then_g = helper.make_graph(then_nodes + [q], f"qc_then_{layer.index}", [],
+                                       [helper.make_empty_tensor_value_info(o) for o in q.output], then_inits)
+            else_g = helper.make_graph([f], f"qc_else_{layer.index}", [],
+                                       [helper.make_empty_tensor_value_info(o) for o in f.output], else_inits)
+            _typed(then_g), _typed(else_g)
+            replace[order[id(node)]] = helper.make_node("If", [sw], outs, name=node.name, then_branch=then_g,
+                                                         else_branch=else_g)
             if layer.output is not None and layer.output.float in producers:
                 t = layer.output.float
                 prod = producers[t]
                 raw = f"{t}__qc_pre{layer.index}"
                 prod.output[list(prod.output).index(t)] = raw
                 producers[raw] = prod
-                after.setdefault(order[id(prod)], []).extend(self._qdq(g, raw, t, layer.output, sw, f"{layer.index}_o"))
+                if prod is node:
+                    r = replace[order[id(node)]]
+                    r.output[list(r.output).index(t)] = raw
+                tag = f"{layer.index}_o"
+                ti: list[onnx.TensorProto] = []
+                tn = self._qdq(ti, raw, f"{t}__qc_then", layer.output, tag)
+                tg = helper.make_graph(tn, f"qc_oq_{tag}", [], [helper.make_empty_tensor_value_info(f"{t}__qc_then")], ti)
+                eg = helper.make_graph([helper.make_node("Identity", [raw], [f"{t}__qc_else"])], f"qc_of_{tag}", [],
+                                       [helper.make_empty_tensor_value_info(f"{t}__qc_else")])
+                _typed(tg), _typed(eg)
+                after.setdefault(order[id(prod)], []).append(
+                    helper.make_node("If", [sw], [t], name=f"{layer.name}__qc_out", then_branch=tg, else_branch=eg))
             elif layer.output is not None:
                 layer.notes.append(f"output '{layer.output.float}' not in the float model")
         old = list(g.node)
         del g.node[:]
         for i, n in enumerate(old):
-            g.node.extend(before.get(i, []))
-            g.node.append(n)
+            g.node.append(replace.get(i, n))
             g.node.extend(after.get(i, []))
         self.outputs = [o.name for o in g.output]
         have = set(self.outputs)
@@ -261,34 +295,37 @@ class FakeQuantModel:
                 have.add(name)
         self.all_outputs = [o.name for o in g.output]
         so = ort.SessionOptions()
-        # Full graph optimization is safe here: every Q -> DQ pair feeds a Sub, so onnxruntime
-        # forms no integer kernel (whose results differ by CPU ISA); it only fuses and
-        # re-lays out float ops (tests/test_analysis.py checks against ORT_DISABLE_ALL).
+        # Full float optimization (fusions, NCHWc layout, pre-packed weights) with onnxruntime's
+        # QDQ transformers off: no Q/DQ pair becomes an integer kernel (whose results differ by
+        # CPU ISA). tests/test_analysis.py checks the numbers against ORT_DISABLE_ALL.
         so.graph_optimization_level = opt_level if opt_level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=list(_QDQ_OPTIMIZERS))
         self.proto = m
 
     @staticmethod
-    def _qdq(g: onnx.GraphProto, src: str, dst: str, grid: TensorGrid, sw: str, tag: str) -> list[onnx.NodeProto]:
+    def _qdq(inits: list[onnx.TensorProto], src: str, dst: str, grid: TensorGrid, tag: str) -> list[onnx.NodeProto]:
         s, z = f"qc_s_{tag}", f"qc_z_{tag}"
-        g.initializer.append(numpy_helper.from_array(np.asarray(grid.scale, np.float32).reshape(()), s))
-        g.initializer.append(numpy_helper.from_array(np.asarray(grid.zero_point).reshape(()), z))
-        q, d, e, eo = f"{dst}__q{tag}", f"{dst}__dq{tag}", f"{dst}__e{tag}", f"{dst}__eo{tag}"
-        return [helper.make_node("QuantizeLinear", [src, s, z], [q]),
-                helper.make_node("DequantizeLinear", [q, s, z], [d]),
-                helper.make_node("Sub", [d, src], [e]),
-                helper.make_node("Mul", [e, sw], [eo]),
-                helper.make_node("Add", [src, eo], [dst])]
+        inits.append(numpy_helper.from_array(np.asarray(grid.scale, np.float32).reshape(()), s))
+        inits.append(numpy_helper.from_array(np.asarray(grid.zero_point).reshape(()), z))
+        return [helper.make_node("QuantizeLinear", [src, s, z], [f"{dst}__q"]),
+                helper.make_node("DequantizeLinear", [f"{dst}__q", s, z], [dst])]
 
     def run(self, feed: Mapping[str, np.ndarray], on: Collection[str], outputs: Sequence[str] | None = None
             ) -> dict[str, np.ndarray]:
         full = dict(feed)
-        one, zero = np.ones((), np.float32), np.zeros((), np.float32)
+        one, zero = np.ones((), np.bool_), np.zeros((), np.bool_)
         for name, sw in self.switch.items():
             full[sw] = one if name in on else zero
         names = list(outputs) if outputs is not None else self.outputs
         return dict(zip(names, self.session.run(names, full)))
+
+
+def _typed(graph: onnx.GraphProto) -> None:
+    """Branch outputs are float tensors of any shape (If needs their element type)."""
+    for o in graph.output:
+        o.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
 
 
 def batches(feeds: Iterable[Mapping[str, np.ndarray]], size: int = 8) -> list[dict[str, np.ndarray]]:
