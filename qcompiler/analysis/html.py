@@ -16,7 +16,8 @@ h1{font-size:22px;margin:0 0 8px} h2{font-size:17px;margin:28px 0 8px;border-bot
 .summary{background:#f4f7fb;border-left:4px solid #2a6fdb;padding:10px 14px;font-size:15px}
 .summary p{margin:4px 0} table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;
 border-bottom:1px solid #eee;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.w{max-width:260px;font-size:12px;color:#555}
+td.w{max-width:200px;font-size:12px;color:#555}
+table#worst td:nth-child(2){max-width:280px;word-break:break-all}
 .bad{color:#b00020;font-weight:600} .hists{display:flex;flex-wrap:wrap;gap:12px}
 .hist{border:1px solid #ddd;padding:6px} .muted{color:#777} svg text{font:11px sans-serif}
 .part{margin:4px 0}
@@ -28,6 +29,14 @@ def fmt(x: Any) -> str:
     if x is None:
         return "-"
     return str(x)
+
+
+def _short(precision: str) -> str:
+    """The precision text, abbreviated for a table cell (the JSON has the long form)."""
+    for long, short in (("activations ", "act "), ("weights ", "w "), ("per-channel", "per-ch"),
+                        ("per-tensor", "per-t"), ("output ", "out ")):
+        precision = precision.replace(long, short)
+    return precision
 
 
 def _pct(x: Any) -> str:
@@ -121,7 +130,8 @@ def _worst(r: dict[str, Any]) -> str:
                     f"<td class=\"n\">{_pct(rg.get('clipped_fraction'))}</td>"
                     f"<td class=\"n\">[{fmt(chosen[0])}, {fmt(chosen[1])}]</td>"
                     f"<td class=\"n\">[{fmt(obs[0])}, {fmt(obs[1])}]</td>"
-                    f"<td class=\"w\">{escape(x['precision'])}</td><td class=\"w\">{escape(x['kernel'] + notes)}</td></tr>")
+                    f"<td class=\"w\" title=\"{escape(x['reason'])}\">{escape(_short(x['precision']))}</td>"
+                    f"<td class=\"w\">{escape(x['kernel'] + notes)}</td></tr>")
     return "".join(rows) + "</table>"
 
 
