@@ -274,7 +274,8 @@ class FakeQuantModel:
                 tag = f"{layer.index}_o"
                 ti: list[onnx.TensorProto] = []
                 tn = self._qdq(ti, raw, f"{t}__qc_then", layer.output, tag)
-                tg = helper.make_graph(tn, f"qc_oq_{tag}", [], [helper.make_empty_tensor_value_info(f"{t}__qc_then")], ti)
+                tg = helper.make_graph(tn, f"qc_oq_{tag}", [],
+                                       [helper.make_empty_tensor_value_info(f"{t}__qc_then")], ti)
                 eg = helper.make_graph([helper.make_node("Identity", [raw], [f"{t}__qc_else"])], f"qc_of_{tag}", [],
                                        [helper.make_empty_tensor_value_info(f"{t}__qc_else")])
                 _typed(tg), _typed(eg)

@@ -147,8 +147,9 @@ def analyze(float_model: Any, quant_model: Any, inputs: Any, *, target: Any = No
     (any calibration source). Returns the report dict; writes it as JSON and/or a
     self-contained HTML page when asked. Deterministic: same inputs, same bytes."""
     for path in (html, json_path):
-        if path is not None and os.path.dirname(os.fspath(path)) and not os.path.isdir(os.path.dirname(os.fspath(path))):
-            raise UserError(f"{path}: cannot write: directory '{os.path.dirname(os.fspath(path))}' does not exist")
+        parent = os.path.dirname(os.fspath(path)) if path is not None else ""
+        if parent and not os.path.isdir(parent):
+            raise UserError(f"{path}: cannot write: directory '{parent}' does not exist")
     s = setup_analysis(float_model, quant_model, inputs, target=target, limit=limit, image_spec=image_spec)
     grids = {layer.name: _range_tensor(layer) for layer in s.layers}
     watched = sorted({g.float for g in grids.values() if g is not None})
