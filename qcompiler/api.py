@@ -245,8 +245,10 @@ def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[st
             raise UserError(f"{analysis}: --analysis needs real input samples (--eval-data, or 10 or more "
                             "calibration samples to hold some out)")
         return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
-    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples),
-                engine="onnxruntime CPU provider (this machine's kernels)")
+    as_written = report["format"] == "qdq"
+    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
+                engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
+                                                       else "the model's integer kernels"))
     if analysis is not None:
         from .analysis import analyze
 

@@ -4,8 +4,11 @@ samples calibration did not see.
 Eval samples are ``eval_data`` when given, otherwise the last ``max(1, n // 10)`` (at most
 16) samples of an ``n``-sample calibration set with ``n >= 10``, which are then held out of
 calibration (so compiled bytes change with the hold-out: see docs/design.md, "Accuracy
-analysis"). Both models run in onnxruntime's CPU provider as a user runs them; the figures
-are those of this machine's kernels.
+analysis"). Both models run in onnxruntime's CPU provider. A QOperator model runs with the
+integer kernels it names (what a user runs; ort-cpu's pair-sum limit keeps them exact without
+VNNI); a QDQ model runs as written (graph optimizations off: Q/DQ in float, the grid's math on
+every CPU) - onnxruntime would otherwise fuse its groups into its own int8 kernels, which
+saturate on x86 without VNNI (qcompiler.host), and that is not the target's arithmetic.
 """
 
 from __future__ import annotations
@@ -43,19 +46,22 @@ def hold_out(calib: CalibrationData) -> tuple[list[dict[str, np.ndarray]], dict[
 
 
 def measure_fidelity(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
-                     samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+                     samples: list[dict[str, np.ndarray]], *, as_written: bool) -> dict[str, Any]:
     """Per graph output of ``quant_model``: cosine, SQNR and (classifier outputs) top-1
-    agreement against ``float_model``, over ``samples``."""
+    agreement against ``float_model``, over ``samples``. ``as_written``: run the quantized
+    model without graph optimizations (QDQ models)."""
     import onnxruntime as ort
 
     from .analysis.metrics import OutputFidelity
 
-    def session(m: onnx.ModelProto) -> Any:
+    def session(m: onnx.ModelProto, plain: bool) -> Any:
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if plain:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-    fs, qs = session(float_model), session(quant_model)
+    fs, qs = session(float_model, False), session(quant_model, as_written)
     names = [o.name for o in quant_model.graph.output]
     fid = OutputFidelity()
     for feed in samples:
