@@ -17,7 +17,7 @@ h1{font-size:22px;margin:0 0 8px} h2{font-size:17px;margin:28px 0 8px;border-bot
 .summary p{margin:4px 0} table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;
 border-bottom:1px solid #eee;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.w{max-width:200px;font-size:12px;color:#555}
-table#worst td:nth-child(2){max-width:280px;word-break:break-all}
+table#worst td:nth-child(2){max-width:280px;overflow-wrap:anywhere}
 .bad{color:#b00020;font-weight:600} .hists{display:flex;flex-wrap:wrap;gap:12px}
 .hist{border:1px solid #ddd;padding:6px} .muted{color:#777} svg text{font:11px sans-serif}
 .part{margin:4px 0}
