@@ -202,7 +202,7 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point
 
     ``w`` is [G, R, K] (G independent groups of R output rows over K inputs), ``hessian`` is
     [G, K, K] = sum of x x^T over calibration inputs, ``scale``/``zero_point`` are per row
-    [G, R]. Columns are quantized one at a time and the rounding error of each is pushed onto
+    [G, R], or per element [G, R, K] (blocked weights: a scale per block of columns). Columns are quantized one at a time and the rounding error of each is pushed onto
     the columns not yet quantized, weighted by the inverse Hessian (the GPTQ/OBQ update), so
     errors cancel on the data the layer actually sees. Returns integer codes [G, R, K].
     """
@@ -218,10 +218,12 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point
         h_inv = np.swapaxes(inv_lower, 1, 2) @ inv_lower
         upper = np.swapaxes(np.linalg.cholesky(h_inv), 1, 2)
     except np.linalg.LinAlgError:
-        return np.clip(np.rint(w / scale[..., None]) + zero_point[..., None], qmin, qmax).astype(np.int64)
+        s3, z3 = (scale, zero_point) if scale.ndim == 3 else (scale[..., None], zero_point[..., None])
+        return np.clip(np.rint(w / s3) + z3, qmin, qmax).astype(np.int64)
     work = w.astype(np.float64).copy()
     s = scale.astype(np.float64)
     z = zero_point.astype(np.float64)
+    per_element = s.ndim == 3
     codes = np.empty(w.shape, dtype=np.int64)
     block = 128
     for b0 in range(0, k, block):  # lazy batched updates: exact, but mostly matrix products
@@ -229,9 +231,10 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point
         errs = np.empty((g_count, rows, b1 - b0))
         for j in range(b0, b1):
             col = work[:, :, j]
-            q = np.clip(np.rint(col / s) + z, qmin, qmax)
+            sj, zj = (s[:, :, j], z[:, :, j]) if per_element else (s, z)
+            q = np.clip(np.rint(col / sj) + zj, qmin, qmax)
             codes[:, :, j] = q
-            err = (col - (q - z) * s) / upper[:, j, j][:, None]
+            err = (col - (q - zj) * sj) / upper[:, j, j][:, None]
             errs[:, :, j - b0] = err
             if j + 1 < b1:
                 work[:, :, j + 1:b1] -= err[:, :, None] * upper[:, None, j, j + 1:b1]

@@ -479,7 +479,32 @@ class _Gelu(_Kernel):
         return (0.5 * xd * (1.0 + erf(xd / math.sqrt(2.0)))).astype(x.dtype)
 
 
+class _MatMulNBits(_Kernel):
+    """com.microsoft.MatMulNBits as written (float32 weight from the blocked codes, float32
+    product): onnxruntime's accuracy_level 4 (int8 activations inside MLAS) is an ISA-specific
+    speed choice, not part of the op's definition."""
+
+    def compute(self, a, b, scales, zero_points=None, g_idx=None, bias=None):  # type: ignore[override]
+        from ..weight_only import matmul_nbits
+
+        return matmul_nbits(a, b, scales, zero_points, k=int(self.attr("K", 0)), n=int(self.attr("N", 0)),
+                            bits=int(self.attr("bits", 4)), block_size=int(self.attr("block_size", 128)),
+                            bias=bias).astype(a.dtype)
+
+
+class _GatherBlockQuantized(_Kernel):
+    def compute(self, data, indices, scales, zero_points=None):  # type: ignore[override]
+        from ..weight_only import gather_block_quantized
+
+        if int(self.attr("gather_axis", 0)) != 0 or int(self.attr("quantize_axis", 1)) not in (1, -1):
+            raise NotImplementedError("GatherBlockQuantized: only gather_axis 0, quantize_axis last")
+        return gather_block_quantized(data, indices, scales, zero_points, block_size=int(self.attr("block_size", 128)),
+                                      bits=int(self.attr("bits", 4))).astype(scales.dtype)
+
+
 _KERNELS: dict[str, tuple[type[_Kernel], tuple[str, ...]]] = {
+    "MatMulNBits": (_MatMulNBits, (MS_DOMAIN,)),
+    "GatherBlockQuantized": (_GatherBlockQuantized, (MS_DOMAIN,)),
     "QLinearConv": (_QLinearConv, ("", MS_DOMAIN, SIM_DOMAIN)),
     "ConvInteger": (_ConvInteger, ("", SIM_DOMAIN)),
     "QLinearMatMul": (_QLinearMatMul, ("", SIM_DOMAIN)),
