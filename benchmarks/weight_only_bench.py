@@ -83,8 +83,11 @@ def _fits(proto) -> bool:  # type: ignore[no-untyped-def]
 
 def run_child(spec: dict) -> dict:
     """Run a compile in a child process; its wall time and peak RSS (VmHWM, polled)."""
+    import tempfile
+
+    err_file = tempfile.TemporaryFile(mode="w+")  # a pipe would fill up with the peer's log and block it
     proc = subprocess.Popen([sys.executable, __file__, "_child", json.dumps(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=err_file, text=True)
     peak = 0
     while proc.poll() is None:
         try:
@@ -95,7 +98,9 @@ def run_child(spec: dict) -> dict:
         except OSError:
             pass
         time.sleep(0.05)
-    out, err = proc.communicate()
+    out, _ = proc.communicate()
+    err_file.seek(0)
+    err = err_file.read()
     if proc.returncode != 0:
         return {"error": (err.strip().splitlines() or ["?"])[-1]}
     res = json.loads(out.strip().splitlines()[-1])
@@ -139,7 +144,7 @@ def bench_minilm(a: argparse.Namespace) -> None:
         m = minilm_metrics(ref, emb, ev.context)
         print(f"{tool:12s} {alg:5s} block {a.block_size}: cosine {m['cos']:.4f}  recall@1 {m['recall1']:.3f} "
               f"(fp32 {fp32['recall1']:.3f})  size {_size(out) / _size(model):.3f}x  "
-              f"compile {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB")
+              f"compile {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
 
 
 def _latency(sess: ort.InferenceSession, feed: dict, runs: int) -> float:

@@ -31,7 +31,8 @@ BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
 ALGORITHMS = ("rtn", "gptq", "awq")
 AWQ_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # s = rms(x)^alpha; alpha 0 is plain RTN
-AWQ_RANK = 128  # error of a candidate measured in the top eigen-directions of the input moments
+AWQ_RANK = 128
+CHUNK_ELEMENTS = 1 << 22  # weights quantized at a time (16 MB of float32)  # error of a candidate measured in the top eigen-directions of the input moments
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,9 @@ class WeightOnlyOptions:
         return self
 
     def qtype(self) -> QType:
-        """Codes are unsigned (what the kernels store). Symmetric: the narrow signed range
-        [-(2^(b-1)-1), 2^(b-1)-1] around the implicit zero point 2^(b-1), so no value clips."""
-        top = 2**self.bits - 1
-        if self.symmetric:
-            return QType("uint8", True, 1, top, False)
-        return QType("uint8", False, 0, top, False)
+        """Codes are unsigned (what the kernels store), all 2^b levels; symmetric ones sit
+        around the implicit zero point 2^(b-1) (see _block_params)."""
+        return QType("uint8", self.symmetric, 0, 2**self.bits - 1, False)
 
 
 @dataclass
@@ -137,12 +135,16 @@ def _blocks(wt: np.ndarray, block: int) -> np.ndarray:
 def _block_params(wt: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray]:
     qt = opts.qtype()
     b = _blocks(wt, opts.block_size)
-    if opts.symmetric:  # compute_qparams' symmetric rule is for signed codes: shift by the implicit zp
+    if opts.symmetric:
+        # the block's largest-magnitude value maps exactly onto code 0 (-2^(b-1) steps): the
+        # scale carries its sign, so all 2^b levels are used whichever sign the extreme has
+        # (an absmax / (2^(b-1)-1) scale wastes one level, absmax / 2^(b-1) clips the extreme)
         half = 2 ** (opts.bits - 1)
-        signed = QType("int8", True, qt.qmin - half, qt.qmax - half)
-        absmax = np.abs(b).max(axis=2)
-        qp = compute_qparams(-absmax, absmax, signed)
-        return qp.scale.astype(np.float32), np.full(absmax.shape, half, dtype=np.int64)
+        idx = np.abs(b).argmax(axis=2)[..., None]
+        extreme = np.take_along_axis(b, idx, axis=2)[..., 0].astype(np.float64)
+        scale = (extreme / -half).astype(np.float32)
+        scale = np.where(np.abs(scale) > np.finfo(np.float32).tiny, scale, np.float32(1.0))
+        return scale, np.full(scale.shape, half, dtype=np.int64)
     qp = compute_qparams(b.min(axis=2), b.max(axis=2), qt)
     return qp.scale.astype(np.float32), qp.zero_point.astype(np.int64)
 
@@ -163,21 +165,28 @@ def block_quantize(w: np.ndarray, opts: WeightOnlyOptions, algorithm: str = "rtn
     [K, K] (quant.gptq_round, shared with insert-qdq). ``awq``: :func:`awq_search`'s
     per-input-channel scale, then RTN of the scaled weight.
     """
-    w = np.asarray(w, dtype=np.float32)
-    k = w.shape[0]
+    k, n = w.shape
     act_scale = None
     if algorithm == "awq":
         if hessian is None:
             raise UserError("weight-only awq: no input statistics for a layer")
-        act_scale = awq_search([w], hessian, opts)
+        act_scale = awq_search([np.asarray(w, dtype=np.float32)], hessian, opts)
+    # columns are independent: quantize CHUNK_ELEMENTS weights at a time, so the float
+    # temporaries stay small whatever the weight's size (w may be a memory map)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    parts = []
+    for c0 in range(0, n, step):
+        wc = np.asarray(w[:, c0:c0 + step], dtype=np.float32)
         if act_scale is not None:
-            w = w * act_scale[:, None]
-    wt = np.ascontiguousarray(w.T)  # [N, K]: blocks run along K
-    scale, zp = _block_params(wt, opts)
-    if algorithm == "gptq" and hessian is not None:
-        codes = _gptq(wt, hessian, scale, zp, opts)
-    else:
-        codes = _rtn(wt, scale, zp, opts)
+            wc = wc * act_scale[:, None]
+        wt = np.ascontiguousarray(wc.T)  # [cols, K]: blocks run along K
+        scale, zp = _block_params(wt, opts)
+        if algorithm == "gptq" and hessian is not None:
+            codes = _gptq(wt, hessian, scale, zp, opts)
+        else:
+            codes = _rtn(wt, scale, zp, opts)
+        parts.append((codes, scale, zp))
+    codes, scale, zp = (np.concatenate([p[i] for p in parts]) for i in range(3))
     return BlockQuantized(codes, scale, zp.astype(np.uint8), k, opts.bits, opts.block_size, opts.symmetric, act_scale)
 
 
