@@ -55,8 +55,8 @@ class DecoderConfig:
 SIZES = {
     "tiny": DecoderConfig(64, 160, 2, 4, 2, 256),
     "small": DecoderConfig(256, 704, 4, 8, 2, 4096),
-    "110m": DecoderConfig(768, 2048, 8, 12, 4, 16000),
-    "300m": DecoderConfig(1024, 2816, 16, 16, 4, 32000),
+    "75m": DecoderConfig(768, 2048, 8, 12, 4, 16000),
+    "250m": DecoderConfig(1024, 2816, 16, 16, 4, 32000),
     "1.1b": DecoderConfig(2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B's shape
 }
 
