@@ -322,6 +322,8 @@ def _check_weight_only(tgt: Target, node: gs.Node, domain: str, result: CheckRes
         return False
     kernel, bits, block, symmetric = form
     rule = tgt.weight_only
+    if kernel == "DequantizeLinear" and (rule is None or rule.kernel != kernel):
+        return False  # a blocked DQ into a float MatMul: the target's op rules decide (float elsewhere)
     key = "weight_only.gather_kernel" if node.op == "GatherBlockQuantized" else "weight_only.kernel"
     result.integer_nodes[node.name] = f"{kernel} (weight-only, {bits}-bit, block {block})"
     if rule is None:
