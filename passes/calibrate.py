@@ -23,7 +23,7 @@ from qcompiler.calibration import Statistics
 from qcompiler.plan import Plan, plan_for, ranges_read, value_qtypes
 from qcompiler.rangefile import check_pinned, read_ranges
 
-__all__ = ["Calibrate"]
+__all__ = ["collect_input_moments", "Calibrate"]
 
 
 def _weighted_inputs(model: Model, only: set[str] | None = None) -> dict[str, int]:
@@ -228,6 +228,29 @@ def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, 
             out[ob.exposed] = (ob.value, kinds[ob.node])
         return trial, out
     return proto, {}
+
+
+def collect_input_moments(model: Model, ctx: PassContext, nodes: set[str], *, samples: int = 16,
+                          max_dim: int = 8192, lanes: int = 2) -> dict[str, np.ndarray]:
+    """The input second moments (sum of x x^T, [1, K, K]) of the MatMul/Gemm/Conv ``nodes``
+    over the first ``samples`` calibration samples: the statistics GPTQ rounding reads, for a
+    pass that needs them without ranges (weight-only quantization). Node name -> moments."""
+    if ctx.calibration is None:
+        raise UserError("input statistics need calibration data (--calibration PATH)")
+    specs, alias = _shared_moments(_moment_specs(model, max_dim, nodes))
+    if not specs:
+        return {}
+    shared: dict[str, np.ndarray] = {}
+    proto = model.to_proto(shared=shared, share=_kernel_only).SerializeToString()
+    graph_inputs = {v.name for v in model.graph.inputs}
+    names = [n for n in specs if n not in graph_inputs]
+    inputs = [n for n in specs if n in graph_inputs]
+    job = Job(proto, [names] if names else [], inputs, initializers=shared, moment_specs=specs,
+              moment_limit=samples, grouped_moment_limit=samples, moments_only=True, lanes=lanes)
+    stats, _ = run_sharded(job, ctx.calibration)
+    moments = dict(stats.moments)
+    moments.update({node: moments[first] for node, first in alias.items() if first in moments})
+    return moments
 
 
 @dataclass(frozen=True)

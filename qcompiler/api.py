@@ -102,7 +102,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
             calibration_statistics: str | None = None,
             plan_overrides: dict[str, tuple[str, str]] | None = None, eval_data: Any = None,
-            analysis: str | os.PathLike[str] | None = None,
+            analysis: str | os.PathLike[str] | None = None, weight_bits: int | None = None,
+            block_size: int | None = None, weight_symmetric: bool | None = None, weight_algorithm: str | None = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -141,6 +142,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     (any calibration source) or, without it, on a held-out slice of the calibration data
     (not used for calibration). ``analysis`` (a path) also writes ``qcompiler analyze``'s
     HTML page for the compiled model (its JSON goes into ``report["analysis"]``).
+
+    Weight-only mode (``mode="weight-only"``, the target's ``[weight_only]`` table decides the
+    lowering): ``weight_bits`` (4 or 8), ``block_size`` (16, 32, 64, 128), ``weight_symmetric``
+    and ``weight_algorithm`` (rtn, gptq, awq; default gptq with calibration data, else rtn)
+    are the ``quantize-weights`` pass's options. Calibration data is optional.
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -158,8 +164,20 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     else:
         mode, mode_reason = tgt.default_mode, f"target default ({tgt.default_mode})"
     fmt = format or tgt.default_format
-    if mode not in ("static", "dynamic"):
-        raise UserError(f"--mode {mode}: must be static or dynamic")
+    if mode not in ("static", "dynamic", "weight-only"):
+        raise UserError(f"--mode {mode}: must be static, dynamic or weight-only")
+    wo_opts = {k: v for k, v in {"bits": weight_bits, "block_size": block_size, "symmetric": weight_symmetric,
+                                 "algorithm": weight_algorithm}.items() if v is not None}
+    if mode == "weight-only":
+        from .weight_only import WeightOnlyOptions
+
+        if tgt.weight_only is None:
+            raise UserError(f"target '{tgt.name}' has no [weight_only] table: it cannot run weight-only models")
+        WeightOnlyOptions(**wo_opts).validate(has_data=calibration is not None)
+    elif wo_opts:
+        flag = {"bits": "--weight-bits", "block_size": "--block-size", "symmetric": "--weight-symmetric",
+                "algorithm": "--weight-algorithm"}[next(iter(wo_opts))]
+        raise UserError(f"{flag}: only with --mode weight-only")
     if fmt not in ("qdq", "qoperator"):
         raise UserError(f"--format {fmt}: must be qdq or qoperator")
     text = pipeline if pipeline is not None else tgt.pipeline(mode)
@@ -182,6 +200,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         "statistics": calibration_statistics}.items() if v is not None}
     if calib_opts:
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
+    if wo_opts:
+        passes = [dataclasses.replace(p, **wo_opts) if p.name == "quantize-weights" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
     input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()

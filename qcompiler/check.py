@@ -24,6 +24,7 @@ from .ir import Model, load_model
 from .kernels import KERNELS, OPAQUE_KERNELS, KernelSpec
 from .plan import plan_quantization
 from .target import OpConfig, Target, load_target
+from .weight_only import WEIGHT_ONLY_KERNELS
 
 __all__ = ["check_model", "CheckResult", "Problem", "RULES"]
 
@@ -257,6 +258,8 @@ def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target:
                 result.integer_nodes[node.name] = f"{node.op} fused into '{tails[id(node)]}'"
                 continue
             domain = "" if node.domain in (None, "", "ai.onnx") else node.domain
+            if _check_weight_only(tgt, node, domain, result):
+                continue
             if node.op in KERNELS or node.op in OPAQUE_KERNELS:
                 _check_kernel(tgt, kernels, node, domain, result)
             elif domain:
@@ -266,6 +269,56 @@ def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target:
                 if node.name in result.float_nodes and node.name in plan_reasons and tgt.op(node.op) is not None:
                     result.float_nodes[node.name] = plan_reasons[node.name]
     return result
+
+
+def _weight_only_form(node: gs.Node, domain: str) -> tuple[str, int, int, bool] | None:
+    """(kernel as a target names it, bits, block size, symmetric) of a weight-only node: a
+    MatMulNBits / GatherBlockQuantized (qcompiler.weight_only), or a float MatMul whose weight
+    comes from a blocked DequantizeLinear while its activation is float; else None."""
+    facts = WEIGHT_ONLY_KERNELS.get(node.op)
+    if facts is not None and facts.domain and domain == facts.domain:
+        return (f"{domain}.{node.op}", int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 128)),
+                _opt(node, facts.zero_point) is None)
+    if node.op != WEIGHT_ONLY_KERNELS["DequantizeLinear"].float_op or domain or len(node.inputs) != 2:
+        return None
+    dq, act = _producer(node.inputs[1]), _producer(node.inputs[0])
+    if dq is None or dq.op != "DequantizeLinear" or not int(dq.attrs.get("block_size", 0)) or (
+            act is not None and act.op == "DequantizeLinear"):
+        return None
+    dtype = _dtype_name(dq.inputs[0]) or ""
+    zp = _const(_opt(dq, WEIGHT_ONLY_KERNELS["DequantizeLinear"].zero_point))
+    return ("DequantizeLinear", 4 if dtype.endswith("int4") else 8, int(dq.attrs["block_size"]),
+            zp is None or not np.any(zp.astype(np.int64)))
+
+
+def _check_weight_only(tgt: Target, node: gs.Node, domain: str, result: CheckResult) -> bool:
+    """Check a weight-only node against the target's [weight_only] table; False if not one."""
+    form = _weight_only_form(node, domain)
+    if form is None:
+        return False
+    kernel, bits, block, symmetric = form
+    rule = tgt.weight_only
+    if kernel == "DequantizeLinear" and (rule is None or rule.kernel != kernel):
+        return False  # a blocked DQ into a float MatMul: the target's op rules decide (float elsewhere)
+    gather = node.op in WEIGHT_ONLY_KERNELS and WEIGHT_ONLY_KERNELS[node.op].float_op == "Gather"
+    key = "weight_only.gather_kernel" if gather else "weight_only.kernel"
+    result.integer_nodes[node.name] = f"{kernel} (weight-only, {bits}-bit, block {block})"
+    if rule is None:
+        _add(result, node, [Finding("kernel", "weight_only", f"target '{tgt.name}' has no [weight_only] table, "
+                                    f"so no weight-only {kernel}")])
+        return True
+    named = rule.gather_kernel if gather else rule.kernel
+    findings = []
+    if kernel != named:
+        findings.append(Finding("kernel", key, f"target '{tgt.name}' runs weight-only {WEIGHT_ONLY_KERNELS[node.op if node.op in WEIGHT_ONLY_KERNELS else 'DequantizeLinear'].float_op} as "
+                                f"{named or 'float'}, not {kernel}"))
+    for fact, value, allowed in (("bits", bits, rule.bits), ("block_sizes", block, rule.block_sizes),
+                                 ("symmetric", symmetric, rule.symmetric)):
+        if value not in allowed:
+            findings.append(Finding(fact, f"weight_only.{fact}", f"{kernel} with {fact.rstrip('s')} "
+                                    f"{str(value).lower()}: target '{tgt.name}' allows {list(allowed)}"))
+    _add(result, node, findings)
+    return True
 
 
 def _target_kernels(tgt: Target) -> dict[tuple[str, str], list[tuple[str, OpConfig, str]]]:

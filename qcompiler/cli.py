@@ -55,7 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-data", metavar="PATH", help="samples for the report's fidelity section (like "
                    "--calibration); default: the last 10%% (at most 16) of 10 or more calibration samples, held out")
     c.add_argument("--analysis", metavar="OUT.html", help="also write the per-layer accuracy analysis page")
-    c.add_argument("--mode", choices=["static", "dynamic"])
+    c.add_argument("--mode", choices=["static", "dynamic", "weight-only"])
+    c.add_argument("--weight-bits", type=int, metavar="4|8", help="weight-only mode: bits per weight (default 4)")
+    c.add_argument("--block-size", type=int, metavar="16|32|64|128",
+                   help="weight-only mode: weights per scale along the reduction axis (default 32)")
+    c.add_argument("--weight-symmetric", metavar="true|false", help="weight-only mode: zero point fixed (default true)")
+    c.add_argument("--weight-algorithm", metavar="rtn|gptq|awq",
+                   help="weight-only mode: rounding (default gptq with --calibration, rtn without)")
     c.add_argument("--format", choices=["qdq", "qoperator"])
     c.add_argument("--pipeline", help="pass pipeline text, e.g. 'canonicalize,fold-constants'")
     c.add_argument("--plugin", action="append", default=[], help="plugin file (.py) or module defining passes")
@@ -133,6 +139,14 @@ def _overrides(items: list[str]) -> dict[str, str] | None:
     return out
 
 
+def _bool_flag(flag: str, text: str | None) -> bool | None:
+    if text is None:
+        return None
+    if text.lower() not in ("true", "false"):
+        raise UserError(f"{flag} {text}: must be true or false")
+    return text.lower() == "true"
+
+
 def _cmd_compile(a: argparse.Namespace) -> int:
     from .api import compile as qcompile
 
@@ -155,8 +169,10 @@ def _cmd_compile(a: argparse.Namespace) -> int:
                       calibration_method=a.calibration_method, calibration_overrides=_overrides(a.calibration_override),
                       calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
                       workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
-                      calibration_statistics=a.calibration_statistics, eval_data=a.eval_data,
-                      analysis=a.analysis, quiet=a.quiet, verbose=a.verbose)
+                      calibration_statistics=a.calibration_statistics, eval_data=a.eval_data, analysis=a.analysis,
+                      weight_bits=a.weight_bits, block_size=a.block_size,
+                      weight_symmetric=_bool_flag("--weight-symmetric", a.weight_symmetric),
+                      weight_algorithm=a.weight_algorithm, quiet=a.quiet, verbose=a.verbose)
     if a.report:
         rep = Path(a.report)
         if not rep.parent.exists() if str(rep.parent) else False:

@@ -68,6 +68,8 @@ class KernelSpec:
     calibrated scale). ``float_output``: the kernel may leave out the output qparams and
     return float. ``lower``: lower-qoperator may build it from a DQ -> op -> Q group.
     ``sim``: the simulator's implementation of it (a key of ``qcompiler.sim.kernels``).
+    ``weight_only``: float activations and output, blocked low-bit weight (built by the
+    ``quantize-weights`` pass from the target's ``[weight_only]`` table, never by lowering).
     """
 
     name: str
@@ -85,6 +87,7 @@ class KernelSpec:
     float_output: bool = False
     lower: bool = True
     sim: str | None = None
+    weight_only: bool = False
 
     @property
     def data_inputs(self) -> int | None:
@@ -173,6 +176,12 @@ _SPECS = (
                float_output=True),
     KernelSpec("MatMulIntegerToFloat", "MatMul", _MS, (Operand(0, 2, 4), Operand(1, 3, 5)), weight=1,
                dynamic=True, float_output=True),
+    # weight-only: packed blocked codes [N, k_blocks, blob] with per-block scales and zero points
+    KernelSpec("MatMulNBits", "MatMul", _MS, (None, Operand(1, 2, 3)), weight=1, float_output=True, lower=False,
+               attrs=("K", "N", "bits", "block_size", "accuracy_level"), weight_only=True, sim="matmul-nbits"),
+    KernelSpec("GatherBlockQuantized", "Gather", _MS, (Operand(0, 2, 3),), weight=0, float_output=True,
+               lower=False, attrs=("gather_axis", "quantize_axis", "block_size", "bits"), weight_only=True,
+               sim="gather-block-quantized"),
 )
 
 #: kernel op name -> spec
@@ -182,7 +191,7 @@ KERNELS: dict[str, KernelSpec] = {s.name: s for s in _SPECS}
 #: legal in a model only where a target names them
 OPAQUE_KERNELS = frozenset({
     "QLinearWhere", "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "MatMulInteger16",
-    "MatMulNBits", "MatMulBnb4", "MatMulFpQ4", "GatherBlockQuantized", "QMoE", "NhwcMaxPool",
+    "MatMulBnb4", "MatMulFpQ4", "QMoE", "NhwcMaxPool",
     "QLinearReduceMean", "QLinearLayerNormalization", "QLinearConvTranspose",
 })
 

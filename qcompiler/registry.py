@@ -50,6 +50,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "compress-weights": "qcompiler.passes.compress_weights:CompressWeights",
     "convert-float16": "qcompiler.passes.convert_float16:ConvertFloat16",
     "quantize-dynamic": "qcompiler.passes.quantize_dynamic:QuantizeDynamic",
+    "quantize-weights": "qcompiler.passes.quantize_weights:QuantizeWeights",
 }
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import UserError
 from .quant import DTYPES, MIN_OPSET, QType, qrange
 
-__all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "load_target", "builtin_targets", "SCHEMA_VERSION",
+__all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "WeightOnlyRule", "load_target", "builtin_targets", "SCHEMA_VERSION",
            "NODE_FACTS"]
 
 SCHEMA_VERSION = 1
@@ -57,6 +57,16 @@ _OP = {
 }
 # op variants: facts of a node (not of the target) that select a sub-table of overrides
 _VARIANTS = ("depthwise",)
+
+
+def _weight_only_kernel_names(float_op: str) -> tuple[str, ...]:
+    """``domain.op`` of the kernel table's weight-only kernels replacing ``float_op``: the
+    values a target's ``[weight_only]`` table may name."""
+    from .kernels import KERNELS
+
+    return tuple(f"{d}.{s.name}" for s in KERNELS.values() if s.weight_only and s.float_op == float_op
+                 for d in s.domains)
+
 _OP["depthwise"] = {k: v for k, v in _OP.items()}
 _ROLES = ("activation", "weight", "bias", "float", "any")
 _SCHEMA: dict[str, Any] = {
@@ -66,7 +76,7 @@ _SCHEMA: dict[str, Any] = {
     "extends": str,
     "defaults": {
         "format": ("qdq", "qoperator"),
-        "mode": ("static", "dynamic", "auto"),
+        "mode": ("static", "dynamic", "auto", "weight-only"),
         "auto_dynamic_ops": list,
         "pipeline": str,
         "dynamic_pipeline": str,
@@ -89,7 +99,26 @@ _SCHEMA: dict[str, Any] = {
     "fused": ("array-of", {"ops": list, "note": str}),
     "fixed_qparams": ("table-of", {"scale": float, "zero_point": int, "note": str}),
     "dynamic": {"ops": ("table-of", _OP), "weight": _TENSOR_RULE, "activation": _TENSOR_RULE},
+    "weight_only": {"kernel": _weight_only_kernel_names("MatMul") + ("DequantizeLinear",),
+                    "gather_kernel": _weight_only_kernel_names("Gather") + ("",),
+                    "bits": list, "block_sizes": list, "symmetric": list, "accuracy_level": int,
+                    "pipeline": str, "note": str},
 }
+
+
+@dataclass(frozen=True)
+class WeightOnlyRule:
+    """What a target runs in weight-only mode (``[weight_only]``): the MatMul lowering (a
+    contrib kernel, or a blocked DequantizeLinear feeding the float MatMul), the optional
+    embedding-table kernel, and the bit widths, block sizes and symmetries it accepts."""
+
+    kernel: str
+    gather_kernel: str = ""
+    bits: tuple[int, ...] = (4, 8)
+    block_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    symmetric: tuple[bool, ...] = (True, False)
+    accuracy_level: int = 0
+    pipeline: str = ""
 
 
 @dataclass(frozen=True)
@@ -356,6 +385,21 @@ class Target:
             op: self._op_config(op, cfg, src, f"dynamic.ops.{op}", dyn) for op, cfg in dyn.get("ops", {}).items()}
         for key in ("activation", "weight", "bias"):
             self._rule(self._rules[key], src, f"quantization.{key}")  # validate eagerly
+        wo = data.get("weight_only")
+        self.weight_only: WeightOnlyRule | None = None
+        if wo is not None:
+            if "kernel" not in wo:
+                raise UserError(f"{src}: key 'weight_only.kernel' is required in a [weight_only] table")
+            for key in ("bits", "block_sizes"):
+                if not all(isinstance(x, int) and not isinstance(x, bool) for x in wo.get(key, [])):
+                    raise UserError(f"{src}: key 'weight_only.{key}' must list integers")
+            if not all(isinstance(x, bool) for x in wo.get("symmetric", [])):
+                raise UserError(f"{src}: key 'weight_only.symmetric' must list booleans")
+            self.weight_only = WeightOnlyRule(
+                wo["kernel"], wo.get("gather_kernel", ""), tuple(wo.get("bits", (4, 8))),
+                tuple(wo.get("block_sizes", (16, 32, 64, 128))), tuple(wo.get("symmetric", (True, False))),
+                int(wo.get("accuracy_level", 0)), wo.get("pipeline", ""))
+            self._pipelines["weight-only"] = self.weight_only.pipeline
 
     # -- construction helpers --------------------------------------------------------------
     def _rule(self, raw: dict[str, Any], src: str, where: str) -> TensorRule:

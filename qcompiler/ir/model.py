@@ -67,7 +67,7 @@ class Model:
         if owned:
             self._take_payloads()
 
-    def _take_payloads(self) -> None:
+    def _take_payloads(self, base_dir: str | None = None) -> None:
         """Detach every constant from the (owned) source proto.
 
         graphsurgeon keeps imported initializers and Constant-node values as views of the
@@ -82,7 +82,11 @@ class Model:
             if not isinstance(lazy, LazyValues):
                 return
             src = lazy.tensor
-            if isinstance(src, onnx.TensorProto) and src.data_type in _NATIVE \
+            if base_dir is not None and isinstance(src, onnx.TensorProto) \
+                    and src.data_location == onnx.TensorProto.EXTERNAL:
+                const._values = _MappedValues(src, base_dir)
+                const.data_location = None  # exported inline (save_proto decides on external data)
+            elif isinstance(src, onnx.TensorProto) and src.data_type in _NATIVE \
                     and src.data_location != onnx.TensorProto.EXTERNAL:
                 const._values = np.array(onnx.numpy_helper.to_array(src))
             else:
@@ -155,11 +159,12 @@ class Model:
         ``share`` narrows which constants qualify."""
         self._gs.opset = self.opsets.get("", self._gs.opset)
         _repack_4bit(self)
+        mapped = _map_for_export(self)
         swapped = _swap_shared(self, shared, min_bytes, share) if shared is not None else []
         try:
             proto = gs.export_onnx(self._gs, do_type_check=False)
         finally:
-            for tensor, values in swapped:
+            for tensor, values in swapped + mapped:
                 tensor._values = values
         del proto.opset_import[:]
         used = _used_domains(self._gs)
@@ -209,6 +214,52 @@ def _swap_shared(model: "Model", shared: dict[str, np.ndarray], min_bytes: int,
         tensor._values = LazyValues(stub)
         shared[name] = arr
     return swapped
+
+
+def _mapped_lazy_base():  # noqa: ANN202 - graphsurgeon's LazyValues, imported late like elsewhere here
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    return LazyValues
+
+
+class _MappedValues(_mapped_lazy_base()):  # type: ignore[misc]
+    """An initializer kept in its external-data file: ``load()`` memory-maps just that tensor
+    (read-only), so a weight costs memory only while a pass holds its array, and a billion-
+    parameter model is never read whole. The stub (name, dims, type, location) stays as the
+    LazyValues tensor; to_proto exports the mapped bytes, never the stub's file reference."""
+
+    def __init__(self, stub: onnx.TensorProto, base_dir: str) -> None:
+        own = onnx.TensorProto()
+        own.CopyFrom(stub)
+        super().__init__(own)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        info = {e.key: e.value for e in self.tensor.external_data}
+        if self.tensor.data_type not in _NATIVE or self.tensor.data_type == onnx.TensorProto.BOOL:
+            full = onnx.TensorProto()
+            full.CopyFrom(self.tensor)
+            onnx.external_data_helper.load_external_data_for_tensor(full, self.base_dir)
+            return np.array(onnx.numpy_helper.to_array(full))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        shape = tuple(int(d) for d in self.tensor.dims)
+        path = os.path.join(self.base_dir, info["location"])
+        if int(np.prod(shape)) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", offset=int(info.get("offset", 0)),
+                         shape=shape)
+
+
+def _map_for_export(model: "Model") -> list[tuple[gs.Constant, object]]:
+    """Give each still-mapped constant its mapped array for one export; returns what to put back."""
+    out: list[tuple[gs.Constant, object]] = []
+    for graph in model.graph.walk():
+        for tensor in graph.gs.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if isinstance(tensor, gs.Constant) and isinstance(values, _MappedValues):
+                out.append((tensor, values))
+                tensor._values = values.load()
+    return out
 
 
 def _repack_4bit(model: "Model") -> None:
@@ -322,6 +373,7 @@ def _min_ir_version(opsets: dict[str, int]) -> int:
 
 def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) -> Model:
     """Load and validate a model file (or take a ModelProto, which is copied, never changed)."""
+    external = False
     if isinstance(path, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(path)
@@ -332,7 +384,8 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
         if not p.is_file():
             raise UserError(f"{p}: no such model file")
         try:
-            proto = onnx.load(str(p), load_external_data=True)
+            proto = onnx.load(str(p), load_external_data=False)
+            external = _check_external(proto, p.parent)  # payloads are memory-mapped later
         except Exception as exc:  # protobuf DecodeError, missing external data, ...
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{p}: not a readable ONNX model ({first})") from exc
@@ -350,7 +403,11 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
             raise UserError(f"{source}: invalid model: {problems[0]}")
         reordered = model.graph.toposort()
         try:
-            if not _fits(proto) or proto.ByteSize() > _TWO_GB:
+            if external and not reordered:
+                onnx.checker.check_model(str(path))  # the checker resolves external data itself
+            elif external:
+                onnx.checker.check_model(model.to_proto())
+            elif not _fits(proto) or proto.ByteSize() > _TWO_GB:
                 if isinstance(path, (str, os.PathLike)):
                     onnx.checker.check_model(str(path))
             else:
@@ -359,8 +416,26 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
         except onnx.checker.ValidationError as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc
-    model._take_payloads()  # the proto is ours (read from the file or copied): hold weights once
+    # the proto is ours (read from the file or copied): hold weights once; external ones mapped
+    model._take_payloads(str(Path(path).parent) if external else None)
     return model
+
+
+def _check_external(proto: onnx.ModelProto, base: Path) -> bool:
+    """Whether the model keeps tensors in external files; raises if one is missing or short."""
+    from onnx import external_data_helper
+
+    found = False
+    for t in external_data_helper._get_all_tensors(proto):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        found = True
+        info = {e.key: e.value for e in t.external_data}
+        f = base / info.get("location", "")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if not info.get("location") or not f.is_file() or f.stat().st_size < end:
+            raise ValueError(f"external data of tensor '{t.name}' not found in '{info.get('location', '')}'")
+    return found
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -481,11 +481,35 @@ class _Gelu(_Kernel):
         return (0.5 * xd * (1.0 + erf(xd / math.sqrt(2.0)))).astype(x.dtype)
 
 
+class _BlockedMatMul(_Kernel):
+    """com.microsoft.MatMulNBits as written (float32 weight from the blocked codes, float32
+    product): onnxruntime's accuracy_level 4 (int8 activations inside MLAS) is an ISA-specific
+    speed choice, not part of the op's definition."""
+
+    def compute(self, a, b, scales, zero_points=None, g_idx=None, bias=None):  # type: ignore[override]
+        from ..weight_only import matmul_nbits
+
+        return matmul_nbits(a, b, scales, zero_points, k=int(self.attr("K", 0)), n=int(self.attr("N", 0)),
+                            bits=int(self.attr("bits", 4)), block_size=int(self.attr("block_size", 128)),
+                            bias=bias).astype(a.dtype)
+
+
+class _BlockedGather(_Kernel):
+    def compute(self, data, indices, scales, zero_points=None):  # type: ignore[override]
+        from ..weight_only import gather_block_quantized
+
+        if int(self.attr("gather_axis", 0)) != 0 or int(self.attr("quantize_axis", 1)) not in (1, -1):
+            raise NotImplementedError(f"{type(self).__name__}: only gather_axis 0, quantize_axis last")
+        return gather_block_quantized(data, indices, scales, zero_points, block_size=int(self.attr("block_size", 128)),
+                                      bits=int(self.attr("bits", 4))).astype(scales.dtype)
+
+
 #: the simulator's implementation of each kernel, keyed by ``KernelSpec.sim`` (qcompiler.kernels)
 IMPLEMENTATIONS: dict[str, type[_Kernel]] = {
     "conv": _IntConv, "conv-integer": _IntConvAcc, "matmul": _IntMatMul, "matmul-integer": _IntMatMulAcc,
     "gemm": _IntGemm, "add": _IntAdd, "mul": _IntMul, "global-average-pool": _IntGlobalAveragePool,
     "average-pool": _IntAveragePool, "sigmoid": _IntSigmoid, "leaky-relu": _IntLeakyRelu, "concat": _IntConcat,
+    "matmul-nbits": _BlockedMatMul, "gather-block-quantized": _BlockedGather,
 }
 # ops that are not kernels of the table: quantizers, and float ops onnx's reference runs too slowly or lacks
 _OTHER_OPS: dict[str, tuple[type[_Kernel], tuple[str, ...]]] = {
