@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import AnyValue, Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import Value, const_value, is_constant
 
 __all__ = ["FoldMatmulAdd"]
 
 
-def _rank(value: gs.Tensor) -> int | None:
+def _rank(value: Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
 
 
@@ -21,9 +21,9 @@ def _fold(m: Match, rw: Rewriter) -> bool:
     add, mm = m.root, m.nodes["mm"]
     a, w = mm.inputs[0], m.const("w")
     b_value = m.values["b"]
-    if not isinstance(b_value, gs.Constant):
+    if not is_constant(b_value):
         return False
-    b = np.asarray(b_value.values)
+    b = const_value(b_value)
     if _rank(a) != 2 or w.ndim != 2 or b.reshape(-1).shape[0] != w.shape[1] or b.size != w.shape[1]:
         return False
     out = add.outputs[0]

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, UserError, apply_rules
+from qcompiler import Node, const_value, is_constant
 
 __all__ = ["FuseGelu", "RULES"]
 
@@ -23,10 +23,10 @@ def _near(value: float) -> Callable[[np.ndarray], bool]:
 
 def _is_const(v: object, value: float) -> bool:
     """``v`` is an initializer holding one number close to ``value``."""
-    return isinstance(v, gs.Constant) and _near(value)(np.asarray(v.values))
+    return is_constant(v) and _near(value)(const_value(v))
 
 
-def _other(node: gs.Node, value: object) -> object:
+def _other(node: Node, value: object) -> object:
     """The input of a binary ``node`` that is not ``value`` (None if neither/both are)."""
     a, b = node.inputs[0], node.inputs[1]
     if a is value and b is not value:
@@ -36,7 +36,7 @@ def _other(node: gs.Node, value: object) -> object:
     return None
 
 
-def _erf_argument(erf: gs.Node) -> object:
+def _erf_argument(erf: Node) -> object:
     """x when Erf reads x / sqrt(2) or x * (1 / sqrt(2)), else None."""
     scale = erf.inputs[0].inputs[0] if erf.inputs[0].inputs else None
     if scale is None or len(scale.inputs) != 2:
@@ -46,7 +46,7 @@ def _erf_argument(erf: gs.Node) -> object:
         return x
     if scale.op == "Mul":
         for x, c in ((scale.inputs[0], scale.inputs[1]), (scale.inputs[1], scale.inputs[0])):
-            if not isinstance(x, gs.Constant) and _is_const(c, math.sqrt(0.5)):
+            if not is_constant(x) and _is_const(c, math.sqrt(0.5)):
                 return x
     return None
 

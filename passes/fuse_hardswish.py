@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import const_value, is_constant
 
 __all__ = ["FuseHardswish", "RULES"]
 
@@ -20,13 +20,13 @@ def _fuse(m: Match, rw: Rewriter) -> bool:
     # Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6) -> HardSwish(x)
     div, mul, add = m.root, m.nodes["mul"], m.nodes["add"]
     clip = m.nodes["clip"]
-    x = add.inputs[0] if isinstance(add.inputs[1], gs.Constant) else add.inputs[1]
+    x = add.inputs[0] if is_constant(add.inputs[1]) else add.inputs[1]
     other = mul.inputs[1] if mul.inputs[0] is clip.outputs[0] else mul.inputs[0]
     if other is not x or len(clip.inputs) < 3:
         return False
     lo, hi = clip.inputs[1], clip.inputs[2]
-    if not (isinstance(lo, gs.Constant) and isinstance(hi, gs.Constant)
-            and _is(0.0)(np.asarray(lo.values)) and _is(6.0)(np.asarray(hi.values))):
+    if not (is_constant(lo) and is_constant(hi)
+            and _is(0.0)(const_value(lo)) and _is(6.0)(const_value(hi))):
         return False
     out = div.outputs[0]
     new = rw.value(out.name + "_hardswish", dtype=out.dtype, shape=out.shape)
@@ -67,5 +67,5 @@ class FuseHardswish(Pass):
 
 def _adds_three(m: Match) -> bool:
     add = m.nodes["add"]
-    consts = [v for v in add.inputs if isinstance(v, gs.Constant)]
-    return len(consts) == 1 and _is(3.0)(np.asarray(consts[0].values))
+    consts = [v for v in add.inputs if is_constant(v)]
+    return len(consts) == 1 and _is(3.0)(const_value(consts[0]))

@@ -12,7 +12,8 @@ from .check import CheckResult, Problem, check_model
 from .errors import PassFailure, UserError
 from .imagedata import ImageSpec
 from .ir import (AnyValue, Const, Constant, Graph, Match, Model, Node, Op, Rewriter, Rule, Value, Variable,
-                 apply_rules, load_model, match, node_subgraphs, verify_model)
+                 apply_rules, const_value, is_constant, load_model, match, node_subgraphs, producer, users,
+                 verify_model)
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager, PassResult
 from .pipeline import PassSpec, format_pipeline, parse_pipeline
 from .plan import NodePlan, Plan, is_float, plan_quantization, producer_op, weight_axis
@@ -35,4 +36,5 @@ __all__ = [
     "dequantize", "format_pipeline", "input_specs", "is_float", "load_calibration", "load_model", "load_target",
     "match", "node_subgraphs", "op_histogram", "parse_pipeline", "plan_quantization", "producer_op",
     "qrange", "quantize", "Statistics", "verify_model", "weight_axis", "weight_qparams",
+    "const_value", "is_constant", "producer", "users",
 ]
