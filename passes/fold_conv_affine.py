@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompiler import Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import AnyValue, Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
 from qcompiler import Node, const_value, is_constant
 
 __all__ = ["FoldConvAffine", "RULES"]
@@ -39,13 +39,12 @@ def _conv_parts(conv: Node) -> tuple[np.ndarray, np.ndarray] | None:
 def _after(m: Match, rw: Rewriter) -> bool:
     # Mul(Conv(x), c) -> Conv(x, W*c, b*c);  Add(Conv(x), d) -> Conv(x, W, b+d)
     node, conv = m.root, m.nodes["conv"]
-    const = m.values["c"]
     parts = _conv_parts(conv)
-    if parts is None or not is_constant(const):
+    if parts is None:
         return False
     weight, bias = parts
     rank = weight.ndim  # a Conv's output has its weight's rank, known even when shapes are not
-    c = _per_channel(const_value(const), weight.shape[0], rank)
+    c = _per_channel(m.const("c"), weight.shape[0], rank)
     if c is None:
         return False
     if node.op == "Mul":
@@ -65,8 +64,8 @@ def _after(m: Match, rw: Rewriter) -> bool:
 def _before(m: Match, rw: Rewriter) -> bool:
     # Conv(a*x) -> Conv(x, W*a);  Conv(x+b) -> Conv(x, W, bias + W.sum*b)  (unpadded convs only)
     conv, node = m.root, m.nodes["affine"]
-    x, const = (node.inputs[0], node.inputs[1]) if is_constant(node.inputs[1]) else (node.inputs[1], node.inputs[0])
-    if not is_constant(const) or int(conv.attrs.get("group", 1)) != 1:
+    x = m.values["x"]
+    if int(conv.attrs.get("group", 1)) != 1:
         return False
     if any(conv.attrs.get("pads", [0])) or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         return False  # padded zeros are not scaled/shifted: not exact
@@ -75,7 +74,7 @@ def _before(m: Match, rw: Rewriter) -> bool:
         return False
     weight, bias = parts
     rank = weight.ndim
-    c = _per_channel(const_value(const), weight.shape[1], rank)
+    c = _per_channel(m.const("c"), weight.shape[1], rank)
     if c is None:
         return False
     if x.shape is None or len(x.shape) != rank or x.shape[1] != weight.shape[1]:
@@ -94,10 +93,9 @@ def _before(m: Match, rw: Rewriter) -> bool:
 
 
 _CONV = Op("Conv", single_use=True, bind="conv")
-_AFFINE = Op(("Mul", "Add"), single_use=True, bind="affine")
+_AFFINE = Op(("Mul", "Add"), inputs=(AnyValue("x"), Const("c")), commutative=True, single_use=True, bind="affine")
 RULES = (
-    Rule("conv-then-affine", Op(("Mul", "Add"), inputs=(_CONV, Const("c"))), _after),
-    Rule("affine-then-conv-commuted", Op(("Mul", "Add"), inputs=(Const("c"), _CONV)), _after),
+    Rule("conv-then-affine", Op(("Mul", "Add"), inputs=(_CONV, Const("c")), commutative=True), _after),
     Rule("affine-then-conv", Op("Conv", inputs=(_AFFINE,)), _before),
 )
 

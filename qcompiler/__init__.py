@@ -11,7 +11,7 @@ from .calibration import (CalibrationData, InputSpec, PatchSpec, RangeCollector,
 from .check import CheckResult, Problem, check_model
 from .errors import PassFailure, UserError
 from .imagedata import ImageSpec
-from .ir import (AnyValue, Const, Constant, Graph, Match, Model, Node, Op, Rewriter, Rule, Value, Variable,
+from .ir import (AnyValue, Const, Constant, Either, Graph, Match, Model, Node, Op, Rewriter, Rule, Value, Variable,
                  apply_rules, const_value, is_constant, load_model, match, node_subgraphs, producer, users,
                  verify_model)
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager, PassResult
@@ -36,5 +36,5 @@ __all__ = [
     "dequantize", "format_pipeline", "input_specs", "is_float", "load_calibration", "load_model", "load_target",
     "match", "node_subgraphs", "op_histogram", "parse_pipeline", "plan_quantization", "producer_op",
     "qrange", "quantize", "Statistics", "verify_model", "weight_axis", "weight_qparams",
-    "const_value", "is_constant", "producer", "users",
+    "const_value", "Either", "is_constant", "producer", "users",
 ]

@@ -447,9 +447,9 @@ def test_apply_rules_respects_single_use() -> None:
 
 
 def test_apply_rules_where_filters_matches() -> None:
-    """A rule's ``where`` can veto a structural match."""
+    """A rule's ``where`` can veto a structural match by returning a reason."""
     model = load_model(_chain(["Relu"] * 3))
-    rule = Rule("never", RELU_RELU.pattern, _collapse_relu, where=lambda m: False)
+    rule = Rule("never", RELU_RELU.pattern, _collapse_relu, where=lambda m: "vetoed")
     assert apply_rules(model, [rule], Rewriter(model)) == 0
     assert len(model.graph.nodes) == 3
 

@@ -6,12 +6,12 @@ rewriter, patterns, io."""
 from .graph import Constant, Graph, Node, Value, Variable, const_value, is_constant, node_subgraphs, producer, users
 from .io import atomic_write_text, load_model, save_proto
 from .model import Model
-from .patterns import AnyValue, Const, Match, Op, Rule, apply_rules, match
+from .patterns import AnyValue, Const, Either, Match, Op, Rule, apply_rules, match
 from .rewriter import Listener, Rewriter
 from .verify import VerificationError, verify_model
 
 __all__ = [
-    "AnyValue", "Const", "Constant", "Graph", "Listener", "Match", "Model", "Node", "Op", "Rewriter",
+    "AnyValue", "Const", "Constant", "Either", "Graph", "Listener", "Match", "Model", "Node", "Op", "Rewriter",
     "Rule", "Value", "Variable", "VerificationError", "apply_rules", "atomic_write_text", "const_value",
     "is_constant", "load_model", "match", "node_subgraphs", "producer", "save_proto", "users", "verify_model",
 ]
