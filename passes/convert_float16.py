@@ -21,8 +21,7 @@ import numpy as np
 import onnx
 
 from qcompiler import INTEGER_OPS, Graph, Model, Node, Pass, PassContext, PassResult, Rewriter, Value
-from qcompiler import node_subgraphs
-from qcompiler import Constant, const_value, is_constant, producer
+from qcompiler import const_value, is_constant, node_subgraphs, producer
 
 __all__ = ["ConvertFloat16", "KEEP_OPS", "MOVEMENT_OPS", "FP16_MAX"]
 

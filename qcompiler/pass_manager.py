@@ -41,11 +41,10 @@ class Pass:
 
     Subclasses set ``name`` (kebab-case), declare options as dataclass fields with defaults
     and type hints, say in the docstring what they rewrite and require, and implement
-    :meth:`run`. ``in_place`` documents that the pass edits the model it is given.
+    :meth:`run`, which edits the model it is given in place.
     """
 
     name: ClassVar[str] = ""
-    in_place: ClassVar[bool] = True
 
     def run(self, model: Model, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.run")
