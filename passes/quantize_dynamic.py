@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Pass, PassContext, PassResult, UserError, compute_qparams, quantize, weight_qparams
+from qcompiler import Node, Variable, const_value, is_constant
 from qcompiler.calib_methods import weight_mse_clip
 
 __all__ = ["QuantizeDynamic"]
@@ -41,13 +41,13 @@ class QuantizeDynamic(Pass):
     fold_bias: bool = True
     weight_range: str = "minmax"
 
-    def _gather(self, rw, graph, node: gs.Node, cfg) -> bool:
+    def _gather(self, rw, graph, node: Node, cfg) -> bool:
         """Gather(T, ids) on a large float table -> Gather on an int8 table, then one scale
         per gathered row: Cast(Gather(T_q, ids)) * Unsqueeze(Gather(row_scales, ids), -1)."""
         table = node.inputs[0]
-        if not isinstance(table, gs.Constant) or int(node.attrs.get("axis", 0)) != 0:
+        if not is_constant(table) or int(node.attrs.get("axis", 0)) != 0:
             return False
-        t = np.asarray(table.values)
+        t = const_value(table)
         if t.dtype != np.float32 or t.ndim != 2 or t.size < self.min_table_elements:
             return False
         qp = compute_qparams(t.min(axis=1), t.max(axis=1), cfg.weight.qtype, axis=0)
@@ -56,7 +56,7 @@ class QuantizeDynamic(Pass):
         ids, out = node.inputs[1], node.outputs[0]
         tq = rw.constant(table.name + "_quantized", quantize(t, qp))
         rows = rw.constant(table.name + "_row_scale", qp.scale.reshape(-1, 1))
-        gq = rw.value(out.name + "_int8", dtype=tq.values.dtype)
+        gq = rw.value(out.name + "_int8", dtype=const_value(tq).dtype)
         gf = rw.value(out.name + "_int8_float", dtype=np.float32)
         gs_ = rw.value(out.name + "_row_scale", dtype=np.float32)
         rw.erase_node(graph, node)
@@ -84,10 +84,10 @@ class QuantizeDynamic(Pass):
                     floats[node.name] = "excluded by option"
                     continue
                 w_val = node.inputs[1]
-                if not isinstance(w_val, gs.Constant):
+                if not is_constant(w_val):
                     floats[node.name] = "MatMul of two run-time values (no constant weight)"
                     continue
-                w = np.asarray(w_val.values)
+                w = const_value(w_val)
                 if w.ndim != 2 or w.dtype != np.float32 or w.size < self.min_weight_elements:
                     floats[node.name] = "weight is not a large 2-D float32 matrix"
                     continue
@@ -105,13 +105,13 @@ class QuantizeDynamic(Pass):
                 out = node.outputs[0]
                 a = node.inputs[0]
                 if cfg.kernel_op == "DynamicQuantizeMatMul":
-                    bias, final = gs.Variable.empty(), out
+                    bias, final = Variable.empty(), out
                     readers = out.outputs
                     if (self.fold_bias and len(readers) == 1 and readers[0].op == "Add"
                             and not graph.is_graph_output(out)):
                         add = readers[0]
                         other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-                        if isinstance(other, gs.Constant) and np.asarray(other.values).shape == (w.shape[1],):
+                        if is_constant(other) and const_value(other).shape == (w.shape[1],):
                             bias, final = other, add.outputs[0]
                             rw.erase_node(graph, add)
                     rw.erase_node(graph, node)
