@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter,
-                       UserError, Value, compute_qparams, dequantize, gptq_round, plan_quantization, producer_op, quantize, weight_axis,
+                       UserError, Value, compute_qparams, dequantize, producer_op, quantize, weight_axis,
                        weight_qparams)
 from qcompiler import Node, const_value, is_constant
 from qcompiler.calib_methods import weight_mse_clip
-from qcompiler.plan import partitions, quantization_walk, reduction_axis
+from qcompiler.plan import partitions, plan_for, quantization_walk, reduction_axis
 from qcompiler.quant import INT_RANGES
+from qcompiler.rounding import WeightRounder
 
 __all__ = ["InsertQdq", "qparams_of"]
 
@@ -78,12 +79,11 @@ class InsertQdq(Pass):
         if ranges is None:
             raise UserError("pass 'insert-qdq' needs activation ranges: run 'calibrate' before it")
         target = ctx.target
-        plan = plan_quantization(model, target, ranges=ranges, groups=ctx.analysis.get("groups", {}),
-                                 exclude=self.exclude)
+        plan = plan_for(model, ctx, ranges=ranges, exclude=self.exclude)
         rw = ctx.rewriter(model)
         act: dict[int, tuple[Value, Graph, QParams]] = {}   # value id -> (value, graph, qparams)
         passthrough: list[str] = []
-        floats = dict(plan.float_nodes)
+        floats = plan.float_nodes  # the report's float nodes are the plan's (lowering may add deviations)
 
         owner: dict[int, Graph] = {}  # the graph that defines each value (outer scope for branches)
         for g in model.graph.walk():
@@ -127,8 +127,12 @@ class InsertQdq(Pass):
             raise UserError(f"pass 'insert-qdq': rounding '{self.rounding}' is not one of gptq, nearest")
         means = ctx.analysis.get("channel_means", {}) if self.bias_correction else {}
         moments = ctx.analysis.get("input_moments", {}) if self.rounding == "gptq" else {}
-        for name, np_ in plan.nodes.items():
-            self._quantize_params(rw, np_, weights, model, means.get(input_names.get(name, "")), moments.get(name))
+        rounder = WeightRounder(ctx.analysis.get("cache_dir", ""), total=sum(1 for n in plan.nodes if n in moments))
+        with rounder:
+            for name, np_ in plan.nodes.items():
+                self._quantize_params(rw, np_, weights, model, means.get(input_names.get(name, "")),
+                                      moments.get(name), rounder)
+        ctx.report["weight_rounding"] = rounder.summary()
         ctx.analysis["plan"] = plan
         ctx.analysis["lowered"] = sorted(plan.nodes) + sorted(plan.fused) + sorted(passthrough)
         ctx.analysis["float_nodes"] = floats
@@ -148,7 +152,7 @@ class InsertQdq(Pass):
                        before=first)
 
     def _quantize_params(self, rw: Rewriter, np_: NodePlan, cache: dict, model: Model,
-                         mean: np.ndarray | None, moment: np.ndarray | None) -> None:
+                         mean: np.ndarray | None, moment: np.ndarray | None, rounder: WeightRounder) -> None:
         node, cfg = np_.node, np_.config
         w_qp: QParams | None = None
         shift: np.ndarray | None = None
@@ -175,7 +179,7 @@ class InsertQdq(Pass):
                 qp = weight_qparams(src, qtype, axis, block)
                 if not block and i == 1:
                     qp = _bias_safe(qp, node, np_, cfg.bias.dtype)
-                codes = _gptq_codes(node, w, qp, moment) if (moment is not None and i == 1 and not block) else None
+                codes = _gptq_codes(node, w, qp, moment, rounder) if (moment is not None and i == 1 and not block) else None
                 stored = codes if codes is not None else quantize(w, qp)
                 wq = rw.constant(f"{value.name}_quantized", stored)
                 scale = rw.constant(f"{value.name}_scale", qp.scale)
@@ -251,7 +255,8 @@ def _output_shift(node: Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray
     return None
 
 
-def _gptq_codes(node: Node, w: np.ndarray, qp: QParams, moment: np.ndarray) -> np.ndarray | None:
+def _gptq_codes(node: Node, w: np.ndarray, qp: QParams, moment: np.ndarray,
+                rounder: WeightRounder) -> np.ndarray | None:
     """GPTQ-rounded integer weights in the weight's own layout, or None if shapes disagree."""
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
@@ -270,9 +275,7 @@ def _gptq_codes(node: Node, w: np.ndarray, qp: QParams, moment: np.ndarray) -> n
     scale = np.broadcast_to(qp.scale.reshape(-1) if qp.scale.size > 1 else qp.scale.reshape(1), (g * rows,))
     zp = np.broadcast_to(qp.zero_point.reshape(-1) if qp.zero_point.size > 1 else qp.zero_point.reshape(1),
                          (g * rows,))
-    codes = gptq_round(w3, moment, scale.reshape(g, rows), zp.reshape(g, rows), qp.qtype.qmin, qp.qtype.qmax,
-                       pair_sum_max=qp.qtype.pair_sum_max)
-    return unflatten(codes).astype(qp.qtype.np_dtype)
+    return unflatten(rounder.round(w3, moment, scale.reshape(g, rows), zp.reshape(g, rows), qp.qtype))
 
 
 def _bias_safe(qp: QParams, node: Node, np_: NodePlan, bias_dtype: str) -> QParams:

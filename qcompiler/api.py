@@ -16,6 +16,7 @@ import onnx
 from .calibration import input_specs, load_calibration
 from .errors import UserError
 from .ir import Model, load_model, save_proto
+from .kernels import INTEGER_OPS
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -24,11 +25,6 @@ from .version import __version__
 
 __all__ = ["compile", "CompileResult", "op_histogram", "INTEGER_OPS", "build_pipeline"]
 
-INTEGER_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-    "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax",
-    "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearWhere",
-})
 
 
 def op_histogram(model: Model) -> dict[str, int]:
@@ -105,6 +101,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
             workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
             calibration_statistics: str | None = None,
+            plan_overrides: dict[str, tuple[str, str]] | None = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -135,6 +132,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ``calibration_statistics``: ``all`` (the pass's default: ranges plus the per-channel means
     insert-qdq's bias correction uses and the second moments of its GPTQ rounding) or ``ranges``
     (ranges only: faster calibration, plain rounding and no bias correction).
+
+    ``plan_overrides`` ({node name: (outcome, reason)}) sets nodes' outcomes in the plan
+    (``qcompiler.plan``) that every pass reads: ``("float", why)`` keeps a node float.
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -191,12 +191,14 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, log=log)
+    if plan_overrides:
+        ctx.analysis["plan_overrides"] = dict(plan_overrides)
     inst = Instrumentation(print_ir_after=set(print_ir_after), time_passes=time_passes, verify_each=verify_each,
                            stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr,
                            debug=verbose)
     manager = PassManager(passes, inst)
     manager.run(m, ctx)
-    check_report = _check_output(m, tgt) if check else None
+    check_report = _check_output(m, tgt, plan_overrides) if check else None
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
@@ -226,11 +228,12 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     return result
 
 
-def _check_output(model: Model, target: Target) -> dict[str, Any]:
+def _check_output(model: Model, target: Target, plan_overrides: dict[str, tuple[str, str]] | None
+                  ) -> dict[str, Any]:
     """The legality check of a compiled model (``qcompiler check``); illegal -> UserError."""
     from .check import check_model
 
-    res = check_model(model, target)
+    res = check_model(model, target, plan_overrides=plan_overrides)
     if not res.legal:
         lines = res.problem_lines()
         more = f" (+{len(lines) - 1} more offending nodes)" if len(lines) > 1 else ""

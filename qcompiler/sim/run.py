@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import onnx
 
 from ..errors import UserError
+from ..kernels import KERNELS
 from .arith import Arithmetic
 from .kernels import MS_DOMAIN, SIM_DOMAIN, make_kernels
 from .qdq import integer_groups
@@ -25,15 +27,7 @@ from .qdq import integer_groups
 __all__ = ["simulate", "SimResult", "TensorFidelity", "quantized_tensors"]
 
 # op type -> (index of output scale input, index of output zero point input)
-_OUT_QPARAMS = {
-    "QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QGemm": (7, 8),
-    "QLinearAdd": (6, 7), "QLinearMul": (6, 7), "QLinearGlobalAveragePool": (3, 4),
-    "QLinearAveragePool": (3, 4), "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4), "QLinearConcat": (0, 1),
-}
-# ops that move integer data without changing its scale and zero point
-_PASSTHROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize", "Slice", "Identity",
-                "DepthToSpace", "SpaceToDepth", "Gather", "Split", "Pad", "Relu", "Clip", "Expand", "Tile",
-                "NhwcMaxPool"}
+_OUT_QPARAMS = {"QuantizeLinear": (1, 2)} | {s.name: s.output for s in KERNELS.values() if s.output is not None}
 
 
 @dataclass
@@ -121,9 +115,11 @@ class _Acc:
         return TensorFidelity(sqnr, cos, self.n)
 
 
-def quantized_tensors(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+def quantized_tensors(model: onnx.ModelProto, passthrough: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
     """Integer tensor name -> (scale name, zero point name), from the ops that produce them
-    (QuantizeLinear, QLinear*) and propagated through data-movement ops."""
+    (QuantizeLinear, the kernels of ``qcompiler.kernels``) and propagated through the
+    ``passthrough`` ops (a target's data movement, which keeps its input's qparams)."""
+    passthrough = frozenset(passthrough)
     found: dict[str, tuple[str, str]] = {}
     for node in model.graph.node:  # models are topologically sorted
         if node.op_type in _OUT_QPARAMS:
@@ -133,7 +129,7 @@ def quantized_tensors(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
                 found[node.output[0]] = (node.input[si], zp)
         elif node.op_type == "DynamicQuantizeLinear":
             found[node.output[0]] = (node.output[1], node.output[2])
-        elif node.op_type in _PASSTHROUGH and node.input and node.input[0] in found:
+        elif node.op_type in passthrough and node.input and node.input[0] in found:
             for o in node.output:
                 found[o] = found[node.input[0]]
     return found
@@ -216,7 +212,7 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
         raise UserError(f"{src}: cannot simulate: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     data = load_calibration(inputs, _input_specs(proto), limit=limit)
     out_names = [o.name for o in proto.graph.output]
-    qinfo = quantized_tensors(sim_model)
+    qinfo = quantized_tensors(sim_model, tgt.passthrough)
     ref_proto = _load(reference, "the reference model") if reference is not None else None
     float_names: set[str] = set()
     if ref_proto is not None:
