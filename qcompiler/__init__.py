@@ -14,6 +14,7 @@ from typing import Any
 # that `qcompiler --version` and `targets` do not pay for onnx, networkx and onnxruntime
 # (docs/design.md, "Import time").
 _LAZY: dict[str, str] = {
+    **dict.fromkeys(['analyze', 'layer_sensitivity'], ".analysis"),
     **dict.fromkeys(['CompileResult', 'compile', 'op_histogram'], ".api"),
     **dict.fromkeys(['CalibrationData', 'InputSpec', 'PatchSpec', 'RangeCollector', 'Statistics', 'input_patches', 'input_specs', 'load_calibration'], ".calibration"),
     **dict.fromkeys(['CheckResult', 'Problem', 'check_model'], ".check"),

@@ -101,7 +101,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
             workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
             calibration_statistics: str | None = None,
-            plan_overrides: dict[str, tuple[str, str]] | None = None,
+            plan_overrides: dict[str, tuple[str, str]] | None = None, eval_data: Any = None,
+            analysis: str | os.PathLike[str] | None = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -135,6 +136,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
 
     ``plan_overrides`` ({node name: (outcome, reason)}) sets nodes' outcomes in the plan
     (``qcompiler.plan``) that every pass reads: ``("float", why)`` keeps a node float.
+
+    Fidelity (``report["fidelity"]``, see ``qcompiler.fidelity``): measured on ``eval_data``
+    (any calibration source) or, without it, on a held-out slice of the calibration data
+    (not used for calibration). ``analysis`` (a path) also writes ``qcompiler analyze``'s
+    HTML page for the compiled model (its JSON goes into ``report["analysis"]``).
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -185,8 +191,19 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     needs_calibration = any(p.name == "calibrate" for p in passes) and "calibrate" not in set(disable_passes)
     if image_spec is not None and calibration is None:
         raise UserError(f"--image-spec {image_spec}: needs --calibration DIR (a directory of images)")
+    specs = input_specs(m)
+    float_proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+    eval_samples: list[Any] = []
+    fidelity: dict[str, Any] = {}
+    if eval_data is not None:
+        ev = load_calibration(eval_data, specs, image_spec=image_spec)
+        eval_samples, fidelity = list(ev), {"source": ev.description, "samples": len(ev)}
     if calibration is not None:
-        calib = load_calibration(calibration, input_specs(m), limit=calibration_limit, image_spec=image_spec)
+        calib = load_calibration(calibration, specs, limit=calibration_limit, image_spec=image_spec)
+        if eval_data is None:
+            from .fidelity import hold_out
+
+            eval_samples, fidelity = hold_out(calib)
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
@@ -223,9 +240,34 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     }
     if check_report is not None:
         report["check"] = check_report
+    report["fidelity"] = _fidelity(float_proto, result, fidelity, eval_samples, stop_after, tgt, analysis, report)
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
     return result
+
+
+def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[str, Any], samples: list[Any],
+              stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``fidelity`` section (and the analysis page when asked)."""
+    from .fidelity import measure_fidelity
+
+    if stop_after is not None:
+        return {"status": f"not measured: compilation stopped after '{stop_after}'"}
+    if not samples:
+        if analysis is not None:
+            raise UserError(f"{analysis}: --analysis needs real input samples (--eval-data, or 10 or more "
+                            "calibration samples to hold some out)")
+        return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
+    as_written = report["format"] == "qdq"
+    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
+                engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
+                                                       else "the model's integer kernels"))
+    if analysis is not None:
+        from .analysis import analyze
+
+        rep = analyze(float_proto, result.proto, samples, target=tgt, html=analysis)
+        report["analysis"] = {"html": str(analysis), "summary": rep["summary"], "ranking": rep["ranking"]}
+    return info
 
 
 def _check_output(model: Model, target: Target, plan_overrides: dict[str, tuple[str, str]] | None

@@ -24,7 +24,7 @@ from .arith import Arithmetic
 from .kernels import MS_DOMAIN, SIM_DOMAIN, make_kernels
 from .qdq import integer_groups
 
-__all__ = ["simulate", "SimResult", "TensorFidelity", "quantized_tensors"]
+__all__ = ["simulate", "SimResult", "TensorFidelity", "Accumulator", "quantized_tensors", "float_name"]
 
 # op type -> (index of output scale input, index of output zero point input)
 _OUT_QPARAMS = {"QuantizeLinear": (1, 2)} | {s.name: s.output for s in KERNELS.values() if s.output is not None}
@@ -90,7 +90,7 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-class _Acc:
+class Accumulator:
     """Running sums for SQNR and cosine (mergeable over samples)."""
 
     def __init__(self) -> None:
@@ -135,10 +135,10 @@ def quantized_tensors(model: onnx.ModelProto, passthrough: Iterable[str] = ()) -
     return found
 
 
-def _float_name(name: str, float_names: set[str]) -> str | None:
+def float_name(name: str, float_names: set[str]) -> str | None:
     if name in float_names:
         return name
-    for suffix in ("_quantized", "_QuantizeLinear_Output"):
+    for suffix in ("_quantized", "_QuantizeLinear_Output", "_q"):
         if name.endswith(suffix) and name[: -len(suffix)] in float_names:
             return name[: -len(suffix)]
     return None
@@ -218,8 +218,8 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
     if ref_proto is not None:
         float_names = {o for n in ref_proto.graph.node for o in n.output} | {i.name for i in ref_proto.graph.input}
     runner = None
-    accs: dict[str, _Acc] = {}
-    out_accs: dict[str, _Acc] = {o: _Acc() for o in out_names}
+    accs: dict[str, Accumulator] = {}
+    out_accs: dict[str, Accumulator] = {o: Accumulator() for o in out_names}
     outputs: list[dict[str, np.ndarray]] = []
     for feed in data:
         try:
@@ -236,7 +236,7 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
         ref_vals = runner(feed)
         for sim_name, (fname, value) in pairs.items():
             if fname in ref_vals:
-                accs.setdefault(fname, _Acc()).add(ref_vals[fname], value)
+                accs.setdefault(fname, Accumulator()).add(ref_vals[fname], value)
         for o in out_names:
             if o in ref_vals:
                 sim_val = _as_float(res[o], qinfo.get(o), res)
@@ -287,7 +287,7 @@ def _comparable(res: dict[str, Any], qinfo: dict[str, tuple[str, str]], float_na
     for name, value in res.items():
         if not name or value is None or not isinstance(value, np.ndarray) or name in out_names:
             continue
-        fname = _float_name(name, float_names)
+        fname = float_name(name, float_names)
         if fname is None:
             continue
         if value.dtype.kind == "f":
