@@ -26,10 +26,8 @@ import argparse
 import datetime
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
@@ -47,11 +45,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ListReader, cpu_info, current_rss_mb, escape_cell, peak_rss_mb, spawn_in_child  # noqa: E402
+from harness import write_report  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BENCH_DIR = REPO_ROOT.parent / "shared" / "bench"
 MODEL_NAMES = ("effnet_lite0", "minilm_l6", "ppocrv4_det")
-BEGIN_MARKER = "<!-- bench:begin -->"
-END_MARKER = "<!-- bench:end -->"
 THREADS = 2
 WARMUP_RUNS = 5
 
@@ -134,23 +134,6 @@ def calibration_feeds(model: str, bench_dir: Path, count: int) -> list[Feed]:
 # --------------------------------------------------------------------------------------------
 # Compile / quantize jobs, each run in a fresh spawned child process
 # --------------------------------------------------------------------------------------------
-
-class _ListReader:
-    """onnxruntime CalibrationDataReader over a list of feed dicts (structurally typed)."""
-
-    def __init__(self, feeds: list[Feed]) -> None:
-        self.feeds = feeds
-        self.pos = 0
-
-    def get_next(self) -> Feed | None:
-        if self.pos >= len(self.feeds):
-            return None
-        self.pos += 1
-        return self.feeds[self.pos - 1]
-
-    def rewind(self) -> None:
-        self.pos = 0
-
 
 @dataclass(frozen=True)
 class Job:
@@ -265,50 +248,13 @@ def _run_ort(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | Non
         note_pre = f"quant_pre_process {quantize_start - pre_start:.1f} s"
         if job.mode == "static":
             assert feeds is not None
-            quantize_static(str(pre), str(out_path), _ListReader(feeds), quant_format=QuantFormat.QDQ,
+            quantize_static(str(pre), str(out_path), ListReader(feeds), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=False, calibrate_method=CalibrationMethod.MinMax,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         else:
             quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=job.per_channel)
         quantize_s, quantize_cpu_s = time.perf_counter() - quantize_start, time.process_time() - quantize_cpu
     return {"note": "; ".join(t for t in (note, note_pre) if t), "quantize_s": quantize_s, "quantize_cpu_s": quantize_cpu_s}
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def window_peak_rss_mb() -> float:
-    """Peak RSS since the last :func:`reset_peak_rss` (Linux: VmHWM; ru_maxrss also keeps the
-    peaks of threads that exited before the reset, so it cannot be windowed), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _peak_rss_mb()
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets the
-    kernel's high-water mark, which ru_maxrss reports); False where that is not possible, and
-    the peak then covers the process's whole life."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str, out_path: str, bench_dir: str,
@@ -323,11 +269,11 @@ def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str,
         if job is None:
             import qcompiler  # noqa: F401
             import onnxruntime.quantization  # noqa: F401
-            result = {"ok": True, "seconds": 0.0, "rss_before_mb": _current_rss_mb()}
+            result = {"ok": True, "seconds": 0.0, "rss_before_mb": current_rss_mb()}
         else:
             feeds = calibration_feeds(model, Path(bench_dir), calib) if job.needs_calibration else None
             _job_imports(job)
-            rss_before = _current_rss_mb()
+            rss_before = current_rss_mb()
             start, cpu_start = time.perf_counter(), time.process_time()
             runner = _run_qcompiler if job.tool == "qcompiler" else _run_ort
             extra = runner(job, Path(model_path), Path(out_path), feeds)
@@ -335,37 +281,9 @@ def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str,
                       "rss_before_mb": rss_before, **extra}
     except BaseException as exc:  # report every failure as a table row, never abort the run
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     conn.send(result)
     conn.close()
-
-
-def spawn_in_child(entry: Callable[..., None], args: Sequence[Any], out_path: Path, timeout: float) -> dict[str, Any]:
-    """Run ``entry(conn, *args, scratch)`` in a fresh 'spawn' child, in a scratch working
-    directory next to ``out_path`` that is removed afterwards; the dict the child sends on
-    ``conn``, or an error dict when it times out or dies (never raises)."""
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    scratch = Path(tempfile.mkdtemp(prefix="scratch.", dir=out_path.parent))
-    proc = ctx.Process(target=entry, args=(send, *args, str(scratch)))
-    proc.start()
-    send.close()
-    result: dict[str, Any] | None = None
-    try:
-        if recv.poll(timeout):
-            result = recv.recv()
-        else:
-            proc.kill()
-            result = {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    except EOFError:
-        pass
-    proc.join()
-    shutil.rmtree(scratch, ignore_errors=True)
-    if result is None:
-        code = proc.exitcode
-        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        result = {"ok": False, "error": f"child process died ({why}; -9 is usually out of memory)"}
-    return result
 
 
 def run_job(job: Job | None, model: str, model_path: Path, out_path: Path, bench_dir: Path, calib: int,
@@ -728,13 +646,6 @@ def _cell(value: float | None, fmt: str) -> str:
     return format(value, fmt)
 
 
-def _escape(text: str, limit: int = 320) -> str:
-    """One table-safe line; long messages keep their start and their end (where the cause usually is)."""
-    one = " ".join(text.split())
-    one = one if len(one) <= limit else one[: limit // 3] + " ... " + one[-(2 * limit // 3):]
-    return one.replace("|", "\\|")
-
-
 def render_model(spec: ModelSpec, variants: list[Variant], evalset: EvalSet | None, args: argparse.Namespace) -> str:
     fp32 = variants[0]
     headers = (["variant", "latency ms (median)", "vs fp32"] + [c.header for c in spec.columns]
@@ -745,7 +656,7 @@ def render_model(spec: ModelSpec, variants: list[Variant], evalset: EvalSet | No
         size, ref_size = v.size_bytes, fp32.size_bytes
         rss = "-" if v.peak_rss_mb is None else (
             f"{v.peak_rss_mb:.0f}" + (f" (+{v.rss_delta_mb:.0f})" if v.rss_delta_mb is not None else ""))
-        notes = "; ".join(_escape(t) for t in (v.note, v.error or "") if t)
+        notes = "; ".join(escape_cell(t) for t in (v.note, v.error or "") if t)
         if v is fp32 and "n_conf" in v.metrics:
             notes = f"{int(v.metrics['n_conf'])} of {len(evalset.feeds)} images have fp32 top-1 p>=0.5"
         if v is fp32 and "n_text" in v.metrics:
@@ -801,22 +712,6 @@ def compile_summary(variants: list[Variant]) -> list[str]:
     return lines
 
 
-def cpu_info() -> tuple[str, dict[str, bool]]:
-    """CPU model name and presence of the flags that decide int8 kernel speed."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "", {}
-    flags: set[str] = set()
-    model = ""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-        elif line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-    return model, {f: f in flags for f in ("avx2", "avx512_vnni", "avx_vnni")}
-
-
 def header(args: argparse.Namespace, idle_rss: float | None) -> str:
     import qcompiler
 
@@ -845,25 +740,6 @@ def header(args: argparse.Namespace, idle_rss: float | None) -> str:
         + (f"; an idle child (imports only) has {idle_rss:.0f} MB" if idle_rss is not None else ""),
         "",
     ])
-
-
-def write_report(path: Path, section: str, begin: str = BEGIN_MARKER, end: str = END_MARKER) -> None:
-    """Replace the text between ``begin`` and ``end`` in ``path`` (creating the file or markers
-    if missing); the rest of the file, other benchmarks' marked sections included, is kept."""
-    block = f"{begin}\n{section.rstrip()}\n{end}\n"
-    if path.exists():
-        text = path.read_text()
-        start, stop = text.find(begin), text.find(end)
-        if start != -1 and stop > start:
-            text = text[:start] + block.rstrip("\n") + text[stop + len(end):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Benchmarks\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------

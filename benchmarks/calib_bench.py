@@ -53,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench  # noqa: E402  (benchmarks/bench.py: preprocessing, evaluation, report helpers)
+from harness import ListReader, cpu_info, escape_cell, reset_peak_rss, spawn_in_child, window_peak_rss_mb, write_report  # noqa: E402
 
 REPO_ROOT = HERE.parent
 DEFAULT_BENCH = REPO_ROOT.parent / "shared" / "bench"
@@ -126,7 +127,7 @@ def _ort(model_path: Path, out_path: Path, feeds: list[bench.Feed], method: str)
 
     ort_quantize.create_calibrator = create
     try:
-        quantize_static(str(model_path), str(out_path), bench._ListReader(feeds), quant_format=QuantFormat.QDQ,
+        quantize_static(str(model_path), str(out_path), ListReader(feeds), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]))
     finally:
@@ -147,7 +148,7 @@ def _child(conn: Connection, tool: str, model: str, method: str, samples: int, m
             import onnxruntime.quantization  # noqa: F401
         # the peak is taken over the call alone: loading minilm's bench samples (tokenizing the
         # text) peaks at ~0.7 GB by itself and hid every difference between the two tools
-        windowed = bench.reset_peak_rss()
+        windowed = reset_peak_rss()
         start = time.perf_counter()
         run = _qcompiler if tool == "qcompiler" else _ort
         note, calib_s = run(Path(model_path), Path(out_path), feeds, method)
@@ -155,15 +156,15 @@ def _child(conn: Connection, tool: str, model: str, method: str, samples: int, m
                   "rss_window": windowed}
     except BaseException as exc:  # every failure becomes a table cell, never aborts the run
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    result["peak_rss_mb"] = bench.window_peak_rss_mb()
+    result["peak_rss_mb"] = window_peak_rss_mb()
     conn.send(result)
     conn.close()
 
 
 def run_child(tool: str, model: str, method: str, samples: int, model_path: Path, out_path: Path,
               bench_dir: Path, timeout: float) -> dict[str, Any]:
-    """One quantization in a fresh spawned child (bench.spawn_in_child); its result dict."""
-    result = bench.spawn_in_child(_child, (tool, model, method, samples, str(model_path), str(out_path),
+    """One quantization in a fresh spawned child (spawn_in_child); its result dict."""
+    result = spawn_in_child(_child, (tool, model, method, samples, str(model_path), str(out_path),
                                            str(bench_dir)), out_path, timeout)
     if result["ok"] and not out_path.exists():
         result = {**result, "ok": False, "error": "reported success but wrote no model"}
@@ -298,7 +299,7 @@ def render(model: str, rows: list[Row], args: argparse.Namespace) -> str:
         notes = []
         for who, side in (("qc", r.qc), ("ORT", r.ort)):
             if side is not None and (side.error or side.note):
-                notes.append(f"{who}: " + bench._escape(side.error or side.note, 200))
+                notes.append(f"{who}: " + escape_cell(side.error or side.note, 200))
         if r.ort is None:
             notes.append("ORT has no such method")
         cells = [str(r.samples), r.method, _num(r.qc.calib_seconds, ".2f"), _num(o.calib_seconds, ".2f"),
@@ -322,7 +323,7 @@ def header(args: argparse.Namespace) -> str:
 
     import qcompiler
 
-    cpu, flags = bench.cpu_info()
+    cpu, flags = cpu_info()
     return "\n".join([
         "## Calibration benchmark",
         "",
@@ -387,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             section = render(model, bench_model(model, args, work), args)
             print(section, flush=True)
             sections.append(section)
-        bench.write_report(args.out, "\n".join(sections), BEGIN, END)
+        write_report(args.out, "\n".join(sections), BEGIN, END)
         log(f"wrote {args.out}")
     finally:
         if args.work is None:

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench  # noqa: E402
+from harness import ListReader  # noqa: E402
 import calib_bench  # noqa: E402
 
 MODELS = ("effnet_lite0", "minilm_l6")
@@ -74,7 +75,7 @@ def _ort_calibrator(pre: Path, scratch: Path) -> Any:
 
 
 def _collect(cal: Any, feeds: list[bench.Feed]) -> None:
-    cal.collect_data(bench._ListReader(feeds))
+    cal.collect_data(ListReader(feeds))
     cal.intermediate_outputs = []  # what collect_data keeps per sample: dropped between repetitions
 
 

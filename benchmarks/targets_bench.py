@@ -33,6 +33,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the benchmark's preprocessing and metrics, shared on purpose)
+from harness import write_report  # noqa: E402
 
 import qcompiler  # noqa: E402
 from qcompiler.sim import simulate  # noqa: E402
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = render(rows, args, n_eval)
     print(section)
     if not args.no_write:
-        bench.write_report(args.out, section, BEGIN_MARKER, END_MARKER)
+        write_report(args.out, section, BEGIN_MARKER, END_MARKER)
     return 0
 
 

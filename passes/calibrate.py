@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, QType, UserError
+from qcompiler import Constant, is_constant
 from qcompiler.calib_cache import cache_key, data_digest, load_cached, store_cached
 from qcompiler.calib_dist import run_sharded
 from qcompiler.calib_engine import (DEFAULT_MEMORY, Job, Progress, lane_threads, make_groups, parse_memory, peak_rss_mb,
@@ -31,12 +31,12 @@ def _weighted_inputs(model: Model, only: set[str] | None = None) -> dict[str, in
     the axis their channels lie on; their per-channel means let insert-qdq correct the bias
     shift weight rounding causes."""
     axes: dict[str, int] = {}
-    for node in model.graph.gs.nodes:
+    for node in model.graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
         if only is not None and node.name not in only:
             continue
-        if not isinstance(node.inputs[1], gs.Constant) or isinstance(node.inputs[0], gs.Constant):
+        if not is_constant(node.inputs[1]) or is_constant(node.inputs[0]):
             continue
         if node.op == "Conv":
             axes[node.inputs[0].name] = 1
@@ -51,13 +51,13 @@ def _moment_specs(model: Model, max_dim: int, only: set[str] | None = None) -> d
     """Per activation, the (node, window) pairs whose input second moments to accumulate
     (for the nodes in ``only``, if given: GPTQ rounds only integer nodes' weights)."""
     specs: dict[str, list[tuple[str, PatchSpec]]] = {}
-    for node in model.graph.gs.nodes:
+    for node in model.graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
         if only is not None and node.name not in only:
             continue
         w = node.inputs[1]
-        if not isinstance(w, gs.Constant) or isinstance(node.inputs[0], gs.Constant) or w.shape is None:
+        if not is_constant(w) or is_constant(node.inputs[0]) or w.shape is None:
             continue
         shape = list(w.shape)
         if node.op == "Conv":
@@ -96,7 +96,7 @@ def _shared_moments(specs: dict[str, list[tuple[str, PatchSpec]]]
     return unique, alias
 
 
-def _kernel_only(const: gs.Constant) -> bool:
+def _kernel_only(const: Constant) -> bool:
     """Weights only onnxruntime's kernels read (a MatMul's B, a Gather's table): those can be
     handed to the session as the IR's own arrays. Graph optimizations read others (a Conv
     weight is re-laid-out for the blocked-layout kernels) from the model itself."""
@@ -108,7 +108,7 @@ def _kernel_only(const: gs.Constant) -> bool:
 def _fused_inner(model: Model, ctx: PassContext) -> set[str]:
     """Values inside fused groups: a head's output read only by its activation tail."""
     heads = ctx.analysis.get("groups", {})
-    return {node.outputs[0].name for node in model.graph.gs.nodes if node.name in heads and node.outputs}
+    return {node.outputs[0].name for node in model.graph.nodes if node.name in heads and node.outputs}
 
 
 def _candidates(model: Model, ctx: PassContext) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
@@ -116,7 +116,7 @@ def _candidates(model: Model, ctx: PassContext) -> tuple[dict[str, Any], dict[st
     and the fused-inner values it never observes."""
     graph = model.graph
     values: dict[str, Any] = {}
-    for node in graph.gs.nodes:
+    for node in graph.nodes:
         if node.op == "QuantizeLinear":
             continue
         for value in node.outputs:
@@ -130,7 +130,7 @@ def _candidates(model: Model, ctx: PassContext) -> tuple[dict[str, Any], dict[st
     # onnxruntime fuse the pair in the calibration session too.
     inner = _fused_inner(model, ctx)
     values = {n: v for n, v in values.items() if n not in inner}
-    inputs = {v.name: v for v in graph.inputs if not isinstance(v, gs.Constant)}
+    inputs = {v.name: v for v in graph.inputs if not is_constant(v)}
     return values, inputs, inner
 
 
@@ -138,7 +138,7 @@ def _plan(model: Model, ctx: PassContext) -> Plan:
     """The plan insert-qdq will follow, planned as if every value had a range (the plan after
     calibration is then the same one)."""
     every = {v.name for g in model.graph.walk() for v in g.inputs}
-    every.update(v.name for g in model.graph.walk() for n in g.gs.nodes for v in n.outputs)
+    every.update(v.name for g in model.graph.walk() for n in g.nodes for v in n.outputs)
     return plan_for(model, ctx, ranges=dict.fromkeys(every))
 
 
@@ -201,13 +201,13 @@ def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, 
     "If"|"Loop"), with their plan entries added. A first sample is run on the instrumented model; if onnxruntime refuses
     it (a Loop value whose shape changes between iterations cannot be stacked), Loop bodies are
     dropped, then If bodies: those values then stay uncalibrated and their ops float."""
-    skip = {v.name for g in model.graph.walk() for n in g.gs.nodes if n.op == "QuantizeLinear" for v in n.inputs}
+    skip = {v.name for g in model.graph.walk() for n in g.nodes if n.op == "QuantizeLinear" for v in n.inputs}
     found = [ob for ob in observable_subgraph_values(proto, skip) if keep is None or ob.value in keep]
     if not found:
         return proto, {}
     body_values: dict[str, tuple[Any, Any]] = {v.name: (v, None) for g in model.graph.walk() for v in g.inputs}
-    body_values.update({v.name: (v, n) for g in model.graph.walk() for n in g.gs.nodes for v in n.outputs})
-    kinds = {n.name: n.op for n in model.graph.gs.nodes}
+    body_values.update({v.name: (v, n) for g in model.graph.walk() for n in g.nodes for v in n.outputs})
+    kinds = {n.name: n.op for n in model.graph.nodes}
     first = next(iter(ctx.calibration), None)
     for allowed in (("If", "Loop"), ("If",)):
         chosen = [ob for ob in found if kinds.get(ob.node) in allowed]
@@ -333,7 +333,7 @@ class Calibrate(Pass):
         graph = model.graph
         values, input_values, inner = _candidates(model, ctx)
         pinnable = set(values) | set(input_values) | inner  # a pin of an unobserved one is accepted, unused
-        known = {n.name for n in graph.gs.nodes} | {n.op for n in graph.gs.nodes} | set(input_values)
+        known = {n.name for n in graph.nodes} | {n.op for n in graph.nodes} | set(input_values)
         for key in overrides:
             if key not in known:
                 raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "

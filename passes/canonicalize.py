@@ -6,9 +6,9 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Graph, Model, Node, Pass, PassContext, PassResult, Rewriter
+from qcompiler import Constant, const_value, is_constant
 
 __all__ = ["Canonicalize"]
 
@@ -20,8 +20,8 @@ _SCALAR_ATTRS = {
 def _constant_array(node: Node) -> np.ndarray | None:
     """The tensor a Constant node produces, whichever attribute holds it."""
     for key, value in node.attrs.items():
-        if key == "value" and isinstance(value, gs.Constant):
-            return np.asarray(value.values)
+        if key == "value" and is_constant(value):
+            return const_value(value)
         if key in _SCALAR_ATTRS:
             return np.asarray(value, dtype=_SCALAR_ATTRS[key])
     return None
@@ -34,7 +34,7 @@ def _is_noop_dropout(node: Node) -> bool:
         return False  # the mask is used
     if len(node.inputs) > 2 and node.inputs[2].name:
         mode = node.inputs[2]
-        return isinstance(mode, gs.Constant) and not bool(np.asarray(mode.values))
+        return is_constant(mode) and not bool(const_value(mode))
     return True  # inference: Dropout is the identity
 
 
@@ -90,19 +90,19 @@ class Canonicalize(Pass):
                 continue
             src, out = node.inputs[0], node.outputs[0]
             if graph.is_graph_output(out) and (graph.is_graph_input(src) or graph.is_graph_output(src)
-                                               or isinstance(src, gs.Constant)):
+                                               or is_constant(src)):
                 continue  # the output name must stay
             rw.erase_node(graph, node)
             rw.replace_all_uses(graph, out, src)
 
     @staticmethod
     def _merge_duplicates(graph: Graph, rw: Rewriter) -> None:
-        seen: dict[tuple[str, tuple[int, ...], str], gs.Constant] = {}
+        seen: dict[tuple[str, tuple[int, ...], str], Constant] = {}
         for node in graph.nodes:
             for i, value in enumerate(node.inputs):
-                if not isinstance(value, gs.Constant):
+                if not is_constant(value):
                     continue
-                arr = np.asarray(value.values)
+                arr = const_value(value)
                 key = (arr.dtype.str, arr.shape, hashlib.sha256(np.array(arr, order="C").tobytes()).hexdigest())
                 first = seen.setdefault(key, value)
                 if first is not value:

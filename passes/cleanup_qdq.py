@@ -6,19 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from qcompiler import Match, Model, Op, Pass, PassContext, PassResult, QParams, QType, Rewriter, Rule, apply_rules
 from qcompiler import Const, quantize
+from qcompiler import Node, const_value
 
 __all__ = ["CleanupQdq", "RULES"]
 
 
-def _const(v: gs.Tensor | None) -> np.ndarray | None:
-    return np.asarray(v.values) if isinstance(v, gs.Constant) else None
-
-
-def _omitted_zp_dtype(node: gs.Node) -> np.dtype | None:
+def _omitted_zp_dtype(node: Node) -> np.dtype | None:
     """The integer type ONNX implies when the zero point is omitted: a QuantizeLinear's
     `output_dtype` (opset 21+; uint8 by default), a DequantizeLinear's input type (None: unknown)."""
     if node.op == "QuantizeLinear":
@@ -28,10 +24,10 @@ def _omitted_zp_dtype(node: gs.Node) -> np.dtype | None:
     return np.dtype(dtype) if dtype is not None else None
 
 
-def _params(node: gs.Node) -> tuple[np.ndarray | None, np.ndarray | None, int]:
-    scale = _const(node.inputs[1])
+def _params(node: Node) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    scale = const_value(node.inputs[1])
     if len(node.inputs) > 2 and node.inputs[2].name:
-        zp = _const(node.inputs[2])
+        zp = const_value(node.inputs[2])
     else:
         dtype = _omitted_zp_dtype(node)
         zp = np.zeros((), dtype) if dtype is not None else None

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Graph, Model, Pass, PassContext, PassResult, Rewriter
+from qcompiler import Constant, const_value, is_constant
 
 __all__ = ["CompactQparams"]
 
@@ -47,7 +47,7 @@ class CompactQparams(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         rw = ctx.rewriter(model)
         for graph in list(model.graph.walk()):
-            interface = {id(v) for v in list(graph.gs.inputs) + list(graph.gs.outputs)}
+            interface = {id(v) for v in graph.inputs + graph.outputs}
             if self.share_zero_points:
                 self._share(graph, rw, interface)
             if self.short_suffixes:
@@ -59,12 +59,12 @@ class CompactQparams(Pass):
 
     @staticmethod
     def _share(graph: Graph, rw: Rewriter, interface: set[int]) -> None:
-        shared: dict[tuple[str, bytes], gs.Constant] = {}
-        for node in graph.gs.nodes:
+        shared: dict[tuple[str, bytes], Constant] = {}
+        for node in graph.nodes:
             for i, value in enumerate(node.inputs):
-                if not isinstance(value, gs.Constant) or id(value) in interface:
+                if not is_constant(value) or id(value) in interface:
                     continue
-                arr = np.asarray(value.values)
+                arr = const_value(value)
                 if arr.shape != ():
                     continue
                 tag = _ZP_DTYPES.get(arr.dtype.name)
@@ -89,9 +89,9 @@ class CompactQparams(Pass):
         # in graph order: their readers (QLinearConv's operand slots) already say what they are
         seen: set[int] = set()
         count = {"_q": 0, "_s": 0}
-        for node in graph.gs.nodes:
+        for node in graph.nodes:
             for value in node.inputs:
-                if not isinstance(value, gs.Constant) or id(value) in seen or id(value) in interface:
+                if not is_constant(value) or id(value) in seen or id(value) in interface:
                     continue
                 seen.add(id(value))
                 suffix = value.name[-2:]
@@ -102,7 +102,7 @@ class CompactQparams(Pass):
     @staticmethod
     def _shorten_nodes(graph: Graph, rw: Rewriter) -> None:
         # only the Q/DQ nodes insert-qdq names after their value; op nodes keep their names
-        for node in graph.gs.nodes:
+        for node in graph.nodes:
             if node.op not in ("QuantizeLinear", "DequantizeLinear") or not node.name:
                 continue
             for long, short in _NODE_SUFFIXES:
@@ -113,7 +113,7 @@ class CompactQparams(Pass):
     @staticmethod
     def _shorten(graph: Graph, rw: Rewriter, interface: set[int]) -> None:
         seen: set[int] = set()
-        values = [v for n in graph.gs.nodes for v in list(n.inputs) + list(n.outputs)]
+        values = [v for n in graph.nodes for v in list(n.inputs) + list(n.outputs)]
         for value in values:
             if id(value) in seen or id(value) in interface or not value.name:
                 continue

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Node, Pass, PassContext, PassResult, QType, UserError, quantize, weight_qparams
+from qcompiler import const_value, is_constant
 
 __all__ = ["CompressWeights"]
 
@@ -54,14 +54,14 @@ class CompressWeights(Pass):
         if model.opsets.get("", 0) < 13:
             return PassResult(False)
         for graph in list(model.graph.walk()):
-            for node in list(graph.gs.nodes):
+            for node in list(graph.nodes):
                 axis = _weight_axis(node)
                 if axis is None or len(node.inputs) < 2:
                     continue
                 w = node.inputs[1]
-                if not isinstance(w, gs.Constant) or len(w.outputs) != 1:
+                if not is_constant(w) or len(w.outputs) != 1:
                     continue
-                arr = np.asarray(w.values)
+                arr = const_value(w)
                 if arr.dtype != np.float32 or arr.size < self.min_elements or arr.ndim < 2:
                     continue
                 axis = axis % arr.ndim

@@ -19,10 +19,9 @@ from functools import lru_cache
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from qcompiler import INTEGER_OPS, Graph, Model, Node, Pass, PassContext, PassResult, Rewriter, Value
-from qcompiler import node_subgraphs
+from qcompiler import const_value, is_constant, node_subgraphs, producer
 
 __all__ = ["ConvertFloat16", "KEEP_OPS", "MOVEMENT_OPS", "FP16_MAX"]
 
@@ -128,9 +127,9 @@ def _plan_node(node: Node, graph: Graph, exclude: frozenset[str]) -> tuple[set[i
 
 def _out_of_range(value: Value) -> bool:
     """A float32 constant with finite values float16 cannot hold (|x| > 65504)."""
-    if not isinstance(value, gs.Constant):
+    if not is_constant(value):
         return False
-    array = np.asarray(value.values)
+    array = const_value(value)
     return array.dtype == _F32 and bool(np.any(np.isfinite(array) & (np.abs(array) > FP16_MAX)))
 
 
@@ -142,8 +141,8 @@ def _quantized_nodes(graph: Graph, ctx: PassContext) -> set[int]:
     target = ctx.target
     quantized: set[int] = set()
     for node in graph.nodes:
-        readers_of_dq = any((p := Graph.producer(v)) is not None and p.op == "DequantizeLinear" for v in node.inputs)
-        first = Graph.producer(node.inputs[0]) if node.inputs else None
+        readers_of_dq = any((p := producer(v)) is not None and p.op == "DequantizeLinear" for v in node.inputs)
+        first = producer(node.inputs[0]) if node.inputs else None
         if ((readers_of_dq and (target.op(node.op) is not None or node.op in target.passthrough))
                 or (first is not None and id(first) in quantized and target.fused_with(first.op, node.op))):
             quantized.add(id(node))
@@ -257,9 +256,9 @@ class ConvertFloat16(Pass):
                         # the public output keeps its name and float32 type; the fp16 value is renamed
                         rw.replace_all_uses(graph, value, back, except_nodes=list(value.outputs))
             elif half_readers:
-                if isinstance(value, gs.Constant):
+                if is_constant(value):
                     if value.dtype is not None and np.dtype(value.dtype) == _F32:
-                        half: Value = rw.constant(value.name + "_fp16", _to_fp16(np.asarray(value.values)))
+                        half: Value = rw.constant(value.name + "_fp16", _to_fp16(const_value(value)))
                     else:
                         continue
                 else:
@@ -273,7 +272,7 @@ def _drop_cancelling_casts(rw: Rewriter, graph: Graph) -> None:
     for node in graph.nodes:
         if node.op != "Cast" or int(node.attrs.get("to", 0)) != onnx.TensorProto.FLOAT16:
             continue
-        inner = Graph.producer(node.inputs[0])
+        inner = producer(node.inputs[0])
         if inner is None or inner.op != "Cast" or int(inner.attrs.get("to", 0)) != onnx.TensorProto.FLOAT:
             continue
         src = inner.inputs[0]

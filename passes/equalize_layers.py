@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Pass, PassContext, PassResult, Rewriter, UserError, observe_values
+from qcompiler import const_value, is_constant
 
 __all__ = ["EqualizeLayers", "equalization_scale"]
 
@@ -34,17 +34,17 @@ def equalization_scale(r1: np.ndarray, r2: np.ndarray, floor: float = 1e-8) -> n
 
 
 def _conv_weight(node: Any) -> np.ndarray | None:
-    if node.op != "Conv" or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+    if node.op != "Conv" or len(node.inputs) < 2 or not is_constant(node.inputs[1]):
         return None
-    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+    if len(node.inputs) > 2 and node.inputs[2].name and not is_constant(node.inputs[2]):
         return None
-    w = np.asarray(node.inputs[1].values)
+    w = const_value(node.inputs[1])
     return w if w.dtype == np.float32 and w.ndim >= 3 and len(node.inputs[1].outputs) == 1 else None
 
 
 def _bias(node: Any, channels: int) -> np.ndarray:
     if len(node.inputs) > 2 and node.inputs[2].name:
-        return np.asarray(node.inputs[2].values).astype(np.float32)
+        return const_value(node.inputs[2]).astype(np.float32)
     return np.zeros(channels, np.float32)
 
 
@@ -52,9 +52,9 @@ def _clip_bounds(node: Any) -> tuple[float, float] | None:
     vals = []
     for i, key in ((1, "min"), (2, "max")):
         if len(node.inputs) > i and node.inputs[i].name:
-            if not isinstance(node.inputs[i], gs.Constant):
+            if not is_constant(node.inputs[i]):
                 return None
-            vals.append(float(np.asarray(node.inputs[i].values)))
+            vals.append(float(const_value(node.inputs[i])))
         else:
             vals.append(float(node.attrs.get(key, -np.inf if key == "min" else np.inf)))
     return vals[0], vals[1]
@@ -74,15 +74,15 @@ def _pairs(model: Model, clip_as_relu: bool) -> tuple[list[_Pair], list[dict[str
     """Conv -> [activation] -> Conv chains whose intermediate values have one reader each
     (with ``clip_as_relu``, Clip(0, b) counts as a Relu: the caller drops its bound)."""
     pairs, skipped = [], []
-    outputs = {v.name for v in model.graph.gs.outputs}
-    for node in model.graph.gs.nodes:
+    outputs = {v.name for v in model.graph.outputs}
+    for node in model.graph.nodes:
         w1 = _conv_weight(node)
         if w1 is None or len(node.outputs[0].outputs) != 1 or node.outputs[0].name in outputs:
             continue
         nxt, act = node.outputs[0].outputs[0], None
         if nxt.op != "Conv":
             act = nxt
-            if sum(not isinstance(v, gs.Constant) for v in act.inputs) != 1:
+            if sum(not is_constant(v) for v in act.inputs) != 1:
                 continue  # a residual Add, a Concat: not an activation between two layers
             if len(act.outputs) != 1 or len(act.outputs[0].outputs) != 1 or act.outputs[0].name in outputs:
                 continue
@@ -169,7 +169,7 @@ class EqualizeLayers(Pass):
     def _equalize(rw: Rewriter, p: _Pair) -> None:
         # a chain's middle layer is the second of one pair and the first of the next: read
         # both weights from the graph, never from an earlier copy
-        p.w1, p.w2 = np.asarray(p.first.inputs[1].values), np.asarray(p.second.inputs[1].values)
+        p.w1, p.w2 = const_value(p.first.inputs[1]), const_value(p.second.inputs[1])
         axes1 = tuple(range(1, p.w1.ndim))
         r1 = np.abs(p.w1).max(axis=axes1)
         r2 = np.abs(p.w2).max(axis=tuple(range(1, p.w2.ndim))) if p.depthwise else \
@@ -203,7 +203,7 @@ class EqualizeLayers(Pass):
         observe_values(model, ctx.calibration, [p.first.outputs[0].name for p in relu], visit, who=self.name)
         absorbed = 0
         for p in relu:
-            p.w2 = np.asarray(p.second.inputs[1].values)
+            p.w2 = const_value(p.second.inputs[1])
             total, square, n = sums[p.first.outputs[0].name]
             mean = total / n
             std = np.sqrt(np.maximum(square / n - mean**2, 0.0))

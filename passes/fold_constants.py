@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx.reference import ReferenceEvaluator
 
 from qcompiler import Model, Node, Pass, PassContext, PassResult, node_subgraphs
+from qcompiler import Value, const_value, is_constant
 
 __all__ = ["FoldConstants"]
 
@@ -18,7 +18,7 @@ _NEVER = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLik
 _QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
-def _static_shape(value: gs.Tensor) -> list[int] | None:
+def _static_shape(value: Value) -> list[int] | None:
     shape = value.shape
     if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
         return None
@@ -74,7 +74,7 @@ class FoldConstants(Pass):
             shape = _static_shape(node.inputs[0])
             return None if shape is None else [np.asarray(int(np.prod(shape)), dtype=np.int64)]
         inputs = [v for v in node.inputs]
-        if not inputs or any(v.name and not isinstance(v, gs.Constant) for v in inputs):
+        if not inputs or any(v.name and not is_constant(v) for v in inputs):
             return None
         feeds = {}
         in_names = []
@@ -83,13 +83,13 @@ class FoldConstants(Pass):
                 in_names.append("")
                 continue
             key = f"in{i}"
-            feeds[key] = np.asarray(v.values)
+            feeds[key] = const_value(v)
             in_names.append(key)
         out_names = [f"out{i}" for i in range(len(node.outputs))]
         attrs = {}
         for k, v in node.attrs.items():
-            if isinstance(v, gs.Constant):
-                v = onnx.numpy_helper.from_array(np.asarray(v.values))
+            if is_constant(v):
+                v = onnx.numpy_helper.from_array(const_value(v))
             attrs[k] = v
         try:
             proto_node = onnx.helper.make_node(node.op, in_names, out_names, **attrs)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from qcompiler import Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import AnyValue, Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import Node, const_value, is_constant
 
 __all__ = ["FoldConvAffine", "RULES"]
 
@@ -22,15 +22,15 @@ def _per_channel(c: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
     return c.reshape(-1).astype(np.float64)
 
 
-def _conv_parts(conv: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+def _conv_parts(conv: Node) -> tuple[np.ndarray, np.ndarray] | None:
     w = conv.inputs[1]
-    if not isinstance(w, gs.Constant):
+    if not is_constant(w):
         return None
-    weight = np.asarray(w.values).astype(np.float64)
+    weight = const_value(w).astype(np.float64)
     if len(conv.inputs) > 2 and conv.inputs[2].name:
-        if not isinstance(conv.inputs[2], gs.Constant):
+        if not is_constant(conv.inputs[2]):
             return None
-        bias = np.asarray(conv.inputs[2].values).astype(np.float64)
+        bias = const_value(conv.inputs[2]).astype(np.float64)
     else:
         bias = np.zeros(weight.shape[0])
     return weight, bias
@@ -39,13 +39,12 @@ def _conv_parts(conv: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
 def _after(m: Match, rw: Rewriter) -> bool:
     # Mul(Conv(x), c) -> Conv(x, W*c, b*c);  Add(Conv(x), d) -> Conv(x, W, b+d)
     node, conv = m.root, m.nodes["conv"]
-    const = m.values["c"]
     parts = _conv_parts(conv)
-    if parts is None or not isinstance(const, gs.Constant):
+    if parts is None:
         return False
     weight, bias = parts
     rank = weight.ndim  # a Conv's output has its weight's rank, known even when shapes are not
-    c = _per_channel(np.asarray(const.values), weight.shape[0], rank)
+    c = _per_channel(m.const("c"), weight.shape[0], rank)
     if c is None:
         return False
     if node.op == "Mul":
@@ -53,7 +52,7 @@ def _after(m: Match, rw: Rewriter) -> bool:
         bias = bias * c
     else:
         bias = bias + c
-    dtype = np.asarray(conv.inputs[1].values).dtype
+    dtype = const_value(conv.inputs[1]).dtype
     rw.set_input(conv, 1, rw.constant(conv.inputs[1].name, weight.astype(dtype)))
     rw.set_input(conv, 2, rw.constant(conv.name + "_bias", bias.astype(dtype)))
     out = node.outputs[0]
@@ -65,8 +64,8 @@ def _after(m: Match, rw: Rewriter) -> bool:
 def _before(m: Match, rw: Rewriter) -> bool:
     # Conv(a*x) -> Conv(x, W*a);  Conv(x+b) -> Conv(x, W, bias + W.sum*b)  (unpadded convs only)
     conv, node = m.root, m.nodes["affine"]
-    x, const = (node.inputs[0], node.inputs[1]) if isinstance(node.inputs[1], gs.Constant) else (node.inputs[1], node.inputs[0])
-    if not isinstance(const, gs.Constant) or int(conv.attrs.get("group", 1)) != 1:
+    x = m.values["x"]
+    if int(conv.attrs.get("group", 1)) != 1:
         return False
     if any(conv.attrs.get("pads", [0])) or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         return False  # padded zeros are not scaled/shifted: not exact
@@ -75,7 +74,7 @@ def _before(m: Match, rw: Rewriter) -> bool:
         return False
     weight, bias = parts
     rank = weight.ndim
-    c = _per_channel(np.asarray(const.values), weight.shape[1], rank)
+    c = _per_channel(m.const("c"), weight.shape[1], rank)
     if c is None:
         return False
     if x.shape is None or len(x.shape) != rank or x.shape[1] != weight.shape[1]:
@@ -85,7 +84,7 @@ def _before(m: Match, rw: Rewriter) -> bool:
         weight = weight * c.reshape(shape)
     else:
         bias = bias + (weight * c.reshape(shape)).sum(axis=tuple(range(1, rank)))
-    dtype = np.asarray(conv.inputs[1].values).dtype
+    dtype = const_value(conv.inputs[1]).dtype
     rw.set_input(conv, 1, rw.constant(conv.inputs[1].name, weight.astype(dtype)))
     rw.set_input(conv, 2, rw.constant(conv.name + "_bias", bias.astype(dtype)))
     rw.set_input(conv, 0, x)
@@ -94,10 +93,9 @@ def _before(m: Match, rw: Rewriter) -> bool:
 
 
 _CONV = Op("Conv", single_use=True, bind="conv")
-_AFFINE = Op(("Mul", "Add"), single_use=True, bind="affine")
+_AFFINE = Op(("Mul", "Add"), inputs=(AnyValue("x"), Const("c")), commutative=True, single_use=True, bind="affine")
 RULES = (
-    Rule("conv-then-affine", Op(("Mul", "Add"), inputs=(_CONV, Const("c"))), _after),
-    Rule("affine-then-conv-commuted", Op(("Mul", "Add"), inputs=(Const("c"), _CONV)), _after),
+    Rule("conv-then-affine", Op(("Mul", "Add"), inputs=(_CONV, Const("c")), commutative=True), _after),
     Rule("affine-then-conv", Op("Conv", inputs=(_AFFINE,)), _before),
 )
 

@@ -4,43 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import onnx_graphsurgeon as gs
-
 from qcompiler import AnyValue, Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import Value
 
 __all__ = ["FoldMatmulAdd"]
 
 
-def _rank(value: gs.Tensor) -> int | None:
+def _rank(value: Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
+
+
+def _fits(m: Match) -> str | None:
+    a, w, b = m.values["a"], m.const("w"), m.const("b")
+    if _rank(a) != 2 or w.ndim != 2:
+        return "Gemm needs a 2-D activation and a 2-D weight"
+    if b.reshape(-1).shape[0] != w.shape[1] or b.size != w.shape[1]:
+        return f"the bias (shape {list(b.shape)}) is not one value per output column ({w.shape[1]})"
+    return None
 
 
 def _fold(m: Match, rw: Rewriter) -> bool:
     # Add(MatMul(A[M,K], W[K,N]), b[N]) -> Gemm(A, W, b)
-    add, mm = m.root, m.nodes["mm"]
-    a, w = mm.inputs[0], m.const("w")
-    b_value = m.values["b"]
-    if not isinstance(b_value, gs.Constant):
-        return False
-    b = np.asarray(b_value.values)
-    if _rank(a) != 2 or w.ndim != 2 or b.reshape(-1).shape[0] != w.shape[1] or b.size != w.shape[1]:
-        return False
-    out = add.outputs[0]
-    gemm_out = rw.value(out.name + "_gemm", dtype=out.dtype, shape=out.shape)
-    rw.create_node(m.graph, "Gemm", [a, mm.inputs[1], rw.constant(b_value.name + "_1d", b.reshape(-1))],
-                   [gemm_out], {}, name=mm.name + "_gemm", before=mm)
-    rw.erase_node(m.graph, add)
-    rw.erase_node(m.graph, mm)
-    rw.replace_all_uses(m.graph, out, gemm_out)
+    mm, b = m.nodes["mm"], m.values["b"]
+    bias = rw.constant(b.name + "_1d", m.const("b").reshape(-1))
+    rw.replace_node(m.graph, m.root, "Gemm", [m.values["a"], mm.inputs[1], bias], name=mm.name, before=mm, erase=[mm])
     return True
 
 
-_MM = Op("MatMul", inputs=(AnyValue(), Const("w")), single_use=True, bind="mm")
-RULES = (
-    Rule("matmul-add", Op("Add", inputs=(_MM, AnyValue("b"))), _fold),
-    Rule("add-matmul", Op("Add", inputs=(AnyValue("b"), _MM)), _fold),
-)
+_MM = Op("MatMul", inputs=(AnyValue("a"), Const("w")), single_use=True, bind="mm")
+RULES = (Rule("matmul-add", Op("Add", inputs=(_MM, Const("b")), commutative=True), _fold, where=_fits),)
 
 
 @dataclass(frozen=True)

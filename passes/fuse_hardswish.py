@@ -4,45 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import onnx_graphsurgeon as gs
-
-from qcompiler import Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import AnyValue, Const, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
 
 __all__ = ["FuseHardswish", "RULES"]
 
 
-def _is(value: float):
-    return lambda a: a.size == 1 and abs(float(a.reshape(-1)[0]) - value) < 1e-6
-
-
 def _fuse(m: Match, rw: Rewriter) -> bool:
-    # Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6) -> HardSwish(x)
-    div, mul, add = m.root, m.nodes["mul"], m.nodes["add"]
-    clip = m.nodes["clip"]
-    x = add.inputs[0] if isinstance(add.inputs[1], gs.Constant) else add.inputs[1]
-    other = mul.inputs[1] if mul.inputs[0] is clip.outputs[0] else mul.inputs[0]
-    if other is not x or len(clip.inputs) < 3:
-        return False
-    lo, hi = clip.inputs[1], clip.inputs[2]
-    if not (isinstance(lo, gs.Constant) and isinstance(hi, gs.Constant)
-            and _is(0.0)(np.asarray(lo.values)) and _is(6.0)(np.asarray(hi.values))):
-        return False
-    out = div.outputs[0]
-    new = rw.value(out.name + "_hardswish", dtype=out.dtype, shape=out.shape)
-    rw.create_node(m.graph, "HardSwish", [x], [new], name=div.name + "_hardswish", before=add)
-    for node in (div, mul, clip, add):  # single-use chain: nothing else reads it, drop it all
-        rw.erase_node(m.graph, node)
-    rw.replace_all_uses(m.graph, out, new)
-    return True
+    # Div(Mul(x, Clip(Add(x, 3), 0, 6)), 6) -> HardSwish(x); the chain is read only inside itself
+    chain = [m.nodes[k] for k in ("mul", "clip", "add")]
+    return bool(rw.replace_node(m.graph, m.root, "HardSwish", [m.values["x"]], before=chain[-1], erase=chain))
 
 
-_ADD = Op("Add", single_use=True, bind="add")
-_CLIP = Op("Clip", inputs=(_ADD,), single_use=True, bind="clip")
-RULES = (
-    Rule("hardswish", Op("Div", inputs=(Op("Mul", inputs=(None, _CLIP), single_use=True, bind="mul"), Const(check=_is(6.0)))), _fuse),
-    Rule("hardswish-commuted", Op("Div", inputs=(Op("Mul", inputs=(_CLIP, None), single_use=True, bind="mul"), Const(check=_is(6.0)))), _fuse),
-)
+_X = AnyValue("x")
+_CLIP = Op("Clip", inputs=(Op("Add", inputs=(_X, Const(value=3.0)), commutative=True, single_use=True, bind="add"),
+                           Const(value=0.0), Const(value=6.0)), single_use=True, bind="clip")
+RULES = (Rule("hardswish", Op("Div", inputs=(Op("Mul", inputs=(_X, _CLIP), commutative=True, single_use=True, bind="mul"),
+                                             Const(value=6.0))), _fuse),)
 
 
 @dataclass(frozen=True)
@@ -51,7 +28,7 @@ class FuseHardswish(Pass):
 
     Why: decomposed, it is four ops and, quantized, four requantizations of the same value;
     as one op it is one float kernel between a DQ and a Q. Requires opset >= 14 (a no-op
-    below). Edits in place; exact. (The Add must add the constant 3: checked in `where`.)
+    below). Edits in place; exact.
     """
 
     name = "fuse-hardswish"
@@ -60,12 +37,6 @@ class FuseHardswish(Pass):
         if (model.opset("") or 0) < 14:
             return PassResult(False)
         rw = ctx.rewriter(model)
-        rules = tuple(Rule(r.name, r.pattern, r.rewrite, where=_adds_three) for r in RULES)
-        apply_rules(model, rules, rw)
+        apply_rules(model, RULES, rw)
         return PassResult(rw.modified)
 
-
-def _adds_three(m: Match) -> bool:
-    add = m.nodes["add"]
-    consts = [v for v in add.inputs if isinstance(v, gs.Constant)]
-    return len(consts) == 1 and _is(3.0)(np.asarray(consts[0].values))

@@ -5,30 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import AnyValue, Match, Model, Op, Pass, PassContext, PassResult, Rewriter, Rule, apply_rules
+from qcompiler import Node, const_value, is_constant
 
 __all__ = ["FusePadConv", "RULES"]
 
 
-def _pads_of(pad: gs.Node) -> np.ndarray | None:
+def _pads_of(pad: Node) -> np.ndarray | None:
     if "pads" in pad.attrs:  # opset < 11
         return np.asarray(pad.attrs["pads"], dtype=np.int64)
-    if len(pad.inputs) < 2 or not isinstance(pad.inputs[1], gs.Constant):
+    if len(pad.inputs) < 2 or not is_constant(pad.inputs[1]):
         return None
     if len(pad.inputs) > 3 and pad.inputs[3].name:
         return None  # explicit axes: rare; leave it
-    return np.asarray(pad.inputs[1].values, dtype=np.int64)
+    return np.asarray(const_value(pad.inputs[1]), dtype=np.int64)
 
 
-def _pad_value(pad: gs.Node) -> float | None:
+def _pad_value(pad: Node) -> float | None:
     if "value" in pad.attrs:
         return float(pad.attrs["value"])
     if len(pad.inputs) < 3 or not pad.inputs[2].name:
         return 0.0
     v = pad.inputs[2]
-    return float(np.asarray(v.values).reshape(-1)[0]) if isinstance(v, gs.Constant) else None
+    return float(const_value(v).reshape(-1)[0]) if is_constant(v) else None
 
 
 def _fold(m: Match, rw: Rewriter) -> bool:

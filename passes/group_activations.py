@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Pass, PassContext, PassResult
+from qcompiler import is_constant
 
 __all__ = ["GroupActivations"]
 
@@ -27,7 +27,7 @@ class GroupActivations(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         groups: dict[str, str] = {}
         for graph in model.graph.walk():
-            for node in graph.gs.nodes:
+            for node in graph.nodes:
                 if not node.outputs:
                     continue
                 out = node.outputs[0]
@@ -39,7 +39,7 @@ class GroupActivations(Pass):
                     continue
                 if any(graph.is_graph_output(o) for o in tail.outputs) and not ctx.target.quantize_graph_outputs:
                     continue  # the group's output stays float: better the head's output is quantized
-                if tail.op == "Clip" and not all(isinstance(v, gs.Constant) for v in tail.inputs[1:] if v.name):
+                if tail.op == "Clip" and not all(is_constant(v) for v in tail.inputs[1:] if v.name):
                     continue
                 groups[node.name] = tail.name
         ctx.analysis["groups"] = groups

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from qcompiler import Model, Pass, PassContext, PassResult
+from qcompiler import is_constant
 
 __all__ = ["InferShapes"]
 
@@ -80,9 +80,9 @@ class InferShapes(Pass):
         infos = _value_infos(inferred.graph)
         unknown: list[str] = []
         for graph in model.graph.walk():
-            for node in graph.gs.nodes:
+            for node in graph.nodes:
                 for value in node.outputs:
-                    if not isinstance(value, gs.Variable) or not value.name:
+                    if is_constant(value) or not value.name:
                         continue
                     vi = infos.get(value.name)
                     if vi is None or not vi.type.HasField("tensor_type") or vi.type.tensor_type.elem_type == 0:

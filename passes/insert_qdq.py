@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter,
                        UserError, Value, compute_qparams, dequantize, producer_op, quantize, weight_axis,
                        weight_qparams)
+from qcompiler import Node, const_value, is_constant
 from qcompiler.calib_methods import weight_mse_clip
 from qcompiler.plan import partitions, plan_for, quantization_walk, reduction_axis
 from qcompiler.quant import INT_RANGES
@@ -26,30 +24,20 @@ def qparams_of(value: Value) -> QParams | None:
         return None
     dq = value.inputs[0]
     scale = dq.inputs[1]
-    if not isinstance(scale, gs.Constant):
+    if not is_constant(scale):
         return None
     zp_val = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2].name else None
-    if zp_val is not None and not isinstance(zp_val, gs.Constant):
+    if zp_val is not None and not is_constant(zp_val):
         return None
-    s = np.asarray(scale.values, dtype=np.float32)
+    s = np.asarray(const_value(scale), dtype=np.float32)
     q_in = dq.inputs[0]
-    dtype = (np.asarray(zp_val.values).dtype if zp_val is not None
+    dtype = (const_value(zp_val).dtype if zp_val is not None
              else (np.dtype(q_in.dtype) if q_in.dtype is not None else np.dtype(np.uint8)))
-    zp = np.asarray(zp_val.values) if zp_val is not None else np.zeros(s.shape, dtype=dtype)
+    zp = const_value(zp_val) if zp_val is not None else np.zeros(s.shape, dtype=dtype)
     name = np.dtype(dtype).name
     lo, hi = INT_RANGES[name] if name in INT_RANGES else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
     axis = int(dq.attrs.get("axis", 1)) if s.ndim == 1 and s.size > 1 else None
     return QParams(s, zp.astype(dtype), QType(name, bool(np.all(zp == 0)), lo, hi), axis)
-
-
-def _int_constant(rw: Rewriter, hint: str, array: np.ndarray) -> gs.Constant:
-    """An integer initializer; 4-bit arrays (ml_dtypes) are stored packed as ONNX INT4/UINT4,
-    which onnx-graphsurgeon's exporter cannot write from a numpy array itself."""
-    array = np.asarray(array)
-    if array.dtype.name not in ("int4", "uint4"):
-        return rw.constant(hint, array)
-    name = rw.model.fresh_name(hint)
-    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
 
 
 @dataclass(frozen=True)
@@ -99,9 +87,9 @@ class InsertQdq(Pass):
 
         owner: dict[int, Graph] = {}  # the graph that defines each value (outer scope for branches)
         for g in model.graph.walk():
-            for v in g.gs.inputs:
+            for v in g.inputs:
                 owner[id(v)] = g
-            for n in g.gs.nodes:
+            for n in g.nodes:
                 for v in n.outputs:
                     owner[id(v)] = g
 
@@ -119,8 +107,8 @@ class InsertQdq(Pass):
             assert qtype is not None
             if step.fixed is not None:
                 qp = QParams(np.asarray(step.fixed[0], np.float32), np.asarray(step.fixed[1]).astype(qtype.np_dtype), qtype)
-            elif isinstance(value, gs.Constant):
-                arr = np.asarray(value.values)
+            elif is_constant(value):
+                arr = const_value(value)
                 qp = compute_qparams(float(arr.min()), float(arr.max()), qtype)
             else:
                 lo, hi = step.rule.clamp(*ranges[value.name])  # a target's encoding range limits calibration
@@ -154,7 +142,7 @@ class InsertQdq(Pass):
     def _insert_pair(rw: Rewriter, graph: Graph, value: Value, qp: QParams) -> None:
         base = value.name
         scale = rw.constant(f"{base}_scale", qp.scale)
-        zp = _int_constant(rw, f"{base}_zero_point", qp.zero_point)
+        zp = rw.constant(f"{base}_zero_point", qp.zero_point)
         q = rw.value(f"{base}_quantized", dtype=qp.qtype.np_dtype, shape=value.shape)
         dq = rw.value(f"{base}_dequantized", dtype=np.float32, shape=value.shape)
         rw.replace_all_uses(graph, value, dq)  # may rename a graph output; Q still reads `value`
@@ -170,12 +158,12 @@ class InsertQdq(Pass):
         shift: np.ndarray | None = None
         for i, role in enumerate(np_.roles):
             value = node.inputs[i]
-            if role != "weight" or not isinstance(value, gs.Constant):
+            if role != "weight" or not is_constant(value):
                 continue
             qtype = cfg.weight.qtype
             if qtype is None:
                 continue
-            w = np.asarray(value.values).astype(np.float32)
+            w = const_value(value).astype(np.float32)
             block = cfg.weight.block_size
             if block:
                 axis = reduction_axis(node, w)  # plan_quantization checked it exists
@@ -193,9 +181,9 @@ class InsertQdq(Pass):
                     qp = _bias_safe(qp, node, np_, cfg.bias.dtype)
                 codes = _gptq_codes(node, w, qp, moment, rounder) if (moment is not None and i == 1 and not block) else None
                 stored = codes if codes is not None else quantize(w, qp)
-                wq = _int_constant(rw, f"{value.name}_quantized", stored)
+                wq = rw.constant(f"{value.name}_quantized", stored)
                 scale = rw.constant(f"{value.name}_scale", qp.scale)
-                zp = _int_constant(rw, f"{value.name}_zero_point", qp.zero_point)
+                zp = rw.constant(f"{value.name}_zero_point", qp.zero_point)
                 out = rw.value(f"{value.name}_dequantized", dtype=np.float32, shape=list(w.shape))
                 attrs = {"axis": axis} if axis is not None else {}
                 if block:
@@ -214,12 +202,12 @@ class InsertQdq(Pass):
             np_.roles.append("bias")
         for i, role in enumerate(np_.roles):
             value = node.inputs[i]
-            if role != "bias" or not isinstance(value, gs.Constant) or w_qp is None:
+            if role != "bias" or not is_constant(value) or w_qp is None:
                 continue
             x_qp = self._input_qparams(node)
             if x_qp is None or cfg.bias.dtype != "int32":
                 continue
-            b = np.asarray(value.values).astype(np.float64).reshape(-1)
+            b = const_value(value).astype(np.float64).reshape(-1)
             if shift is not None and shift.shape == b.shape:
                 b = b - shift
             scale = (np.float64(x_qp.scale) * w_qp.scale.astype(np.float64)).astype(np.float32)
@@ -235,14 +223,14 @@ class InsertQdq(Pass):
             rw.set_input(node, i, out)
 
     @staticmethod
-    def _input_qparams(node: gs.Node) -> QParams | None:
+    def _input_qparams(node: Node) -> QParams | None:
         qp = qparams_of(node.inputs[0])
         if qp is None or qp.scale.size != 1:
             return None
         return QParams(qp.scale.reshape(()), qp.zero_point.reshape(()), qp.qtype)
 
 
-def _output_shift(node: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+def _output_shift(node: Node, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """Mean output change per output channel caused by weight error ``delta`` on inputs whose
     per-channel mean is ``mean``: (W_q - W) . E[x]."""
     mean = np.asarray(mean, dtype=np.float64)
@@ -267,7 +255,7 @@ def _output_shift(node: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndar
     return None
 
 
-def _gptq_codes(node: gs.Node, w: np.ndarray, qp: QParams, moment: np.ndarray,
+def _gptq_codes(node: Node, w: np.ndarray, qp: QParams, moment: np.ndarray,
                 rounder: WeightRounder) -> np.ndarray | None:
     """GPTQ-rounded integer weights in the weight's own layout, or None if shapes disagree."""
     if node.op == "Conv":
@@ -290,20 +278,20 @@ def _gptq_codes(node: gs.Node, w: np.ndarray, qp: QParams, moment: np.ndarray,
     return unflatten(rounder.round(w3, moment, scale.reshape(g, rows), zp.reshape(g, rows), qp.qtype))
 
 
-def _bias_safe(qp: QParams, node: gs.Node, np_: NodePlan, bias_dtype: str) -> QParams:
+def _bias_safe(qp: QParams, node: Node, np_: NodePlan, bias_dtype: str) -> QParams:
     """Raise weight scales whose int32 bias could not be stored: a channel of (near-)zero
     weights gets a scale so small that bias / (x_scale * w_scale) overflows int32, or that the
     product is a float32 subnormal. Such channels quantize to zero weights either way; the
     larger scale keeps their bias exact. Other channels are unchanged."""
     bias_idx = next((j for j, r in enumerate(np_.roles) if r == "bias"), None)
-    if (bias_dtype != "int32" or bias_idx is None or not isinstance(node.inputs[bias_idx], gs.Constant)
+    if (bias_dtype != "int32" or bias_idx is None or not is_constant(node.inputs[bias_idx])
             or not qp.qtype.symmetric):
         return qp
     x_qp = InsertQdq._input_qparams(node)
     if x_qp is None:
         return qp
     x_s = float(x_qp.scale)
-    b = np.abs(np.asarray(node.inputs[bias_idx].values, dtype=np.float64).reshape(-1))
+    b = np.abs(np.asarray(const_value(node.inputs[bias_idx]), dtype=np.float64).reshape(-1))
     tiny = float(np.finfo(np.float32).tiny)
     floor = np.maximum(b / (x_s * (2**31 - 1)) * 1.01, 2 * tiny / x_s)
     scale = qp.scale.astype(np.float64)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import (Graph, KernelSpec, Model, Node, OpConfig, Pass, PassContext, PassResult, Rewriter, Value,
                        assemble_inputs, kernel_spec, producer_op)
+from qcompiler import Variable, const_value, is_constant
 
 __all__ = ["LowerQoperator"]
 
@@ -31,14 +31,14 @@ def _dq_operand(value: Value) -> tuple[Value, Value, Value | None] | None:
 
 
 def _scalar(v: Value | None) -> bool:
-    return v is None or (isinstance(v, gs.Constant) and np.asarray(v.values).size == 1)
+    return v is None or (is_constant(v) and const_value(v).size == 1)
 
 
 def _zp(rw: Rewriter, op: tuple[Value, Value, Value | None], like: Value) -> Value:
     if op[2] is not None:
         return op[2]
     dtype = np.dtype(like.dtype) if like.dtype is not None else np.dtype(np.uint8)
-    return rw.constant("zero_point", np.zeros(np.asarray(op[1].values).shape, dtype))
+    return rw.constant("zero_point", np.zeros(const_value(op[1]).shape, dtype))
 
 
 def _wzp(rw: Rewriter, o: _Operands, i: int) -> Value:
@@ -46,8 +46,8 @@ def _wzp(rw: Rewriter, o: _Operands, i: int) -> Value:
     (the kernel takes a scalar with per-channel scales: ``KernelSpec.shared_zero_point``)."""
     op = o.ins[i]
     zp = op[2]
-    if isinstance(zp, gs.Constant):
-        arr = np.asarray(zp.values)
+    if is_constant(zp):
+        arr = const_value(zp)
         if arr.size > 1 and not arr.any():
             if arr.dtype.str not in o.zeros:
                 o.zeros[arr.dtype.str] = rw.constant("weight_zero_point", np.zeros((), arr.dtype))
@@ -77,7 +77,7 @@ def _build(rw: Rewriter, spec: KernelSpec, o: _Operands, node: Node) -> tuple[li
         zp = _wzp(rw, o, i) if i in spec.shared_zero_point else _zp(rw, op, op[0])
         operands.append((op[0], op[1], zp))
     out = (o.out[1], o.out[2]) if o.out is not None else None
-    return assemble_inputs(spec, operands, out, gs.Variable.empty), spec.carried_attrs(node.attrs)
+    return assemble_inputs(spec, operands, out, Variable.empty), spec.carried_attrs(node.attrs)
 
 
 def _lowerable(cfg: OpConfig | None, op: str) -> KernelSpec | None:
@@ -93,18 +93,18 @@ def _clip_bounds(node: Node) -> tuple[float, float]:
     if node.op == "Relu":
         return 0.0, np.inf
     if len(node.inputs) > 1 and node.inputs[1].name:
-        lo = float(np.asarray(node.inputs[1].values))
+        lo = float(const_value(node.inputs[1]))
     if len(node.inputs) > 2 and node.inputs[2].name:
-        hi = float(np.asarray(node.inputs[2].values))
+        hi = float(const_value(node.inputs[2]))
     return lo, hi
 
 
 def _tail_redundant(tail: Node, q: Node) -> bool:
     """Q's saturation already applies the activation's clipping: the activation can go."""
-    scale = float(np.asarray(q.inputs[1].values))
+    scale = float(const_value(q.inputs[1]))
     zp_v = q.inputs[2] if len(q.inputs) > 2 and q.inputs[2].name else None
-    zp = int(np.asarray(zp_v.values)) if zp_v is not None else 0
-    info = np.iinfo(np.asarray(zp_v.values).dtype if zp_v is not None else np.uint8)
+    zp = int(const_value(zp_v)) if zp_v is not None else 0
+    info = np.iinfo(const_value(zp_v).dtype if zp_v is not None else np.uint8)
     rep_lo, rep_hi = scale * (info.min - zp), scale * (info.max - zp)
     lo, hi = _clip_bounds(tail)
     return rep_lo >= lo - 1e-6 * abs(lo) and rep_hi <= hi + 1e-6 * abs(hi if np.isfinite(hi) else 0)
@@ -218,10 +218,10 @@ class LowerQoperator(Pass):
         if op is None or q is None:
             return False
         zp = q.inputs[2] if len(q.inputs) > 2 and q.inputs[2].name else None
-        same = (isinstance(q.inputs[1], gs.Constant) and isinstance(op[1], gs.Constant)
-                and np.array_equal(np.asarray(q.inputs[1].values), np.asarray(op[1].values))
+        same = (is_constant(q.inputs[1]) and is_constant(op[1])
+                and np.array_equal(const_value(q.inputs[1]), const_value(op[1]))
                 and zp is not None and op[2] is not None
-                and np.array_equal(np.asarray(zp.values), np.asarray(op[2].values)))
+                and np.array_equal(const_value(zp), const_value(op[2])))
         if not same:
             return False
         q_out = q.outputs[0]

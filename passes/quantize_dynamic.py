@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import (KernelSpec, Model, Pass, PassContext, PassResult, UserError, assemble_inputs, compute_qparams,
                        kernel_spec, kernels_for, quantize, weight_qparams)
+from qcompiler import Node, Variable, const_value, is_constant
 from qcompiler.plan import plan_dynamic
 from qcompiler.calib_methods import weight_mse_clip
 
@@ -58,13 +58,13 @@ class QuantizeDynamic(Pass):
     fold_bias: bool = True
     weight_range: str = "minmax"
 
-    def _gather(self, rw, graph, node: gs.Node, cfg) -> bool:
+    def _gather(self, rw, graph, node: Node, cfg) -> bool:
         """Gather(T, ids) on a large float table -> Gather on an int8 table, then one scale
         per gathered row: Cast(Gather(T_q, ids)) * Unsqueeze(Gather(row_scales, ids), -1)."""
         table = node.inputs[0]
-        if not isinstance(table, gs.Constant) or int(node.attrs.get("axis", 0)) != 0:
+        if not is_constant(table) or int(node.attrs.get("axis", 0)) != 0:
             return False
-        t = np.asarray(table.values)
+        t = const_value(table)
         if t.dtype != np.float32 or t.ndim != 2 or t.size < self.min_table_elements:
             return False
         qp = compute_qparams(t.min(axis=1), t.max(axis=1), cfg.weight.qtype, axis=0)
@@ -73,7 +73,7 @@ class QuantizeDynamic(Pass):
         ids, out = node.inputs[1], node.outputs[0]
         tq = rw.constant(table.name + "_quantized", quantize(t, qp))
         rows = rw.constant(table.name + "_row_scale", qp.scale.reshape(-1, 1))
-        gq = rw.value(out.name + "_int8", dtype=tq.values.dtype)
+        gq = rw.value(out.name + "_int8", dtype=const_value(tq).dtype)
         gf = rw.value(out.name + "_int8_float", dtype=np.float32)
         gs_ = rw.value(out.name + "_row_scale", dtype=np.float32)
         rw.erase_node(graph, node)
@@ -100,7 +100,7 @@ class QuantizeDynamic(Pass):
                 if outcome is None or outcome.kind != "dynamic":
                     continue
                 w_val = node.inputs[1]
-                w = np.asarray(w_val.values)
+                w = const_value(w_val)
                 qtype = cfg.weight.qtype
                 # the pair-sum limit matters here too: the dynamic kernels are u8s8 GEMMs
                 axis = 1 if cfg.weight.per_channel else None
@@ -115,17 +115,17 @@ class QuantizeDynamic(Pass):
                 form = _form(spec)
                 if form == "fused":
                     assert spec is not None
-                    bias, final = gs.Variable.empty(), out
+                    bias, final = Variable.empty(), out
                     readers = out.outputs
                     if (self.fold_bias and len(readers) == 1 and readers[0].op == "Add"
                             and not graph.is_graph_output(out)):
                         add = readers[0]
                         other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-                        if isinstance(other, gs.Constant) and np.asarray(other.values).shape == (w.shape[1],):
+                        if is_constant(other) and const_value(other).shape == (w.shape[1],):
                             bias, final = other, add.outputs[0]
                             rw.erase_node(graph, add)
                     rw.erase_node(graph, node)
-                    inputs = assemble_inputs(spec, [None, (wq, ws, wz)], None, gs.Variable.empty)
+                    inputs = assemble_inputs(spec, [None, (wq, ws, wz)], None, Variable.empty)
                     inputs[0] = a  # the float activation, quantized by the kernel (then the bias)
                     rw.create_node(graph, spec.name, inputs + [bias],
                                    [final], name=node.name + "_quant", domain=spec.domains[0])
@@ -145,7 +145,7 @@ class QuantizeDynamic(Pass):
                     sc = rw.value(out.name + "_scale", dtype=np.float32)
                     rw.erase_node(graph, node)
                     rw.create_node(graph, spec.name, assemble_inputs(spec, [(aq, as_, az), (wq, ws, wz)], None,
-                                                                     gs.Variable.empty),
+                                                                     Variable.empty),
                                    [acc], name=node.name + "_quant", domain=spec.domains[0])
                     rw.create_node(graph, "Cast", [acc], [accf], {"to": 1}, name=node.name + "_cast")
                     rw.create_node(graph, "Mul", [as_, ws], [sc], name=node.name + "_scale_mul")

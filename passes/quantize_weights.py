@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from qcompiler import Model, Pass, PassContext, PassResult, UserError
+from qcompiler import Model, Node, Pass, PassContext, PassResult, UserError, Value, is_constant, producer, users
 from qcompiler.weight_only import (WEIGHT_ONLY_KERNELS, BlockQuantized, WeightOnlyOptions, awq_search, block_quantize,
                                    pack_codes)
 
@@ -20,23 +19,23 @@ __all__ = ["QuantizeWeights"]
 _MS = "com.microsoft"
 
 
-def _weight_matmuls(model: Model, block: int) -> list[gs.Node]:
+def _weight_matmuls(model: Model, block: int) -> list[Node]:
     """Main-graph MatMuls whose B is a constant 2-D float weight with K >= block_size."""
     out = []
-    for node in model.graph.gs.nodes:
-        if node.op != "MatMul" or len(node.inputs) != 2 or isinstance(node.inputs[0], gs.Constant):
+    for node in model.graph.nodes:
+        if node.op != "MatMul" or len(node.inputs) != 2 or is_constant(node.inputs[0]):
             continue
         w = node.inputs[1]
-        if isinstance(w, gs.Constant) and w.shape is not None and len(w.shape) == 2 and w.shape[0] >= block \
+        if is_constant(w) and w.shape is not None and len(w.shape) == 2 and w.shape[0] >= block \
                 and np.dtype(w.dtype) == np.float32:
             out.append(node)
     return out
 
 
-def _embedding_gathers(model: Model, block: int) -> list[gs.Node]:
+def _embedding_gathers(model: Model, block: int) -> list[Node]:
     out = []
-    for node in model.graph.gs.nodes:
-        if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0 or not isinstance(node.inputs[0], gs.Constant):
+    for node in model.graph.nodes:
+        if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0 or not is_constant(node.inputs[0]):
             continue
         t = node.inputs[0]
         if t.shape is not None and len(t.shape) == 2 and t.shape[1] % block == 0 and np.dtype(t.dtype) == np.float32:
@@ -118,8 +117,8 @@ class QuantizeWeights(Pass):
         return PassResult(lowered + gathers > 0)
 
     # -- AWQ: one scale per activation, searched over every layer reading it ------------------
-    def _apply_awq(self, model: Model, rw, nodes: list[gs.Node], moments: dict, opts: WeightOnlyOptions) -> int:
-        groups: dict[str, list[gs.Node]] = {}
+    def _apply_awq(self, model: Model, rw, nodes: list[Node], moments: dict, opts: WeightOnlyOptions) -> int:
+        groups: dict[str, list[Node]] = {}
         for node in nodes:
             if node.name in moments:
                 groups.setdefault(node.inputs[0].name, []).append(node)
@@ -143,16 +142,16 @@ class QuantizeWeights(Pass):
         return scaled
 
     @staticmethod
-    def _fold(rw, x: gs.Variable, members: list[gs.Node], inv: np.ndarray) -> bool:
+    def _fold(rw, x: Value, members: list[Node], inv: np.ndarray) -> bool:
         """Divide the activation by s inside its producer when that is exact: a Mul by a
         constant [K] vector (RMSNorm's gamma) or a LayerNormalization (scale and bias), read
         only by the layers sharing s."""
-        if not x.inputs or {id(c) for c in x.outputs} != {id(n) for n in members}:
+        prod = producer(x)
+        if prod is None or {id(c) for c in users(x)} != {id(n) for n in members}:
             return False
-        prod = x.inputs[0]
         k = inv.shape[0]
         if prod.op == "LayerNormalization" and int(prod.attrs.get("axis", -1)) == -1:
-            idx = [i for i in (1, 2) if i < len(prod.inputs) and isinstance(prod.inputs[i], gs.Constant)]
+            idx = [i for i in (1, 2) if i < len(prod.inputs) and is_constant(prod.inputs[i])]
             if len(idx) != len([i for i in (1, 2) if i < len(prod.inputs) and prod.inputs[i].name]):
                 return False
             for i in idx:
@@ -162,14 +161,14 @@ class QuantizeWeights(Pass):
         if prod.op == "Mul":
             for i in (0, 1):
                 c = prod.inputs[i]
-                if isinstance(c, gs.Constant) and c.shape is not None and tuple(c.shape) == (k,):
+                if is_constant(c) and c.shape is not None and tuple(c.shape) == (k,):
                     rw.set_input(prod, i, rw.constant(c.name + "_awq", (np.asarray(c.values) * inv).astype(np.float32)))
                     return True
         return False
 
     # -- lowerings ------------------------------------------------------------------------------
     @staticmethod
-    def _lower_nbits(rw, graph, node: gs.Node, q: BlockQuantized, accuracy_level: int, kernel: str) -> None:
+    def _lower_nbits(rw, graph, node: Node, q: BlockQuantized, accuracy_level: int, kernel: str) -> None:
         """``kernel``: the target's name for it (domain.op); its layout is the kernel table's."""
         domain, op = kernel.rsplit(".", 1)
         facts = WEIGHT_ONLY_KERNELS[op]
@@ -186,7 +185,7 @@ class QuantizeWeights(Pass):
         rw.erase_node(graph, node)
 
     @staticmethod
-    def _lower_dq(rw, graph, node: gs.Node, q: BlockQuantized) -> None:
+    def _lower_dq(rw, graph, node: Node, q: BlockQuantized) -> None:
         """codes -> int4/uint4 (int8/uint8) [K, N], DequantizeLinear(axis 0, block_size) -> MatMul."""
         k = q.k
         half = 2 ** (q.bits - 1)
@@ -210,7 +209,7 @@ class QuantizeWeights(Pass):
         rw.set_input(node, 1, w)
 
     @staticmethod
-    def _lower_gather(rw, graph, node: gs.Node, opts: WeightOnlyOptions, kernel: str) -> None:
+    def _lower_gather(rw, graph, node: Node, opts: WeightOnlyOptions, kernel: str) -> None:
         domain, op = kernel.rsplit(".", 1)
         facts = WEIGHT_ONLY_KERNELS[op]
         table = node.inputs[0]

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qcompiler import (Model, Pass, PassContext, PassResult, QType, Rewriter, UserError, compute_qparams, dequantize,
                        observe_values, quantize, weight_qparams)
+from qcompiler import const_value, is_constant
 
 __all__ = ["SmoothQuant", "migration_scale", "layer_error"]
 
@@ -63,13 +63,13 @@ class _Site:
 
 def _sites(model: Model, min_channels: int) -> list[_Site]:
     sites: dict[str, _Site] = {}
-    for node in model.graph.gs.nodes:
+    for node in model.graph.nodes:
         if node.op != "MatMul" or len(node.inputs) != 2:
             continue
         x, w = node.inputs
-        if not isinstance(w, gs.Constant) or isinstance(x, gs.Constant) or len(w.outputs) != 1:
+        if not is_constant(w) or is_constant(x) or len(w.outputs) != 1:
             continue
-        values = np.asarray(w.values)
+        values = const_value(w)
         if values.ndim != 2 or values.dtype != np.float32 or values.shape[0] < min_channels:
             continue
         sites.setdefault(x.name, _Site(x, [])).matmuls.append(node)
@@ -86,12 +86,12 @@ def _foldable(site: _Site, graph_outputs: set[str]) -> tuple[Any, int] | None:
     prod, k = x.inputs[0], len(site.lo) if site.lo is not None else 0
     if prod.op == "LayerNormalization" and int(prod.attrs.get("axis", -1)) in (-1, len(x.shape or ()) - 1):
         consts = prod.inputs[1:3]
-        if all(isinstance(c, gs.Constant) and np.asarray(c.values).shape == (k,) for c in consts) and len(prod.outputs) == 1:
+        if all(is_constant(c) and const_value(c).shape == (k,) for c in consts) and len(prod.outputs) == 1:
             return prod, 1
     if prod.op == "Mul":
         for i, c in enumerate(prod.inputs):
-            if isinstance(c, gs.Constant) and not isinstance(prod.inputs[1 - i], gs.Constant):
-                shape = np.asarray(c.values).shape
+            if is_constant(c) and not is_constant(prod.inputs[1 - i]):
+                shape = const_value(c).shape
                 if all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] in (1, k)):
                     return prod, i
     return None
@@ -147,7 +147,7 @@ class SmoothQuant(Pass):
 
         observe_values(model, ctx.calibration, list(by_name), visit, limit=self.samples, who=self.name)
         rw = ctx.rewriter(model)
-        outputs = {v.name for v in model.graph.gs.outputs}
+        outputs = {v.name for v in model.graph.outputs}
         report = []
         for site in sites:
             if site.lo is None or site.hi is None or not site.rows:
@@ -161,7 +161,7 @@ class SmoothQuant(Pass):
     def _migrate(self, model: Model, rw: Rewriter, site: _Site, act: QType, wq: QType, per_channel: bool,
                  outputs: set[str]) -> dict[str, Any]:
         rows = np.concatenate(site.rows)
-        weights = [np.asarray(mm.inputs[1].values) for mm in site.matmuls]
+        weights = [const_value(mm.inputs[1]) for mm in site.matmuls]
         w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         x_absmax = np.maximum(np.abs(site.lo), np.abs(site.hi))
         one = np.ones_like(x_absmax, dtype=np.float64)
@@ -189,7 +189,7 @@ class SmoothQuant(Pass):
             prod, idx = fold
             indices = (1, 2) if prod.op == "LayerNormalization" else (idx,)
             for i in indices:
-                c = np.asarray(prod.inputs[i].values)
+                c = const_value(prod.inputs[i])
                 rw.set_input(prod, i, rw.constant(prod.inputs[i].name + "_smooth", (c * inv).astype(c.dtype)))
             entry["applied"] = f"folded into {prod.op} '{prod.name}'"
             return entry

@@ -227,11 +227,12 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
-    ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose, log=log)
+    ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, log=log)
     if plan_overrides:
         ctx.analysis["plan_overrides"] = dict(plan_overrides)
     inst = Instrumentation(print_ir_after=set(print_ir_after), time_passes=time_passes, verify_each=verify_each,
-                           stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr)
+                           stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr,
+                           debug=verbose)
     manager = PassManager(passes, inst)
     manager.run(m, ctx)
     check_report = _check_output(m, tgt, plan_overrides) if check else None

@@ -22,7 +22,7 @@ from .calib_engine import Job, Progress, lane_threads, run_job
 from .calibration import Feed, Statistics
 from .errors import UserError
 
-__all__ = ["run_sharded", "dask_workers"]
+__all__ = ["run_sharded"]
 
 
 def _shard_task(job: Job, data: Iterable[Feed]) -> tuple[bytes, int]:
@@ -47,12 +47,6 @@ def _merge(results: list[tuple[bytes, int]]) -> tuple[Statistics, int]:
         stats.merge(Statistics.from_bytes(blob))
         runs += n
     return stats, runs
-
-
-def dask_workers(scheduler: str) -> int:
-    """How many workers the Dask cluster at ``scheduler`` has (the default shard count)."""
-    with _client(scheduler) as client:
-        return max(1, len(client.scheduler_info().get("workers", {})))
 
 
 def _client(scheduler: str) -> Any:

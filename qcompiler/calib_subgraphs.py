@@ -19,7 +19,7 @@ Loop instrumentation if it fails.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
@@ -129,7 +129,3 @@ def instrument(proto: onnx.ModelProto, observations: Iterable[Observation],
             exposed[ob.exposed] = ob.value
     return out, exposed
 
-
-def rename_ranges(ranges: Mapping[str, tuple[float, float]], exposed: Mapping[str, str]) -> dict[str, tuple[float, float]]:
-    """Ranges keyed by exposed names -> keyed by the body values' own names."""
-    return {exposed.get(k, k): v for k, v in ranges.items()}

@@ -179,9 +179,9 @@ def _cmd_compile(a: argparse.Namespace) -> int:
             raise UserError(f"{rep}: cannot write report: directory '{rep.parent}' does not exist")
     result.save(out)
     if a.report:
-        from .ir.model import _atomic_write_text
+        from .ir import atomic_write_text
 
-        _atomic_write_text(Path(a.report), json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(Path(a.report), json.dumps(result.report, indent=2, sort_keys=True) + "\n")
     if not a.quiet:
         r = result.report
         n_low = len(r["lowered"])
@@ -277,9 +277,9 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
             raise UserError(f"{path}: {what} not found")
     result = simulate(a.model, a.target, a.inputs, reference=a.reference, limit=a.limit)
     if a.report:
-        from .ir.model import _atomic_write_text
+        from .ir import atomic_write_text
 
-        _atomic_write_text(Path(a.report), json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(Path(a.report), json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
     if not a.quiet:
         print(result.table())
     return 0

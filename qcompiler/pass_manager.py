@@ -11,6 +11,7 @@ disable).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,11 +42,10 @@ class Pass:
 
     Subclasses set ``name`` (kebab-case), declare options as dataclass fields with defaults
     and type hints, say in the docstring what they rewrite and require, and implement
-    :meth:`run`. ``in_place`` documents that the pass edits the model it is given.
+    :meth:`run`, which edits the model it is given in place.
     """
 
     name: ClassVar[str] = ""
-    in_place: ClassVar[bool] = True
 
     def run(self, model: Model, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.run")
@@ -81,7 +81,6 @@ class PassContext:
     analysis: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
-    verbose: bool = False
     log: Callable[[str], None] = field(default=lambda msg: None)
     _rewriters: list[Rewriter] = field(default_factory=list)
     _listeners: list[Callable[[str, str], None]] = field(default_factory=list)
@@ -104,6 +103,7 @@ class Instrumentation:
     stop_after: str | None = None
     disabled: set[str] = field(default_factory=set)
     stream: TextIO = field(default_factory=lambda: sys.stderr)
+    debug: bool = False  # -v: the 'qcompiler' logger's debug records (e.g. why a rule left a match alone) to stream
 
 
 class PassManager:
@@ -115,6 +115,20 @@ class PassManager:
         self.records: list[dict[str, Any]] = []
 
     def run(self, model: Model, ctx: PassContext) -> bool:
+        if not self.inst.debug:
+            return self._run(model, ctx)
+        logger = logging.getLogger("qcompiler")
+        handler, level = logging.StreamHandler(self.inst.stream), logger.level
+        handler.setFormatter(logging.Formatter("debug: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        try:
+            return self._run(model, ctx)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+    def _run(self, model: Model, ctx: PassContext) -> bool:
         inst = self.inst
         ran: list[str] = []
         any_modified = False

@@ -53,9 +53,9 @@ def ranges_to_json(ranges: Ranges, **meta: Any) -> str:
 
 def write_ranges(path: str | Path, ranges: Ranges, **meta: Any) -> None:
     """Write the range file atomically (temp file + rename)."""
-    from .ir.model import _atomic_write_text
+    from .ir import atomic_write_text
 
-    _atomic_write_text(Path(path), ranges_to_json(ranges, **meta))
+    atomic_write_text(Path(path), ranges_to_json(ranges, **meta))
 
 
 def _finite(value: Any) -> bool:
@@ -119,9 +119,9 @@ def tensorrt_table(ranges: Ranges, version: str = TENSORRT_VERSION) -> str:
 
 def write_tensorrt_table(path: str | Path, ranges: Ranges, version: str = TENSORRT_VERSION) -> None:
     """Write the TensorRT calibration table atomically."""
-    from .ir.model import _atomic_write_text
+    from .ir import atomic_write_text
 
-    _atomic_write_text(Path(path), tensorrt_table(ranges, version))
+    atomic_write_text(Path(path), tensorrt_table(ranges, version))
 
 
 def read_tensorrt_table(path: str | Path) -> dict[str, float]:

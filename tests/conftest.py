@@ -6,7 +6,7 @@ onnxruntime the tests run against).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,13 @@ TINY_OUTPUT_SHAPE = (1, 5)
 
 
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
-               outputs: Sequence[onnx.ValueInfoProto], initializers: Sequence[onnx.TensorProto] = (),
+               outputs: Sequence[onnx.ValueInfoProto], initializers: Iterable[onnx.TensorProto] = (),
                opset: int = OPSET, *, extra_opsets: dict[str, int] | None = None,
-               ir_version: int = IR_VERSION, name: str = "g") -> onnx.ModelProto:
+               ir_version: int = IR_VERSION, name: str = "g",
+               value_info: Sequence[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
     """A ModelProto with an explicit IR version and opset imports (never onnx's defaults)."""
-    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), initializer=list(initializers))
+    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), initializer=list(initializers),
+                              value_info=list(value_info))
     imports = [helper.make_opsetid("", opset)]
     for domain, version in (extra_opsets or {}).items():
         imports.append(helper.make_opsetid(domain, version))

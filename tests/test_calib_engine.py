@@ -469,7 +469,7 @@ def test_session_on_shared_weights_equals_embedded(share_all: bool) -> None:
     """A calibration session given the IR's arrays (add_initializer, no copy) computes exactly
     what the self-contained model computes. Sharing the Conv weight too makes onnxruntime's
     layout optimizer want its bytes: the session falls back to copies, same values."""
-    from qcompiler.ir.model import load_model
+    from qcompiler.ir import load_model
     from qcompiler.passes.calibrate import _kernel_only
 
     m = load_model(_weighted_model())

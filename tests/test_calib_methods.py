@@ -210,8 +210,12 @@ def test_mse_against_qdq_grid(dist: str, symmetric: bool) -> None:
     assert err <= _qdq_mse(x, lo, hi, qtype) * 1.0001
 
 
-def test_mse_degenerate() -> None:
-    assert mse_range(np.zeros(BINS, np.int64), 0.0, 0.0, 255, False) is not None
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_degenerate(symmetric: bool) -> None:
+    """A tensor that was always exactly 0 (empty histogram, lo = hi = 0) gets the range [0, 0]:
+    finite, no division by the zero span, nothing widened out of thin air."""
+    lo, hi = mse_range(np.zeros(BINS, np.int64), 0.0, 0.0, 255, symmetric)
+    assert (lo, hi) == (0.0, 0.0) and np.isfinite([lo, hi]).all()
 
 
 # -- moving average -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import qcompiler
-import qcompiler.ir.model as model_mod
+import qcompiler.ir.io as io_mod
 from conftest import TINY_INPUT, tiny_calibration, tiny_model
 
 
@@ -49,8 +49,8 @@ def test_compile_reads_external_data_and_leaves_it_untouched(tmp_path: Path) -> 
 
 def test_large_output_goes_to_external_data_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = qcompiler.compile(tiny_model(), target="ort-cpu", calibration=tiny_calibration(6))
-    monkeypatch.setattr(model_mod, "_TWO_GB", 64)  # every model counts as "large" now
-    monkeypatch.setattr(model_mod, "_EXTERNAL_MIN_BYTES", 64)  # and the tiny weights go outside
+    monkeypatch.setattr(io_mod, "_TWO_GB", 64)  # every model counts as "large" now
+    monkeypatch.setattr(io_mod, "_EXTERNAL_MIN_BYTES", 64)  # and the tiny weights go outside
     out = tmp_path / "big.onnx"
     size = result.save(out)
     data = tmp_path / "big.onnx.data"

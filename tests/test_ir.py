@@ -16,8 +16,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import init, make_model, tensor_info, tiny_model
-from qcompiler import (AnyValue, Const, Match, Model, Op, Rewriter, Rule, UserError, apply_rules, load_model,
-                       match, node_subgraphs, verify_model)
+from qcompiler import (AnyValue, Const, Match, Model, Op, Rewriter, Rule, UserError, apply_rules, const_value,
+                       is_constant, load_model, match, node_subgraphs, producer, users, verify_model)
+from qcompiler.ir import save_proto
 
 
 def _run_ort(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -57,7 +58,7 @@ def test_load_save_round_trip_keeps_model_fields(tmp_path: Path) -> None:
     onnx.save_model(original, str(path))
     model = load_model(path)
     out = tmp_path / "out.onnx"
-    size = model.save(out)
+    size = save_proto(model.to_proto(), out)
     assert size == out.stat().st_size
     saved = onnx.load(str(out))
     assert saved.ir_version == 8
@@ -77,7 +78,7 @@ def test_round_trip_is_numerically_identical(tmp_path: Path) -> None:
     """Load+save must not change what the model computes (exact: same ops, same weights)."""
     original = tiny_model()
     out = tmp_path / "t.onnx"
-    load_model(original).save(out)
+    save_proto(load_model(original).to_proto(), out)
     x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
     (want,) = _run_ort(original, {"x": x})
     (got,) = _run_ort(onnx.load(str(out)), {"x": x})
@@ -99,7 +100,7 @@ def test_save_into_missing_directory_is_user_error(tmp_path: Path) -> None:
     model = load_model(tiny_model())
     target = tmp_path / "nope" / "m.onnx"
     with pytest.raises(UserError, match="nope"):
-        model.save(target)
+        save_proto(model.to_proto(), target)
     assert not target.parent.exists()
 
 
@@ -121,20 +122,20 @@ def test_fresh_name_is_unique_and_deterministic() -> None:
 
 # -- graph queries ---------------------------------------------------------------------------
 
-def test_producer_and_consumers() -> None:
-    """producer/consumers follow value edges; graph inputs have no producer."""
+def test_producer_and_users() -> None:
+    """producer/users follow value edges; graph inputs and initializers have no producer."""
     model = load_model(tiny_model())
     g = model.graph
     values = g.values()
     r1 = values["r1"]
-    assert g.producer(r1).name == "relu1"
-    assert sorted(n.name for n in g.consumers(r1)) == ["add1", "conv2"]
-    assert g.producer(values["x"]) is None
+    assert producer(r1).name == "relu1"
+    assert sorted(n.name for n in users(r1)) == ["add1", "conv2"]
+    assert producer(values["x"]) is None and producer(values["w1"]) is None
     assert g.is_graph_input(values["x"]) and g.is_graph_output(values["y"])
-    assert g.consumers(values["y"]) == []
-    assert g.is_constant(values["w1"]) and not g.is_constant(r1)
-    assert g.constant_value(values["w1"]).shape == (4, 3, 3, 3)
-    assert g.constant_value(r1) is None
+    assert users(values["y"]) == []
+    assert is_constant(values["w1"]) and not is_constant(r1)
+    assert const_value(values["w1"]).shape == (4, 3, 3, 3)
+    assert const_value(r1) is None
     assert g.find_node("gemm").op == "Gemm" and g.find_node("absent") is None
     assert model.opset("") == 17 and model.opset("ai.onnx") == 17 and model.opset("com.x") is None
 
@@ -183,7 +184,7 @@ def test_load_model_accepts_and_sorts_unsorted_model(tmp_path: Path) -> None:
     model = load_model(_unsorted_proto())
     assert _node_names(model) == ["A", "C", "B", "D"]
     out = tmp_path / "sorted.onnx"
-    model.save(out)
+    save_proto(model.to_proto(), out)
     saved = onnx.load(str(out))
     onnx.checker.check_model(saved, full_check=True)
     x = np.array([-1.0, 2.0, -3.0, 4.0], np.float32)
@@ -298,7 +299,7 @@ def _chain(ops: list[str], out_shape: list[int] | None = None) -> onnx.ModelProt
 
 
 def test_rewriter_counts_every_change() -> None:
-    """Each edit counts once; a no-op set_input or removing an absent attr doesn't."""
+    """Each edit counts once; a no-op set_input doesn't."""
     model = load_model(_chain(["Relu", "Neg"]))
     g = model.graph
     rw = Rewriter(model)
@@ -307,7 +308,6 @@ def test_rewriter_counts_every_change() -> None:
     assert not rw.modified
     n0, n1 = g.nodes
     rw.set_input(n1, 0, n0.outputs[0])  # already its input: no change
-    rw.remove_attr(n0, "absent")  # nothing to remove: no change
     assert rw.changes == 0
     extra = rw.value("extra", np.float32, [1, 4])
     node = rw.create_node(g, "Abs", [n0.outputs[0]], [extra], name="abs_new")
@@ -335,13 +335,47 @@ def test_replace_all_uses_on_graph_output_keeps_public_name(tmp_path: Path) -> N
     assert g.outputs[0] is relu.outputs[0]
     assert old_out.name != "y"
     out = tmp_path / "r.onnx"
-    model.save(out)
+    save_proto(model.to_proto(), out)
     saved = onnx.load(str(out))
     onnx.checker.check_model(saved, full_check=True)
     assert [o.name for o in saved.graph.output] == ["y"]
     x = np.array([[-1.0, 0.5, -2.0, 3.0]], np.float32)
     (y,) = _run_ort(saved, {"x": x})
     np.testing.assert_array_equal(y, np.maximum(x, 0))
+
+
+def test_replace_node_erases_rewires_and_names_in_one_call() -> None:
+    """Neg(Relu(x)) -> Abs(x) through replace_node: the chain is gone, the graph output keeps
+    its public name 'y', the new node is named after the one it replaces, and onnxruntime
+    computes |x| from the saved model."""
+    model = load_model(_chain(["Relu", "Neg"]))
+    g = model.graph
+    relu, neg = g.nodes
+    rw = Rewriter(model)
+    node = rw.replace_node(g, neg, "Abs", [relu.inputs[0]], erase=[relu], before=relu)
+    assert node.name == "n1_abs" and [n.name for n in g.nodes] == ["n1_abs"]
+    assert [o.name for o in g.outputs] == ["y"] and g.outputs[0] is node.outputs[0]
+    assert not relu.outputs and not neg.outputs  # erased nodes are disconnected
+    assert verify_model(model) == []
+    x = np.array([[-1.0, 0.5, -2.0, 3.0]], np.float32)
+    (y,) = _run_ort(model.to_proto(), {"x": x})
+    np.testing.assert_array_equal(y, np.abs(x))
+
+
+def test_rewriter_constant_packs_4bit_arrays() -> None:
+    """An int4 array (ml_dtypes, one number a byte) becomes a packed ONNX INT4 initializer:
+    the exported tensor holds two numbers a byte and reads back to the same numbers."""
+    import ml_dtypes
+
+    model = load_model(_chain(["Relu"]))
+    rw = Rewriter(model)
+    numbers = np.array([-8, -1, 0, 3, 7], dtype=ml_dtypes.int4)
+    const = rw.constant("w4", numbers)
+    g = model.graph
+    rw.create_node(g, "Identity", [const], [rw.value("w4_out", ml_dtypes.int4, [5])])
+    proto = {t.name: t for t in model.to_proto().graph.initializer}["w4"]
+    assert proto.data_type == TensorProto.INT4 and len(proto.raw_data) == 3  # ceil(5 / 2) bytes
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(proto).astype(np.int8), numbers.astype(np.int8))
 
 
 def test_replace_all_uses_rewires_every_reader() -> None:
@@ -413,9 +447,9 @@ def test_apply_rules_respects_single_use() -> None:
 
 
 def test_apply_rules_where_filters_matches() -> None:
-    """A rule's ``where`` can veto a structural match."""
+    """A rule's ``where`` can veto a structural match by returning a reason."""
     model = load_model(_chain(["Relu"] * 3))
-    rule = Rule("never", RELU_RELU.pattern, _collapse_relu, where=lambda m: False)
+    rule = Rule("never", RELU_RELU.pattern, _collapse_relu, where=lambda m: "vetoed")
     assert apply_rules(model, [rule], Rewriter(model)) == 0
     assert len(model.graph.nodes) == 3
 

@@ -224,9 +224,9 @@ def test_external_data_above_threshold_round_trip(decoder: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Output above the (lowered) 2 GB threshold goes to external data next to the model,
     the same bytes twice, and runs; the input was itself external data."""
-    import qcompiler.ir.model as irm
+    import qcompiler.ir.io as irio
 
-    monkeypatch.setattr(irm, "_TWO_GB", 64 * 1024)
+    monkeypatch.setattr(irio, "_TWO_GB", 64 * 1024)
     res = qcompiler.compile(decoder, mode="weight-only", block_size=16)
     blobs = []
     for i in range(2):

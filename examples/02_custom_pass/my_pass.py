@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompiler import Constant, Model, Pass, PassContext, PassResult
+from qcompiler import Constant, Model, Pass, PassContext, PassResult, const_value
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class PruneSmallWeights(Pass):
                 if node.op not in self.ops or len(node.inputs) < 2:
                     continue
                 weight = node.inputs[1]
-                array = graph.constant_value(weight)
+                array = const_value(weight)
                 if array is None or array.dtype.kind != "f":
                     continue  # a run-time value, or already quantized
                 if id(weight) not in replacement:

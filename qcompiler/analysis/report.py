@@ -218,14 +218,14 @@ def analyze(float_model: Any, quant_model: Any, inputs: Any, *, target: Any = No
                                        grids, stats)
     report["summary"] = _summary(report)
     if json_path is not None:
-        from ..ir.model import _atomic_write_text
+        from ..ir.io import atomic_write_text
 
-        _atomic_write_text(Path(json_path), to_json(report))
+        atomic_write_text(Path(json_path), to_json(report))
     if html is not None:
-        from ..ir.model import _atomic_write_text
+        from ..ir.io import atomic_write_text
         from .html import render_html
 
-        _atomic_write_text(Path(html), render_html(report))
+        atomic_write_text(Path(html), render_html(report))
     return report
 
 

@@ -1,8 +1,11 @@
 """A typed facade over onnx-graphsurgeon's mutable graph.
 
 onnx-graphsurgeon (gs) holds the nodes and tensors; this module adds what passes need to
-*ask* about a graph (producers, consumers, constness, subgraphs, ordering) without growing
-gs's own classes. Changing the graph goes through :class:`qcompiler.ir.Rewriter`.
+*ask* about a graph without growing gs's own classes. Questions about one value are plain
+functions (:func:`producer`, :func:`users`, :func:`is_constant`, :func:`const_value`): a value
+knows its producer and readers itself, so no graph object is needed to ask, and there is one
+way to ask each. Questions about a whole graph (subgraphs, ordering) are :class:`Graph`
+methods. Changing the graph goes through :class:`qcompiler.ir.Rewriter`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,37 @@ import onnx_graphsurgeon as gs
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["Graph", "Node", "Value", "Constant", "Variable", "node_subgraphs"]
+__all__ = ["Graph", "Node", "Value", "Constant", "Variable", "node_subgraphs", "producer", "users", "is_constant",
+           "const_value"]
 
 Node = gs.Node
 Value = gs.Tensor
 Constant = gs.Constant
 Variable = gs.Variable
+
+
+def producer(value: Value) -> Node | None:
+    """The node that writes ``value``; None for graph inputs, initializers and omitted inputs."""
+    return value.inputs[0] if value.inputs else None
+
+
+def users(value: Value) -> list[Node]:
+    """The nodes that read ``value`` (in this graph and in subgraphs that capture it); a graph
+    output is not a node: ask :meth:`Graph.is_graph_output` too before dropping a value."""
+    return list(value.outputs)
+
+
+def is_constant(value: Value) -> bool:
+    """True for an initializer (a compile-time array), False for a run-time value."""
+    return isinstance(value, gs.Constant)
+
+
+def const_value(value: Value) -> np.ndarray | None:
+    """The array of an initializer, or None for a run-time value. Loads lazily; 4-bit payloads
+    come back unpacked (one ml_dtypes element per number)."""
+    if isinstance(value, gs.Constant):
+        return np.asarray(value.values)
+    return None
 
 
 def node_subgraphs(node: Node) -> list[gs.Graph]:
@@ -91,26 +119,7 @@ class Graph:
                 return node
         return None
 
-    # -- value queries -------------------------------------------------------------------
-    @staticmethod
-    def producer(value: Value) -> Node | None:
-        return value.inputs[0] if value.inputs else None
-
-    @staticmethod
-    def consumers(value: Value) -> list[Node]:
-        return list(value.outputs)
-
-    @staticmethod
-    def is_constant(value: Value) -> bool:
-        return isinstance(value, gs.Constant)
-
-    @staticmethod
-    def constant_value(value: Value) -> np.ndarray | None:
-        """The array of an initializer, or None for a run-time value. Loads lazily."""
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-        return None
-
+    # -- value queries (per value: see producer, users, is_constant, const_value) -----------
     def is_graph_output(self, value: Value) -> bool:
         return any(out is value for out in self.gs.outputs)
 

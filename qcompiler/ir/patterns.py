@@ -2,31 +2,53 @@
 
 A rule is data (what to match) next to a small function (what to build), in the spirit of a
 rule table: ``Rule("conv-bn", Op("BatchNormalization", inputs=(Op("Conv", single_use=True), ...)), fold)``.
-Matching keeps no state between matches; the driver, not the rule, decides iteration order.
+Patterns are values built once, at import. What a pattern can say, so that a rewrite function
+is left with only the arithmetic:
+
+- a name bound twice must be the same value (``x * clip(x + 3)``: both ``AnyValue("x")``);
+- ``Op(..., commutative=True)``: a two-input op matches with its inputs in either order;
+- ``Const(value=0.5, tol=1e-6)``: an initializer holding that one number;
+- ``Either(p, q)``: the first alternative that matches;
+- ``Rule(where=...)``: a condition returning why it fails (a string) or None; failures are
+  logged at debug level on the ``qcompiler`` logger (``qcompiler -v`` shows them).
+
+Matching backtracks (a failed alternative or operand order leaves no bindings behind) and
+keeps no state between matches; the driver, not the rule, decides iteration order.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from .graph import Graph, Node, Value
+from .graph import Graph, Node, Value, const_value, producer
 from .model import Model
 from .rewriter import Rewriter
 
-__all__ = ["Op", "Const", "AnyValue", "Match", "Rule", "apply_rules", "match"]
+__all__ = ["Op", "Const", "AnyValue", "Either", "Match", "Rule", "apply_rules", "match"]
+
+_LOG = logging.getLogger("qcompiler")
 
 
 @dataclass(frozen=True)
 class Const:
-    """An initializer input, optionally satisfying ``check(array)``."""
+    """An initializer input. ``value``: it holds one number within ``tol`` of it (relative to
+    ``max(1, |value|)``); ``check``: any other condition on the array."""
 
     bind: str | None = None
     check: Callable[[np.ndarray], bool] | None = None
+    value: float | None = None
+    tol: float = 1e-6
+
+    def accepts(self, array: np.ndarray) -> bool:
+        if self.value is not None and (array.size != 1 or not abs(float(array.reshape(-1)[0]) - self.value)
+                                       <= self.tol * max(1.0, abs(self.value))):
+            return False
+        return self.check is None or bool(self.check(array))
 
 
 @dataclass(frozen=True)
@@ -36,25 +58,37 @@ class AnyValue:
     bind: str | None = None
 
 
-InputPattern = "Op | Const | AnyValue | None"
-
-
 @dataclass(frozen=True)
 class Op:
     """A node: op type(s), domain, opset range of that domain, attribute constraints,
-    input patterns (positional; fewer than the node has means "don't care"), and whether its
-    first output may have only one reader (so fusing it away loses nothing)."""
+    input patterns (positional; fewer than the node has means "don't care"; ``None`` is any
+    value), whether a two-input op is ``commutative`` (inputs match in either order), and
+    whether its first output may have only one reader (so fusing it away loses nothing)."""
 
     type: str | tuple[str, ...]
-    inputs: tuple[Any, ...] = ()
+    inputs: tuple[Pattern, ...] = ()
     domain: str = ""
     opset: tuple[int, int] | None = None
     attrs: Mapping[str, Any] = field(default_factory=dict)
     bind: str | None = None
     single_use: bool = False
+    commutative: bool = False
 
     def types(self) -> tuple[str, ...]:
         return (self.type,) if isinstance(self.type, str) else tuple(self.type)
+
+
+@dataclass(frozen=True)
+class Either:
+    """The first of ``alternatives`` that matches the value (e.g. ``x / sqrt(2)`` or ``x * (1/sqrt(2))``)."""
+
+    alternatives: tuple[Pattern, ...]
+
+    def __init__(self, *alternatives: Pattern) -> None:
+        object.__setattr__(self, "alternatives", tuple(alternatives))
+
+
+Pattern = Union[Op, Const, AnyValue, Either, None]
 
 
 @dataclass
@@ -67,9 +101,9 @@ class Match:
     values: dict[str, Value] = field(default_factory=dict)
 
     def const(self, name: str) -> np.ndarray:
-        value = self.values[name]
-        assert isinstance(value, gs.Constant)
-        return np.asarray(value.values)
+        array = const_value(self.values[name])
+        assert array is not None, f"'{name}' is not bound to an initializer"
+        return array
 
 
 Rewrite = Callable[[Match, Rewriter], bool]
@@ -78,12 +112,13 @@ Rewrite = Callable[[Match, Rewriter], bool]
 @dataclass(frozen=True)
 class Rule:
     """A named rewrite: ``pattern`` to find, ``rewrite`` to apply (returns whether it changed
-    anything), optional ``where`` for conditions patterns can't express."""
+    anything), optional ``where`` for conditions patterns can't express: it returns None to
+    accept the match or a short reason why not (logged under ``-v``)."""
 
     name: str
     pattern: Op
     rewrite: Rewrite
-    where: Callable[[Match], bool] | None = None
+    where: Callable[[Match], str | None] | None = None
 
 
 def _attr_ok(node: Node, key: str, want: Any) -> bool:
@@ -93,6 +128,40 @@ def _attr_ok(node: Node, key: str, want: Any) -> bool:
     if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)):
         return list(want) == list(have)
     return have == want
+
+
+def _bind(table: dict[str, Any], name: str | None, item: Any) -> bool:
+    """Bind ``name`` to ``item``; a name already bound must be bound to this very item."""
+    if name is None:
+        return True
+    if name in table:
+        return table[name] is item
+    table[name] = item
+    return True
+
+
+def _match_value(pat: Pattern, value: Value, graph: Graph, m: Match) -> bool:
+    """Match one input; on failure ``m`` may hold partial bindings (callers restore)."""
+    if pat is None:
+        return True
+    if isinstance(pat, AnyValue):
+        return _bind(m.values, pat.bind, value)
+    if isinstance(pat, Const):
+        array = const_value(value)
+        return array is not None and pat.accepts(array) and _bind(m.values, pat.bind, value)
+    if isinstance(pat, Either):
+        return any(_attempt(lambda alt=alt: _match_value(alt, value, graph, m), m) for alt in pat.alternatives)
+    node = producer(value)
+    return node is not None and _match_node(pat, node, graph, m)
+
+
+def _attempt(step: Callable[[], bool], m: Match) -> bool:
+    """Run ``step``; if it fails, undo the bindings it made (so the next alternative starts clean)."""
+    nodes, values = dict(m.nodes), dict(m.values)
+    if step():
+        return True
+    m.nodes, m.values = nodes, values
+    return False
 
 
 def _match_node(pat: Op, node: Node, graph: Graph, m: Match) -> bool:
@@ -113,26 +182,14 @@ def _match_node(pat: Op, node: Node, graph: Graph, m: Match) -> bool:
             return False
     if len(pat.inputs) > len(node.inputs):
         return False
-    for sub, value in zip(pat.inputs, node.inputs):
-        if sub is None:
-            continue
-        if isinstance(sub, AnyValue):
-            if sub.bind:
-                m.values[sub.bind] = value
-        elif isinstance(sub, Const):
-            if not isinstance(value, gs.Constant):
-                return False
-            if sub.check is not None and not sub.check(np.asarray(value.values)):
-                return False
-            if sub.bind:
-                m.values[sub.bind] = value
-        elif isinstance(sub, Op):
-            producer = value.inputs[0] if value.inputs else None
-            if producer is None or not _match_node(sub, producer, graph, m):
-                return False
-    if pat.bind:
-        m.nodes[pat.bind] = node
-    return True
+    orders = [list(node.inputs)]
+    if pat.commutative and len(node.inputs) == 2:
+        orders.append(orders[0][::-1])
+    for values in orders:
+        if _attempt(lambda values=values: all(_match_value(p, v, graph, m) for p, v in zip(pat.inputs, values))
+                    and _bind(m.nodes, pat.bind, node), m):
+            return True
+    return False
 
 
 def match(pattern: Op, node: Node, graph: Graph) -> Match | None:
@@ -161,7 +218,11 @@ def apply_rules(model: Model, rules: Sequence[Rule], rewriter: Rewriter, *,
                     continue
                 for rule in by_type.get(node.op, ()):
                     m = match(rule.pattern, node, graph)
-                    if m is None or (rule.where is not None and not rule.where(m)):
+                    if m is None:
+                        continue
+                    reason = rule.where(m) if rule.where is not None else None
+                    if reason:
+                        _LOG.debug("%s: '%s' matches but is left alone: %s", rule.name, node.name, reason)
                         continue
                     if rule.rewrite(m, rewriter):
                         applied += 1

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .graph import Graph, Node, Value, node_subgraphs
 from .model import Model
@@ -45,8 +47,15 @@ class Rewriter:
         return gs.Variable(self.model.fresh_name(hint), dtype=dtype, shape=shape)
 
     def constant(self, hint: str, array: np.ndarray) -> gs.Constant:
-        """A new initializer holding ``array`` (kept as given: dtype decides the stored type)."""
-        return gs.Constant(self.model.fresh_name(hint), np.array(array, order="C", copy=None))
+        """A new initializer holding ``array`` (kept as given: dtype decides the stored type).
+
+        4-bit arrays (ml_dtypes int4/uint4, one number a byte) are stored packed as ONNX
+        INT4/UINT4, two numbers a byte: graphsurgeon's exporter would write them unpacked."""
+        name = self.model.fresh_name(hint)
+        array = np.asarray(array)
+        if array.dtype.name in ("int4", "uint4"):
+            return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
+        return gs.Constant(name, np.array(array, order="C", copy=None))
 
     # -- nodes ---------------------------------------------------------------------------
     def create_node(self, graph: Graph, op: str, inputs: Sequence[Value], outputs: Sequence[Value],
@@ -76,6 +85,28 @@ class Rewriter:
         node.outputs.clear()
         self._note("erase", f"{node.op} '{node.name}'")
 
+    def replace_node(self, graph: Graph, old: Node, op: str, inputs: Sequence[Value],
+                     attrs: dict[str, Any] | None = None, *, domain: str = "", suffix: str | None = None,
+                     name: str | None = None, before: Node | None = None, erase: Sequence[Node] = ()) -> Node:
+        """Replace ``old`` by a new ``op`` node reading ``inputs``, in one step.
+
+        Every output of ``old`` gets a fresh successor value named ``<output>_<suffix>``
+        (``suffix`` defaults to the op in lower case) with its type; the new node is named
+        ``<name or old.name>_<suffix>`` and placed before ``before`` (default: ``old``); then
+        ``old`` and ``erase`` (the rest of a fused chain, read only inside it) are erased, and
+        every reader of an old output reads its successor (a graph output keeps its public
+        name). Returns the new node."""
+        suffix = suffix or op.lower()
+        outs = list(old.outputs)
+        new_outs = [self.value(f"{out.name}_{suffix}", dtype=out.dtype, shape=out.shape) for out in outs]
+        node = self.create_node(graph, op, inputs, new_outs, attrs, name=f"{name or old.name}_{suffix}",
+                                domain=domain, before=before if before is not None else old)
+        for gone in (old, *(n for n in erase if n is not old)):
+            self.erase_node(graph, gone)
+        for out, new in zip(outs, new_outs):
+            self.replace_all_uses(graph, out, new)
+        return node
+
     def set_input(self, node: Node, index: int, value: Value) -> None:
         if index < len(node.inputs) and node.inputs[index] is value:
             return
@@ -84,19 +115,9 @@ class Rewriter:
         node.inputs[index] = value
         self._note("set-input", f"'{node.name}' input {index} <- '{value.name}'")
 
-    def set_inputs(self, node: Node, values: Sequence[Value]) -> None:
-        node.inputs.clear()
-        node.inputs.extend(values)
-        self._note("set-inputs", f"'{node.name}'")
-
     def set_attr(self, node: Node, key: str, value: Any) -> None:
         node.attrs[key] = value
         self._note("set-attr", f"'{node.name}'.{key}")
-
-    def remove_attr(self, node: Node, key: str) -> None:
-        if key in node.attrs:
-            del node.attrs[key]
-            self._note("remove-attr", f"'{node.name}'.{key}")
 
     def replace_all_uses(self, graph: Graph, old: Value, new: Value, *,
                          except_nodes: Sequence[Node] = ()) -> None:
@@ -122,19 +143,6 @@ class Rewriter:
                     new.shape = old.shape if old.shape is not None else new.shape
                 outs[i] = new
         self._note("replace-uses", f"'{old.name}' -> '{new.name}'")
-
-    def replace_value_in_subgraphs(self, node: Node, old: Value, new: Value) -> None:
-        """Rewire reads of an outer value inside a node's subgraphs (rarely needed directly)."""
-        for sg in node_subgraphs(node):
-            for inner in sg.nodes:
-                for i, inp in enumerate(inner.inputs):
-                    if inp is old:
-                        inner.inputs[i] = new
-        self._note("replace-uses", f"subgraphs of '{node.name}': '{old.name}' -> '{new.name}'")
-
-    def set_graph_outputs(self, graph: Graph, outputs: Sequence[Value]) -> None:
-        graph.gs.outputs = list(outputs)
-        self._note("set-outputs", graph.name)
 
     def make_constant(self, value: Value, array: np.ndarray) -> None:
         """Turn a run-time value into an initializer in place (keeps its name and readers).

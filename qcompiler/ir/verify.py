@@ -69,9 +69,6 @@ def _verify_graph(graph: Graph, model: Model, outer: set[int], problems: list[st
             problems.append(f"graph output '{out.name}' is not produced by any node or input")
 
 
-_INT_Q = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "int32")}
-
-
 def _dtype(value: gs.Tensor) -> np.dtype | None:
     try:
         return np.dtype(value.dtype) if value.dtype is not None else None

@@ -1,11 +1,13 @@
-"""Shared helpers for the per-pass tests: build tiny models, run one pass, run a model.
+"""Shared helpers for the per-pass tests: run one pass, run a model, read results back.
+
+Building models (``make_model``, ``tensor``, ``init``) is tests/conftest.py's, re-exported here.
 
 Kept as plain functions (not fixtures) so each test reads top to bottom: build, run, check.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +18,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qcompiler
 
-IR_VERSION = 8
+from conftest import IR_VERSION, init, make_model
+from conftest import tensor_info as tensor  # the per-pass tests' short name for it
+
+__all__ = ["IR_VERSION", "FLOAT", "make_model", "tensor", "init", "rand", "run_pass", "modified", "op_types",
+           "initializer_names", "initializers", "run_ort", "assert_same_outputs", "attrs_of"]
+
 FLOAT = TensorProto.FLOAT
-
-
-def make_model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
-               outputs: Sequence[onnx.ValueInfoProto], initializers: Iterable[onnx.TensorProto] = (),
-               *, opset: int = 17, value_info: Sequence[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
-    """A model with IR version and opset always explicit (onnx's defaults are too new for ORT)."""
-    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), list(initializers),
-                              value_info=list(value_info))
-    return helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def tensor(name: str, shape: Sequence[int | str | None] | None, elem: int = FLOAT) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def init(name: str, array: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(array), name)
 
 
 def rand(shape: Sequence[int], seed: int = 0, low: float = -1.0, high: float = 1.0) -> np.ndarray:
