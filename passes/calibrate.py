@@ -21,6 +21,7 @@ from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histog
 from qcompiler.calib_subgraphs import instrument, observable_subgraph_values
 from qcompiler.calibration import Statistics
 from qcompiler.plan import plan_quantization, ranges_read
+from qcompiler.quant import range_fits_float32
 from qcompiler.rangefile import check_pinned, read_ranges
 
 __all__ = ["Calibrate"]
@@ -420,6 +421,7 @@ class Calibrate(Pass):
         for out, src in inherited.items():  # data movement shares its source's qparams, so its range
             if src in ranges and out not in pinned:
                 ranges[out] = ranges[src]
+        _require_finite(ranges, model.source)
         ctx.analysis["channel_means"] = stats.means()
         ctx.report["calibration"] = {
             "method": method, "overrides": dict(sorted(overrides.items())), "tensors_per_method": dict(sorted(used.items())),
@@ -465,7 +467,7 @@ class Calibrate(Pass):
                 continue
             lo, hi = ranges[n]
             lo, hi = (0.0, max(abs(lo), abs(hi))) if kind == "abs" else (lo, hi)
-            if hi > lo:
+            if hi > lo and range_fits_float32(lo, hi):  # else refused after pinning (_require_finite)
                 hist_spec[n] = (kind, lo, hi, self.bins)
         if hist_spec:
             names2 = [n for n in names if n in hist_spec]
@@ -481,3 +483,15 @@ class Calibrate(Pass):
             info["model_runs"] += runs2
         progress.close()
         return stats
+
+
+def _require_finite(ranges: dict[str, tuple[float, float]], source: str) -> None:
+    """Refuse a tensor whose observed range cannot become a float32 scale (an inf activation,
+    or one spanning more than float32's range): quantizing it would give inf/NaN scales, and
+    clipping it silently would hide a broken model (docs/design.md, "Input validation")."""
+    for name in sorted(ranges):
+        lo, hi = ranges[name]
+        if not range_fits_float32(lo, hi):
+            raise UserError(f"{source}: tensor '{name}' reaches [{lo:.4g}, {hi:.4g}] on the calibration data, which "
+                            "no float32 scale covers (an overflowing activation?); fix the model or pin the tensor's "
+                            "range with --import-ranges")

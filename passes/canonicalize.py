@@ -89,9 +89,10 @@ class Canonicalize(Pass):
             if not (node.op == "Identity" or _is_noop_dropout(node)) or node.domain not in (None, "", "ai.onnx"):
                 continue
             src, out = node.inputs[0], node.outputs[0]
-            if graph.is_graph_output(out) and (graph.is_graph_input(src) or graph.is_graph_output(src)
-                                               or isinstance(src, gs.Constant)):
-                continue  # the output name must stay
+            if graph.is_graph_output(out) and (graph.is_graph_output(src) or not _produced_here(graph, src)):
+                # the output name must stay, and a value this graph does not produce (a graph
+                # input, a constant, or an If/Loop body's outer-scope value) cannot take it
+                continue
             rw.erase_node(graph, node)
             rw.replace_all_uses(graph, out, src)
 
@@ -107,3 +108,9 @@ class Canonicalize(Pass):
                 first = seen.setdefault(key, value)
                 if first is not value:
                     rw.set_input(node, i, first)
+
+
+def _produced_here(graph: Graph, value: gs.Tensor) -> bool:
+    """Whether a node of ``graph`` itself (not an enclosing graph) produces ``value``."""
+    producer = graph.producer(value)
+    return producer is not None and any(n is producer for n in graph.gs.nodes)

@@ -14,8 +14,9 @@ from typing import Any, TextIO
 import onnx
 
 from .calibration import input_specs, load_calibration
-from .errors import UserError
+from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
+from .ir.validate import check_runnable_domains
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -169,8 +170,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
-    input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
     m = load_model(model)
+    check_runnable_domains(m)
+    input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
     ops_before = op_histogram(m)
     calib = None
     needs_calibration = any(p.name == "calibrate" for p in passes) and "calibrate" not in set(disable_passes)
@@ -185,7 +187,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     inst = Instrumentation(print_ir_after=set(print_ir_after), time_passes=time_passes, verify_each=verify_each,
                            stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr)
     manager = PassManager(passes, inst)
-    manager.run(m, ctx)
+    try:
+        manager.run(m, ctx)
+    except PassFailure as exc:
+        _blame_input(model, calib, exc)
+        raise
     check_report = _check_output(m, tgt) if check else None
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
@@ -227,3 +233,26 @@ def _check_output(model: Model, target: Target) -> dict[str, Any]:
                         f"{lines[0]}{more}; nothing written (--no-check / check=False to write it anyway)")
     return {"legal": res.legal, "warnings": [p._asdict() for p in res.warnings],
             "problems": [p._asdict() for p in res.problems]}
+
+
+def _blame_input(model: str | os.PathLike[str] | onnx.ModelProto, calib: Any, exc: PassFailure) -> None:
+    """When onnxruntime fails inside a pass, run the *input* model on the first calibration
+    sample: if that fails too, the fault is the user's model or data (a Conv with group 0,
+    token ids past the embedding table, ...) and becomes a UserError quoting onnxruntime.
+    Otherwise the pass broke the model and the internal error stands."""
+    if calib is None or "onnxruntime" not in type(exc.cause).__module__:
+        return
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4
+    try:
+        target = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+        sess = ort.InferenceSession(target, opts, providers=["CPUExecutionProvider"])
+        sess.run(None, next(iter(calib)))
+    except Exception as err:  # onnxruntime's own exception types
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = text.split(" : ", 3)[-1] if text.startswith("[ONNXRuntimeError]") else text
+        raise UserError(f"{source}: onnxruntime cannot run the input model on calibration sample 0: {text}") from exc

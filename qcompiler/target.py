@@ -21,12 +21,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import UserError
-from .quant import DTYPES, MIN_OPSET, QType, qrange
+from .quant import DTYPES, MIN_OPSET, QType, qrange, valid_scale
 
 __all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "load_target", "builtin_targets", "SCHEMA_VERSION",
            "NODE_FACTS"]
 
 SCHEMA_VERSION = 1
+#: longest ``extends`` chain a target may have (a cycle guard and a bound on recursion)
+MAX_EXTENDS = 32
 
 # -- schema: key -> expected type (a tuple of allowed values for enums) --------------------
 _TENSOR_RULE = {
@@ -270,6 +272,10 @@ def _read(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read target file ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a TOML target file (not UTF-8 text)") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a usable TOML target file (nested too deeply)") from None
 
 
 def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Target":
@@ -298,9 +304,18 @@ def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Ta
     if "extends" in data:
         parent_name = data["extends"]
         parent_spec = parent_name
+        if len(_seen) >= 2 * MAX_EXTENDS:  # _seen holds a name and a path per level
+            raise UserError(f"{path}: key 'extends': the chain is longer than {MAX_EXTENDS} targets")
+        # a built-in name, a sibling NAME.toml, or a path ending in .toml (relative to this
+        # file) - never an arbitrary file such as /etc/passwd
         sibling = path.parent / f"{parent_name}.toml"
         if parent_name not in builtins and sibling.is_file():
             parent_spec = str(sibling)
+        elif parent_name not in builtins:
+            if not parent_name.endswith(".toml"):
+                raise UserError(f"{path}: key 'extends' = '{parent_name}' must name a built-in target, a sibling "
+                                f"NAME.toml, or a file ending in .toml")
+            parent_spec = str(path.parent / parent_name)
         # files already on the chain are tracked by resolved path too: names need not match file names
         own = str(path.resolve())
         parent_path = (str(Path(parent_spec).resolve()) if parent_spec != parent_name
@@ -346,6 +361,14 @@ class Target:
                 raise UserError(f"{src}: key 'fused[{i}].ops' must list at least two op types")
         self.fixed: dict[str, tuple[float, int]] = {
             op: (float(v["scale"]), int(v["zero_point"])) for op, v in data.get("fixed_qparams", {}).items()}
+        act = self._rule(self._rules["activation"], src, "quantization.activation")
+        for op, (scale, zp) in self.fixed.items():
+            if not valid_scale(scale):
+                raise UserError(f"{src}: key 'fixed_qparams.{op}.scale' = {scale} must be a positive, finite, "
+                                "normal float32")
+            if act.qtype is not None and not act.qtype.qmin <= zp <= act.qtype.qmax:
+                raise UserError(f"{src}: key 'fixed_qparams.{op}.zero_point' = {zp} is outside the activation range "
+                                f"[{act.qtype.qmin}, {act.qtype.qmax}]")
         self.ops: dict[str, OpConfig] = {
             op: self._op_config(op, cfg, src, f"ops.{op}") for op, cfg in data.get("ops", {}).items()}
         dyn = data.get("dynamic", {})
@@ -381,6 +404,10 @@ class Target:
             if (len(explicit) != 2 or not all(isinstance(x, int) for x in explicit)
                     or not info_lo <= explicit[0] < explicit[1] <= info_hi):
                 raise UserError(f"{src}: key '{where}.range' must be [lo, hi] integers within {dtype}'s range")
+        bits = raw.get("bits")
+        width = int(np.log2(qrange(dtype)[1] - qrange(dtype)[0] + 1))
+        if bits is not None and not 2 <= bits <= width:
+            raise UserError(f"{src}: key '{where}.bits' = {bits} must be between 2 and {width} for {dtype}")
         lo, hi = qrange(dtype, narrow=bool(raw.get("narrow_range", False)), bits=raw.get("bits"),
                         explicit=tuple(explicit) if explicit else None)
         qtype = QType(dtype=dtype, symmetric=symmetric, qmin=lo, qmax=hi,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 import onnx.numpy_helper
+import onnx.shape_inference
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -338,6 +339,10 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
             raise UserError(f"{p}: not a readable ONNX model ({first})") from exc
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
         raise UserError(f"{source}: not an ONNX model (no IR version, graph or opset import)")
+    if check:
+        from .validate import check_proto
+
+        check_proto(proto, source)
     try:
         model = Model(proto, source)
     except Exception as exc:
@@ -352,11 +357,13 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
         try:
             if not _fits(proto) or proto.ByteSize() > _TWO_GB:
                 if isinstance(path, (str, os.PathLike)):
-                    onnx.checker.check_model(str(path))
+                    onnx.checker.check_model(str(path), full_check=True)
             else:
-                # onnx's checker insists on topological order: check the sorted graph
-                onnx.checker.check_model(model.to_proto() if reordered else proto)
-        except onnx.checker.ValidationError as exc:
+                # onnx's checker insists on topological order: check the sorted graph. The full
+                # check adds strict shape and type inference: a shape-mismatched MatMul or If
+                # branches of different types fail here, not as an invalid output
+                onnx.checker.check_model(model.to_proto() if reordered else proto, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc
     model._take_payloads()  # the proto is ours (read from the file or copied): hold weights once
