@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -320,6 +323,9 @@ class Calibrate(Pass):
             return PassResult(False)
         if ctx.calibration is None:
             raise UserError("pass 'calibrate' needs calibration data (--calibration PATH)")
+        bounded = _bounded_parallelism(self, ctx.calibration)
+        if bounded is not self:
+            return bounded.run(model, ctx)
         start = time.perf_counter()
         graph = model.graph
         values, input_values, inner = _candidates(model, ctx)
@@ -495,3 +501,16 @@ def _require_finite(ranges: dict[str, tuple[float, float]], source: str) -> None
             raise UserError(f"{source}: tensor '{name}' reaches [{lo:.4g}, {hi:.4g}] on the calibration data, which "
                             "no float32 scale covers (an overflowing activation?); fix the model or pin the tensor's "
                             "range with --import-ranges")
+
+
+def _bounded_parallelism(p: "Calibrate", data: Any) -> "Calibrate":
+    """The pass with ``lanes`` and ``workers`` clamped to the cores and to the samples: more
+    lanes or processes than either only costs memory and start-up (``lanes=100000`` would
+    build that many onnxruntime threads). Counts at most ``cores`` samples, so a large
+    calibration folder is not read here."""
+    cores = os.cpu_count() or 1
+    samples = sum(1 for _ in itertools.islice(iter(data), max(p.lanes, p.workers, cores)))
+    lanes, workers = max(1, min(p.lanes, cores, samples)), max(1, min(p.workers, cores, samples))
+    if (lanes, workers) == (p.lanes, p.workers):
+        return p
+    return dataclasses.replace(p, lanes=lanes, workers=workers)

@@ -192,7 +192,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     except PassFailure as exc:
         _blame_input(model, calib, exc)
         raise
-    check_report = _check_output(m, tgt) if check else None
+    check_report = _check_output(m, tgt, ctx.analysis.get("float_nodes")) if check else None
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
@@ -221,11 +221,12 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     return result
 
 
-def _check_output(model: Model, target: Target) -> dict[str, Any]:
-    """The legality check of a compiled model (``qcompiler check``); illegal -> UserError."""
+def _check_output(model: Model, target: Target, float_nodes: dict[str, str] | None) -> dict[str, Any]:
+    """The legality check of a compiled model (``qcompiler check``); illegal -> UserError.
+    The nodes the plan kept float are float (check_model's ``float_nodes``)."""
     from .check import check_model
 
-    res = check_model(model, target)
+    res = check_model(model, target, float_nodes=float_nodes)
     if not res.legal:
         lines = res.problem_lines()
         more = f" (+{len(lines) - 1} more offending nodes)" if len(lines) > 1 else ""

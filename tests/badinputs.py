@@ -424,7 +424,10 @@ CASES += [
     Case("calib-limit-0", lambda d: _compile(d, save(mlp(), d / "m.onnx"), "--calibration-limit", "0"), 2),
     Case("calib-lanes-100000", lambda d: _compile(d, save(mlp(), d / "m.onnx"), "--pipeline",
                                                   "canonicalize,calibrate{lanes=100000},insert-qdq"), 0),
-    Case("calib-workers-6-two-samples", lambda d: _compile(d, save(mlp(), d / "m.onnx"), "--workers", "6"), 0),
+    # one sample: the clamp leaves one worker, so no process is started (tests/test_calib_dist.py
+    # covers real worker processes; test_bounded_parallelism the clamp with 2 samples)
+    Case("calib-workers-6-one-sample", lambda d: _compile(d, save(mlp(), d / "m.onnx"), "--workers", "6",
+                                                          calib="random:1"), 0),
 ]
 
 
@@ -602,10 +605,17 @@ CASES += [
 
 
 def _insert_qdq_exclude(d: Path) -> list[str]:
-    m = _model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=1)],
-               [_vi("x", [1, 64])], [_vi("y", [1, 32])], [_w("w", (32, 64)), _w("b", (32,), 1)])
-    return _compile(d, save(m, d / "m.onnx"), "--target", "ort-cpu-qdq", "--pipeline",
-                    "canonicalize,infer-shapes,calibrate,insert-qdq{exclude=[gemm]},compress-weights")
+    """A Gemm the user keeps float behind a quantized one; its 2304-element weight is
+    compressed (DequantizeLinear in front of it), which does not make it integer."""
+    from qcompiler import load_target
+
+    m = _model([helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="gemm", transB=1),
+                helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                helper.make_node("Gemm", ["r", "w2", "b"], ["g"], name="gemm2", transB=1),
+                helper.make_node("Relu", ["g"], ["y"], name="relu2")],
+               [_vi("x", [1, 64])], [_vi("y", [1, 48])], [_w("w", (48, 64)), _w("w2", (48, 48)), _w("b", (48,), 1)])
+    pipeline = load_target("ort-cpu-qdq").pipeline("static").replace("insert-qdq", "insert-qdq{exclude=[gemm2]}")
+    return _compile(d, save(m, d / "m.onnx"), "--target", "ort-cpu-qdq", "--pipeline", pipeline)
 
 
 CASES += [Case("insert-qdq-exclude-large-gemm", _insert_qdq_exclude, 0)]
