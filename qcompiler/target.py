@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -21,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import UserError
+from .tomlfile import read_toml
 from .quant import DTYPES, MIN_OPSET, QType, qrange, valid_scale
 
 __all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "load_target", "builtin_targets", "SCHEMA_VERSION",
@@ -265,17 +265,7 @@ def builtin_targets() -> dict[str, Path]:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read target file ({exc.strerror})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc})") from exc
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a TOML target file (not UTF-8 text)") from None
-    except RecursionError:
-        raise UserError(f"{path}: not a usable TOML target file (nested too deeply)") from None
+    return read_toml(path, "target file")
 
 
 def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Target":
@@ -359,6 +349,10 @@ class Target:
         for i, raw in enumerate(data.get("fused", [])):
             if len(raw["ops"]) < 2 or not all(isinstance(x, str) and x for x in raw["ops"]):
                 raise UserError(f"{src}: key 'fused[{i}].ops' must list at least two op types")
+        for op, v in data.get("fixed_qparams", {}).items():
+            missing = [k for k in ("scale", "zero_point") if k not in v]
+            if missing:
+                raise UserError(f"{src}: key 'fixed_qparams.{op}' needs '{missing[0]}'")
         self.fixed: dict[str, tuple[float, int]] = {
             op: (float(v["scale"]), int(v["zero_point"])) for op, v in data.get("fixed_qparams", {}).items()}
         act = self._rule(self._rules["activation"], src, "quantization.activation")
