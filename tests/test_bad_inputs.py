@@ -62,7 +62,8 @@ def test_corpus_is_large_enough() -> None:
     assert len({c.name for c in CASES}) == len(CASES)
 
 
-_SUBPROCESS = ["truncated-0.5", "calib-npy-object-pickle", "target-extends-etc-passwd", "opset-17-dynamic"]
+_SUBPROCESS = ["truncated-0.5", "calib-npy-object-pickle", "target-extends-etc-passwd", "opset-17-dynamic",
+               "conv-group-0"]  # onnxruntime fails: its own log must not add stderr lines
 
 
 @pytest.mark.parametrize("name", _SUBPROCESS)
