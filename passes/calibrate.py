@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, QType, Target, UserError
+from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, QType, UserError
 from qcompiler.calib_cache import cache_key, data_digest, load_cached, store_cached
 from qcompiler.calib_dist import run_sharded
 from qcompiler.calib_engine import (DEFAULT_MEMORY, Job, Progress, lane_threads, make_groups, parse_memory, peak_rss_mb,
@@ -23,7 +23,7 @@ from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histog
                                      mse_range, percentile_range)
 from qcompiler.calib_subgraphs import instrument, observable_subgraph_values
 from qcompiler.calibration import Statistics
-from qcompiler.plan import plan_quantization, ranges_read
+from qcompiler.plan import Plan, plan_for, ranges_read, value_qtypes
 from qcompiler.quant import range_fits_float32
 from qcompiler.rangefile import check_pinned, read_ranges
 
@@ -138,13 +138,18 @@ def _candidates(model: Model, ctx: PassContext) -> tuple[dict[str, Any], dict[st
     return values, inputs, inner
 
 
-def _quantized(model: Model, ctx: PassContext) -> tuple[set[str], dict[str, str], set[str]]:
-    """(values whose range insert-qdq will read, data-movement outputs that inherit their
-    source's range, integer node names) under the target, planned as if every value had a
-    range (the plan after calibration is then the same one)."""
+def _plan(model: Model, ctx: PassContext) -> Plan:
+    """The plan insert-qdq will follow, planned as if every value had a range (the plan after
+    calibration is then the same one)."""
     every = {v.name for g in model.graph.walk() for v in g.inputs}
     every.update(v.name for g in model.graph.walk() for n in g.gs.nodes for v in n.outputs)
-    plan = plan_quantization(model, ctx.target, ranges=dict.fromkeys(every), groups=ctx.analysis.get("groups", {}))
+    return plan_for(model, ctx, ranges=dict.fromkeys(every))
+
+
+def _quantized(model: Model, ctx: PassContext, plan: Plan | None = None) -> tuple[set[str], dict[str, str], set[str]]:
+    """(values whose range insert-qdq will read, data-movement outputs that inherit their
+    source's range, integer node names) under the plan."""
+    plan = plan or _plan(model, ctx)
     need, inherited = ranges_read(model, ctx.target, plan)
     return need, inherited, set(plan.nodes)
 
@@ -173,24 +178,6 @@ def _pinned_only(model: Model, ctx: PassContext, pinned: dict[str, tuple[float, 
     ctx.report["calibration"] = {"method": "pinned", "samples": 0, "tensors": len(set(wanted)), "seconds": 0.0}
 
 
-def _tensor_qtype(value: Any, target: Target) -> QType | None:
-    """The activation QType ``value`` will be quantized with: its producer's output rule if
-    the target quantizes that op's output, else its first consumer's input rule, else the
-    target-wide activation rule (mirrors the order insert-qdq visits tensors in)."""
-    producer = value.inputs[0] if value.inputs else None
-    if producer is not None:
-        cfg = target.op(producer.op)
-        cfg = cfg.for_node(producer) if cfg is not None else None
-        if cfg is not None and cfg.output_quantized and cfg.activation.qtype is not None:
-            return cfg.activation.qtype
-    for consumer in value.outputs:
-        cfg = target.op(consumer.op)
-        cfg = cfg.for_node(consumer) if cfg is not None else None
-        if cfg is not None and cfg.activation.qtype is not None:
-            return cfg.activation.qtype
-    return target.activation_rule().qtype
-
-
 def _check_method(method: str, where: str) -> str:
     if method not in METHODS:
         raise UserError(f"pass 'calibrate': {where} '{method}' is not available (methods: {', '.join(METHODS)})")
@@ -211,7 +198,7 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, str]:
 
 def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, Any],
                     overrides: dict[str, str], method: str,
-                    shared: dict[str, np.ndarray],
+                    shared: dict[str, np.ndarray], qtypes: dict[str, QType],
                     keep: set[str] | None = None) -> tuple[Any, dict[str, tuple[str, str]]]:
     """Float values computed inside If/Loop bodies of main-graph nodes, made observable
     (qcompiler.calib_subgraphs): the model to run, and exposed name -> (body value name,
@@ -240,7 +227,7 @@ def _observe_bodies(model: Model, proto: Any, ctx: PassContext, plan: dict[str, 
             value, producer = body_values[ob.value]
             m = (overrides.get(producer.name) or overrides.get(producer.op) if producer is not None
                  else overrides.get(ob.value)) or method
-            grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
+            grid = RangeTarget.of(qtypes.get(value.name, ctx.target.activation_rule().qtype))
             plan[ob.exposed] = (m, grid, histogram_kind(m, grid))
             out[ob.exposed] = (ob.value, kinds[ob.node])
         return trial, out
@@ -339,8 +326,11 @@ class Calibrate(Pass):
         keep: set[str] | None = None
         planned: set[str] | None = None
         inherited: dict[str, str] = {}
+        # the plan says each value's QType (the grid its range is measured on)
+        qplan = _plan(model, ctx)
+        qtypes = value_qtypes(model, ctx.target, qplan)
         if self.observe == "quantized":
-            keep, inherited, planned = _quantized(model, ctx)
+            keep, inherited, planned = _quantized(model, ctx, qplan)
             values = {n: v for n, v in values.items() if n in keep}
             input_values = {n: v for n, v in input_values.items() if n in keep}
         names = list(values)
@@ -355,11 +345,11 @@ class Calibrate(Pass):
                 overrides.get(producer.op) if producer is not None else None) or method
             if producer is not None and producer.op in ctx.target.fixed:
                 m, fixed = "minmax", fixed + 1  # qparams pinned by the target: min/max is enough
-            grid = RangeTarget.of(_tensor_qtype(value, ctx.target))
+            grid = RangeTarget.of(qtypes.get(n, ctx.target.activation_rule().qtype))
             plan[n] = (m, grid, histogram_kind(m, grid))
         shared: dict[str, np.ndarray] = {}  # weights the sessions read from the IR, not copied
         base, exposed = _observe_bodies(model, model.to_proto(shared=shared, share=_kernel_only), ctx, plan,
-                                        overrides, method, shared, keep)
+                                        overrides, method, shared, qtypes, keep)
         names += list(exposed)
         per_sample = frozenset(n for n, (m, _, _) in plan.items() if m == "minmax" and self.momentum > 0)
         full = self.statistics == "all"

@@ -32,7 +32,7 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504: larger finite constants are
 # an attribute or tensor rather than from their inputs (converting them means rewriting the
 # attribute, and the Casts around them cost as much as they save).
 KEEP_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
     "Cast", "CastLike", "Constant", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform",
     "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
 }) | INTEGER_OPS

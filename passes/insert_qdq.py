@@ -10,10 +10,10 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter,
-                       UserError, Value, compute_qparams, dequantize, plan_quantization, producer_op, quantize, weight_axis,
+                       UserError, Value, compute_qparams, dequantize, producer_op, quantize, weight_axis,
                        weight_qparams)
 from qcompiler.calib_methods import weight_mse_clip
-from qcompiler.plan import partitions, quantization_walk, reduction_axis
+from qcompiler.plan import partitions, plan_for, quantization_walk, reduction_axis
 from qcompiler.quant import INT_RANGES
 from qcompiler.rounding import WeightRounder
 
@@ -91,12 +91,11 @@ class InsertQdq(Pass):
         if ranges is None:
             raise UserError("pass 'insert-qdq' needs activation ranges: run 'calibrate' before it")
         target = ctx.target
-        plan = plan_quantization(model, target, ranges=ranges, groups=ctx.analysis.get("groups", {}),
-                                 exclude=self.exclude)
+        plan = plan_for(model, ctx, ranges=ranges, exclude=self.exclude)
         rw = ctx.rewriter(model)
         act: dict[int, tuple[Value, Graph, QParams]] = {}   # value id -> (value, graph, qparams)
         passthrough: list[str] = []
-        floats = dict(plan.float_nodes)
+        floats = plan.float_nodes  # the report's float nodes are the plan's (lowering may add deviations)
 
         owner: dict[int, Graph] = {}  # the graph that defines each value (outer scope for branches)
         for g in model.graph.walk():

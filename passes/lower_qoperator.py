@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import Graph, Model, Node, Pass, PassContext, PassResult, Rewriter, Value, producer_op
+from qcompiler import (Graph, KernelSpec, Model, Node, OpConfig, Pass, PassContext, PassResult, Rewriter, Value,
+                       assemble_inputs, kernel_spec, producer_op)
 
-__all__ = ["LowerQoperator", "KERNELS"]
+__all__ = ["LowerQoperator"]
 
 
 @dataclass
@@ -42,8 +42,8 @@ def _zp(rw: Rewriter, op: tuple[Value, Value, Value | None], like: Value) -> Val
 
 
 def _wzp(rw: Rewriter, o: _Operands, i: int) -> Value:
-    """A Conv weight's zero point; an all-zero per-channel vector becomes one shared scalar
-    (QLinearConv takes a scalar with per-channel scales; QGemm does not)."""
+    """A weight's zero point; an all-zero per-channel vector becomes one shared scalar
+    (the kernel takes a scalar with per-channel scales: ``KernelSpec.shared_zero_point``)."""
     op = o.ins[i]
     zp = op[2]
     if isinstance(zp, gs.Constant):
@@ -55,84 +55,37 @@ def _wzp(rw: Rewriter, o: _Operands, i: int) -> Value:
     return _zp(rw, op, op[0])
 
 
-def _conv(rw, o: _Operands, node: Node):
-    (x, xs, _), (w, ws, _) = o.ins[0], o.ins[1]
-    if not (_scalar(xs) and o.out is not None):
-        return None
-    if len(node.inputs) > 2 and node.inputs[2].name and (len(o.ins) < 3 or o.ins[2] is None):
-        return None  # float bias: QLinearConv needs int32
-    inputs = [x, xs, _zp(rw, o.ins[0], x), w, ws, _wzp(rw, o, 1), o.out[1], o.out[2]]
-    if len(o.ins) > 2 and o.ins[2] is not None:
-        inputs.append(o.ins[2][0])
-    return inputs, {k: v for k, v in node.attrs.items()}
-
-
-def _matmul(rw, o: _Operands, node: Node):
-    (a, as_, _), (b, bs, _) = o.ins[0], o.ins[1]
-    if o.out is None or not _scalar(as_):
-        return None
-    return [a, as_, _zp(rw, o.ins[0], a), b, bs, _zp(rw, o.ins[1], b), o.out[1], o.out[2]], {}
-
-
-def _gemm(rw, o: _Operands, node: Node):
-    (a, as_, _), (b, bs, _) = o.ins[0], o.ins[1]
-    if not _scalar(as_):
-        return None
-    if len(node.inputs) > 2 and node.inputs[2].name and (len(o.ins) < 3 or o.ins[2] is None):
-        return None  # float bias: QGemm needs int32
-    c = o.ins[2][0] if len(o.ins) > 2 and o.ins[2] is not None else gs.Variable.empty()
-    inputs = [a, as_, _zp(rw, o.ins[0], a), b, bs, _zp(rw, o.ins[1], b), c]
-    if o.out is not None:
-        inputs += [o.out[1], o.out[2]]
-    attrs = {k: node.attrs[k] for k in ("alpha", "transA", "transB") if k in node.attrs}
-    return inputs, attrs
-
-
-def _binary(rw, o: _Operands, node: Node):
-    if o.out is None or not all(_scalar(op[1]) for op in o.ins[:2]):
-        return None
-    (a, as_, _), (b, bs, _) = o.ins[0], o.ins[1]
-    return [a, as_, _zp(rw, o.ins[0], a), b, bs, _zp(rw, o.ins[1], b), o.out[1], o.out[2]], {}
-
-
-def _unary(extra: tuple[str, ...] = (), channels_last: bool = False):
-    def build(rw, o: _Operands, node: Node):
-        if o.out is None or not _scalar(o.ins[0][1]):
+def _build(rw: Rewriter, spec: KernelSpec, o: _Operands, node: Node) -> tuple[list[Value], dict] | None:
+    """The kernel's inputs and attributes from the table's layout, or None when the group does
+    not fit it: activations (every operand but the weight) need one scale, an int32 bias
+    slot takes no float bias."""
+    for i, op in enumerate(o.ins):
+        where = spec.operand(i)
+        if where is None:
+            continue
+        if where.is_bias:
+            if op is None and node.inputs[i].name:
+                return None  # float bias: the kernel needs int32
+        elif op is None or (i != spec.weight and not _scalar(op[1])):
             return None
-        x, xs, _ = o.ins[0]
-        attrs = {k: node.attrs[k] for k in extra if k in node.attrs}
-        if channels_last:
-            attrs["channels_last"] = 0
-        return [x, xs, _zp(rw, o.ins[0], x), o.out[1], o.out[2]], attrs
-    return build
+    operands: list[tuple[Value, ...] | None] = []
+    for i, op in enumerate(o.ins):
+        where = spec.operand(i)
+        if op is None or where is None or where.is_bias:
+            operands.append(op)
+            continue
+        zp = _wzp(rw, o, i) if i in spec.shared_zero_point else _zp(rw, op, op[0])
+        operands.append((op[0], op[1], zp))
+    out = (o.out[1], o.out[2]) if o.out is not None else None
+    return assemble_inputs(spec, operands, out, gs.Variable.empty), spec.carried_attrs(node.attrs)
 
 
-def _concat(rw, o: _Operands, node: Node):
-    if o.out is None or not all(op is not None and _scalar(op[1]) for op in o.ins):
+def _lowerable(cfg: OpConfig | None, op: str) -> KernelSpec | None:
+    """The kernel the target names for float op ``op`` if lowering can build it."""
+    spec = kernel_spec(cfg.kernel_op) if cfg is not None and cfg.kernel else None
+    if spec is None or spec.dynamic or not spec.lower or spec.float_op != op:
         return None
-    inputs = [o.out[1], o.out[2]]
-    for op in o.ins:
-        inputs += [op[0], op[1], _zp(rw, op, op[0])]
-    return inputs, {"axis": node.attrs["axis"]}
-
-
-Builder = Callable[[Rewriter, _Operands, Node], "tuple[list[Value], dict] | None"]
-# Kernel signatures (facts about the kernels, keyed by the kernel name a target chooses).
-KERNELS: dict[str, Builder] = {
-    "QLinearConv": _conv,
-    "QLinearMatMul": _matmul,
-    "QGemm": _gemm,
-    "QLinearAdd": _binary,
-    "QLinearMul": _binary,
-    "QLinearGlobalAveragePool": _unary(channels_last=True),
-    "QLinearAveragePool": _unary(("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides"),
-                                 channels_last=True),
-    "QLinearSigmoid": _unary(),
-    "QLinearLeakyRelu": _unary(("alpha",)),
-    "QLinearConcat": _concat,
-}
-_FLOAT_OUTPUT_OK = {"QGemm"}
-_ALL_INPUTS = {"QLinearConcat"}
+    return spec
 
 
 def _clip_bounds(node: Node) -> tuple[float, float]:
@@ -184,9 +137,10 @@ class LowerQoperator(Pass):
                         lowered.append(node.name)
                     continue
                 cfg = ctx.target.op(node.op)
-                if cfg is None or not cfg.kernel or cfg.kernel_op not in KERNELS:
+                spec = _lowerable(cfg, node.op)
+                if spec is None:
                     continue
-                name = self._lower(rw, graph, node, cfg.kernel_op, cfg.kernel_domain, zeros)
+                name = self._lower(rw, graph, node, spec, cfg.kernel_domain, zeros)
                 if name:
                     lowered.append(name)
         rw.cleanup(model.graph)
@@ -197,15 +151,14 @@ class LowerQoperator(Pass):
         kept: dict[str, str] = {}
         for graph in model.graph.walk():
             for node in graph.nodes:
-                cfg = ctx.target.op(node.op)
-                if (node.name in previous and cfg is not None and cfg.kernel_op in KERNELS
-                        and node.name not in lowered):
-                    kept[node.name] = (f"no {cfg.kernel_op}: its output is not quantized (a graph output or "
+                spec = _lowerable(ctx.target.op(node.op), node.op)
+                if node.name in previous and spec is not None and node.name not in lowered:
+                    kept[node.name] = (f"no {spec.name}: its output is not quantized (a graph output or "
                                        f"read only by float ops), so it runs in float on dequantized inputs")
         ctx.analysis["lowered"] = sorted((previous | set(lowered)) - set(kept))
-        floats = dict(ctx.analysis.get("float_nodes", {}))
-        floats.update(kept)
-        ctx.analysis["float_nodes"] = floats
+        plan = ctx.analysis.get("plan")  # insert-qdq's: the report's float nodes are its
+        for name, reason in kept.items():
+            plan.deviate(name, reason)
         return PassResult(rw.modified)
 
     @staticmethod
@@ -215,7 +168,7 @@ class LowerQoperator(Pass):
             return None
         return readers[0]
 
-    def _lower(self, rw: Rewriter, graph: Graph, node: Node, kernel: str, domain: str,
+    def _lower(self, rw: Rewriter, graph: Graph, node: Node, spec: KernelSpec, domain: str,
                zeros: dict[str, Value]) -> str | None:
         ins = []
         for i, value in enumerate(node.inputs):
@@ -223,10 +176,11 @@ class LowerQoperator(Pass):
                 ins.append(None)
                 continue
             op = _dq_operand(value)
-            if op is None and (i < 2 or kernel in _ALL_INPUTS):
+            where = spec.operand(i)
+            if op is None and where is not None and not where.is_bias:
                 return None
             ins.append(op)
-        if kernel not in _ALL_INPUTS and (len(ins) < 1 or ins[0] is None):
+        if not ins or ins[0] is None:
             return None
         out_value = node.outputs[0]
         tail = None
@@ -242,9 +196,9 @@ class LowerQoperator(Pass):
             if zp is None:
                 return None
             out = (q.outputs[0], q.inputs[1], zp)
-        elif kernel not in _FLOAT_OUTPUT_OK:
+        elif not spec.float_output:
             return None
-        built = KERNELS[kernel](rw, _Operands(ins, out, zeros), node)
+        built = _build(rw, spec, _Operands(ins, out, zeros), node)
         if built is None:
             return None
         inputs, attrs = built
@@ -252,7 +206,7 @@ class LowerQoperator(Pass):
         name = node.name
         for n in ([q] if q is not None else []) + ([tail] if tail is not None else []) + [node]:
             rw.erase_node(graph, n)
-        rw.create_node(graph, kernel, inputs, [final], attrs, name=name, domain=domain, reuse_name=True)
+        rw.create_node(graph, spec.name, inputs, [final], attrs, name=name, domain=domain, reuse_name=True)
         return name
 
     @staticmethod

@@ -7,19 +7,36 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompiler import Model, Pass, PassContext, PassResult, UserError, compute_qparams, quantize, weight_qparams
+from qcompiler import (KernelSpec, Model, Pass, PassContext, PassResult, UserError, assemble_inputs, compute_qparams,
+                       kernel_spec, kernels_for, quantize, weight_qparams)
+from qcompiler.plan import plan_dynamic
 from qcompiler.calib_methods import weight_mse_clip
 
 __all__ = ["QuantizeDynamic"]
+
+
+def _form(spec: KernelSpec | None) -> str | None:
+    """How a dynamic MatMul kernel is built: ``fused`` (it quantizes its float activation
+    itself and returns float), ``integer`` (integer operands in, int32 accumulator out), or
+    None (not a dynamic MatMul kernel qcompiler builds)."""
+    if spec is None or not spec.dynamic or spec.float_op != "MatMul":
+        return None
+    if spec.float_output and spec.inputs[0] is None:
+        return "fused"
+    if spec.output is None and not spec.float_output:
+        return "integer"
+    return None
 
 
 @dataclass(frozen=True)
 class QuantizeDynamic(Pass):
     """MatMul with a constant 2-D weight -> the target's dynamic kernel: the weight stored as
     int8 (per output column where the target allows), the activation quantized per call.
-    With `DynamicQuantizeMatMul` and `fold-bias=true` (default) a following constant bias Add
-    is folded into the kernel (measured on all-MiniLM-L6: 0.68x vs 0.82x fp32 latency unfolded);
-    with `MatMulInteger` the graph is DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul.
+    Two kernel forms (the kernel table says which a kernel is, ``_form``): one that quantizes
+    its float activation itself and returns float (onnxruntime's contrib dynamic MatMul), where
+    `fold-bias=true` (default) folds a following constant bias Add into the kernel (measured on
+    all-MiniLM-L6: 0.68x vs 0.82x fp32 latency unfolded); and one with an int32 accumulator
+    output: DynamicQuantizeLinear -> kernel -> Cast -> Mul.
 
     `max-k` keeps float the MatMuls with more input features than that (in transformers the
     FFN down-projection, whose post-GELU input is the most outlier-heavy: on all-MiniLM-L6
@@ -72,30 +89,20 @@ class QuantizeDynamic(Pass):
         cfg = ctx.target.op("MatMul", mode="dynamic")
         if cfg is None:
             raise UserError(f"target '{ctx.target.name}' has no dynamic kernel for MatMul (key dynamic.ops.MatMul)")
+        plan = plan_dynamic(model, ctx.target, exclude=self.exclude, min_weight_elements=self.min_weight_elements,
+                            max_k=self.max_k, overrides=ctx.analysis.get("plan_overrides"))
         rw = ctx.rewriter(model)
         lowered: list[str] = []
-        floats: dict[str, str] = {}
         for graph in list(model.graph.walk()):
             shared: dict[int, tuple] = {}
             for node in graph.nodes:
-                if node.op != "MatMul" or not node.outputs:
-                    continue
-                if node.name in self.exclude:
-                    floats[node.name] = "excluded by option"
+                outcome = plan.outcome(node.name) if node.op == "MatMul" and node.outputs else None
+                if outcome is None or outcome.kind != "dynamic":
                     continue
                 w_val = node.inputs[1]
-                if not isinstance(w_val, gs.Constant):
-                    floats[node.name] = "MatMul of two run-time values (no constant weight)"
-                    continue
                 w = np.asarray(w_val.values)
-                if w.ndim != 2 or w.dtype != np.float32 or w.size < self.min_weight_elements:
-                    floats[node.name] = "weight is not a large 2-D float32 matrix"
-                    continue
-                if self.max_k and w.shape[0] > self.max_k:
-                    floats[node.name] = f"{w.shape[0]} input features > max-k {self.max_k}"
-                    continue
                 qtype = cfg.weight.qtype
-                # the pair-sum limit matters here too: DynamicQuantizeMatMul is a u8s8 GEMM
+                # the pair-sum limit matters here too: the dynamic kernels are u8s8 GEMMs
                 axis = 1 if cfg.weight.per_channel else None
                 # mse: each channel's clipping range minimises its own quantization error
                 qp = weight_qparams(weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" else w, qtype, axis)
@@ -104,7 +111,10 @@ class QuantizeDynamic(Pass):
                 wz = rw.constant(w_val.name + "_zero_point", qp.zero_point)
                 out = node.outputs[0]
                 a = node.inputs[0]
-                if cfg.kernel_op == "DynamicQuantizeMatMul":
+                spec = kernel_spec(cfg.kernel_op)
+                form = _form(spec)
+                if form == "fused":
+                    assert spec is not None
                     bias, final = gs.Variable.empty(), out
                     readers = out.outputs
                     if (self.fold_bias and len(readers) == 1 and readers[0].op == "Add"
@@ -115,9 +125,12 @@ class QuantizeDynamic(Pass):
                             bias, final = other, add.outputs[0]
                             rw.erase_node(graph, add)
                     rw.erase_node(graph, node)
-                    rw.create_node(graph, "DynamicQuantizeMatMul", [a, wq, ws, wz, bias],
-                                   [final], name=node.name + "_quant", domain="com.microsoft")
-                elif cfg.kernel_op == "MatMulInteger":
+                    inputs = assemble_inputs(spec, [None, (wq, ws, wz)], None, gs.Variable.empty)
+                    inputs[0] = a  # the float activation, quantized by the kernel (then the bias)
+                    rw.create_node(graph, spec.name, inputs + [bias],
+                                   [final], name=node.name + "_quant", domain=spec.domains[0])
+                elif form == "integer":
+                    assert spec is not None
                     # one DynamicQuantizeLinear per activation, shared by all its MatMuls
                     # (attention's Q, K and V projections read the same input)
                     if id(a) not in shared:
@@ -131,13 +144,16 @@ class QuantizeDynamic(Pass):
                     accf = rw.value(out.name + "_float", dtype=np.float32)
                     sc = rw.value(out.name + "_scale", dtype=np.float32)
                     rw.erase_node(graph, node)
-                    rw.create_node(graph, "MatMulInteger", [aq, wq, az, wz], [acc], name=node.name + "_quant")
+                    rw.create_node(graph, spec.name, assemble_inputs(spec, [(aq, as_, az), (wq, ws, wz)], None,
+                                                                     gs.Variable.empty),
+                                   [acc], name=node.name + "_quant", domain=spec.domains[0])
                     rw.create_node(graph, "Cast", [acc], [accf], {"to": 1}, name=node.name + "_cast")
                     rw.create_node(graph, "Mul", [as_, ws], [sc], name=node.name + "_scale_mul")
                     rw.create_node(graph, "Mul", [accf, sc], [out], name=node.name + "_rescale")
                 else:
+                    known = ", ".join(k.name for k in kernels_for("MatMul") if _form(k))
                     raise UserError(f"target '{ctx.target.name}': key dynamic.ops.MatMul.kernel = "
-                                    f"'{cfg.kernel}' is not a dynamic kernel (DynamicQuantizeMatMul, MatMulInteger)")
+                                    f"'{cfg.kernel}' is not a dynamic kernel ({known})")
                 lowered.append(node.name + "_quant")
         gather_cfg = ctx.target.op("Gather", mode="dynamic")
         if gather_cfg is not None and gather_cfg.weight.qtype is not None:
@@ -145,6 +161,7 @@ class QuantizeDynamic(Pass):
                 for node in graph.nodes:
                     if node.op == "Gather" and node.outputs and self._gather(rw, graph, node, gather_cfg):
                         lowered.append(node.name)
+        ctx.analysis["plan"] = plan
         ctx.analysis["lowered"] = lowered
-        ctx.analysis["float_nodes"] = floats
+        ctx.analysis["float_nodes"] = plan.float_nodes
         return PassResult(rw.modified)

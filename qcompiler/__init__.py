@@ -14,16 +14,20 @@ from typing import Any
 # that `qcompiler --version` and `targets` do not pay for onnx, networkx and onnxruntime
 # (docs/design.md, "Import time").
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(['INTEGER_OPS', 'CompileResult', 'compile', 'op_histogram'], ".api"),
+    **dict.fromkeys(['analyze', 'layer_sensitivity'], ".analysis"),
+    **dict.fromkeys(['CompileResult', 'compile', 'op_histogram'], ".api"),
     **dict.fromkeys(['CalibrationData', 'InputSpec', 'PatchSpec', 'RangeCollector', 'Statistics', 'input_patches', 'input_specs', 'load_calibration'], ".calibration"),
     **dict.fromkeys(['CheckResult', 'Problem', 'check_model'], ".check"),
     **dict.fromkeys(['PassFailure', 'UserError'], ".errors"),
     **dict.fromkeys(['ImageSpec'], ".imagedata"),
+    **dict.fromkeys(['INTEGER_OPS', 'KERNELS', 'KernelSpec', 'Operand', 'assemble_inputs', 'kernel_spec', 'kernels_for'],
+                    ".kernels"),
     **dict.fromkeys(['AnyValue', 'Const', 'Constant', 'Graph', 'Match', 'Model', 'Node', 'Op', 'Rewriter', 'Rule', 'Value', 'Variable', 'apply_rules', 'load_model', 'match', 'node_subgraphs', 'verify_model'], ".ir"),
     **dict.fromkeys(['observe_values'], ".observe"),
     **dict.fromkeys(['Instrumentation', 'Pass', 'PassContext', 'PassManager', 'PassResult'], ".pass_manager"),
     **dict.fromkeys(['PassSpec', 'format_pipeline', 'parse_pipeline'], ".pipeline"),
-    **dict.fromkeys(['NodePlan', 'Plan', 'is_float', 'plan_quantization', 'producer_op', 'weight_axis'], ".plan"),
+    **dict.fromkeys(['NodePlan', 'Outcome', 'Plan', 'is_float', 'plan_for', 'plan_quantization', 'producer_op',
+                     'weight_axis'], ".plan"),
     **dict.fromkeys(['read_ranges', 'write_ranges', 'write_tensorrt_table'], ".rangefile"),
     **dict.fromkeys(['QParams', 'QType', 'compute_qparams', 'dequantize', 'gptq_round', 'qrange', 'quantize', 'weight_qparams'], ".quant"),
     **dict.fromkeys(['PassRegistry', 'default_registry'], ".registry"),

@@ -17,6 +17,7 @@ from .calibration import input_specs, load_calibration
 from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
 from .ir.validate import check_runnable_domains
+from .kernels import INTEGER_OPS
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -25,11 +26,6 @@ from .version import __version__
 
 __all__ = ["compile", "CompileResult", "op_histogram", "INTEGER_OPS", "build_pipeline"]
 
-INTEGER_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-    "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat", "QLinearSoftmax",
-    "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearWhere",
-})
 
 
 def op_histogram(model: Model) -> dict[str, int]:
@@ -106,6 +102,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
             workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
             calibration_statistics: str | None = None,
+            plan_overrides: dict[str, tuple[str, str]] | None = None, eval_data: Any = None,
+            analysis: str | os.PathLike[str] | None = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -136,6 +134,14 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ``calibration_statistics``: ``all`` (the pass's default: ranges plus the per-channel means
     insert-qdq's bias correction uses and the second moments of its GPTQ rounding) or ``ranges``
     (ranges only: faster calibration, plain rounding and no bias correction).
+
+    ``plan_overrides`` ({node name: (outcome, reason)}) sets nodes' outcomes in the plan
+    (``qcompiler.plan``) that every pass reads: ``("float", why)`` keeps a node float.
+
+    Fidelity (``report["fidelity"]``, see ``qcompiler.fidelity``): measured on ``eval_data``
+    (any calibration source) or, without it, on a held-out slice of the calibration data
+    (not used for calibration). ``analysis`` (a path) also writes ``qcompiler analyze``'s
+    HTML page for the compiled model (its JSON goes into ``report["analysis"]``).
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -187,12 +193,25 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     needs_calibration = any(p.name == "calibrate" for p in passes) and "calibrate" not in set(disable_passes)
     if image_spec is not None and calibration is None:
         raise UserError(f"--image-spec {image_spec}: needs --calibration DIR (a directory of images)")
+    specs = input_specs(m)
+    float_proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+    eval_samples: list[Any] = []
+    fidelity: dict[str, Any] = {}
+    if eval_data is not None:
+        ev = load_calibration(eval_data, specs, image_spec=image_spec)
+        eval_samples, fidelity = list(ev), {"source": ev.description, "samples": len(ev)}
     if calibration is not None:
-        calib = load_calibration(calibration, input_specs(m), limit=calibration_limit, image_spec=image_spec)
+        calib = load_calibration(calibration, specs, limit=calibration_limit, image_spec=image_spec)
+        if eval_data is None:
+            from .fidelity import hold_out
+
+            eval_samples, fidelity = hold_out(calib)
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose, log=log)
+    if plan_overrides:
+        ctx.analysis["plan_overrides"] = dict(plan_overrides)
     inst = Instrumentation(print_ir_after=set(print_ir_after), time_passes=time_passes, verify_each=verify_each,
                            stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr)
     manager = PassManager(passes, inst)
@@ -201,7 +220,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     except PassFailure as exc:
         _blame_input(model, calib, exc)
         raise
-    check_report = _check_output(m, tgt, ctx.analysis.get("float_nodes")) if check else None
+    check_report = _check_output(m, tgt, plan_overrides, ctx.analysis.get("float_nodes")) if check else None
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
@@ -226,17 +245,43 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     }
     if check_report is not None:
         report["check"] = check_report
+    report["fidelity"] = _fidelity(float_proto, result, fidelity, eval_samples, stop_after, tgt, analysis, report)
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
     return result
 
 
-def _check_output(model: Model, target: Target, float_nodes: dict[str, str] | None) -> dict[str, Any]:
+def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[str, Any], samples: list[Any],
+              stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``fidelity`` section (and the analysis page when asked)."""
+    from .fidelity import measure_fidelity
+
+    if stop_after is not None:
+        return {"status": f"not measured: compilation stopped after '{stop_after}'"}
+    if not samples:
+        if analysis is not None:
+            raise UserError(f"{analysis}: --analysis needs real input samples (--eval-data, or 10 or more "
+                            "calibration samples to hold some out)")
+        return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
+    as_written = report["format"] == "qdq"
+    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
+                engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
+                                                       else "the model's integer kernels"))
+    if analysis is not None:
+        from .analysis import analyze
+
+        rep = analyze(float_proto, result.proto, samples, target=tgt, html=analysis)
+        report["analysis"] = {"html": str(analysis), "summary": rep["summary"], "ranking": rep["ranking"]}
+    return info
+
+
+def _check_output(model: Model, target: Target, plan_overrides: dict[str, tuple[str, str]] | None,
+                  float_nodes: dict[str, str] | None) -> dict[str, Any]:
     """The legality check of a compiled model (``qcompiler check``); illegal -> UserError.
     The nodes the plan kept float are float (check_model's ``float_nodes``)."""
     from .check import check_model
 
-    res = check_model(model, target, float_nodes=float_nodes)
+    res = check_model(model, target, plan_overrides=plan_overrides, float_nodes=float_nodes)
     if not res.legal:
         lines = res.problem_lines()
         more = f" (+{len(lines) - 1} more offending nodes)" if len(lines) > 1 else ""

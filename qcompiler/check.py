@@ -22,10 +22,11 @@ import onnx_graphsurgeon as gs
 
 from .check_rules import RULES, Finding, NodeView, Operand, _weight_fact_axis, check_node
 from .ir import Model, load_model
+from .kernels import KERNELS, OPAQUE_KERNELS, KernelSpec
 from .plan import plan_quantization
 from .target import OpConfig, Target, load_target
 
-__all__ = ["check_model", "CheckResult", "Problem", "KERNEL_LAYOUTS", "RULES"]
+__all__ = ["check_model", "CheckResult", "Problem", "RULES"]
 
 
 class Problem(NamedTuple):
@@ -38,46 +39,6 @@ class Problem(NamedTuple):
     op: str = ""
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where an integer kernel keeps its operands (a fact of the kernel, not of the target):
-    per float-op input position, the kernel input index of the integer tensor, its scale and
-    its zero point; the output's scale and zero point."""
-
-    float_op: str
-    inputs: tuple[tuple[int, int, int | None, int | None], ...] = ()
-    output: tuple[int, int] | None = None
-    variadic_from: int | None = None   # QLinearConcat: (tensor, scale, zp) triples from here on
-    dynamic: bool = False              # activations quantized by the kernel at run time
-    scalar_zp: tuple[int, ...] = ()    # float-op positions whose zero point must be a scalar
-
-
-_BINARY = ((0, 0, 1, 2), (1, 3, 4, 5))
-_UNARY = ((0, 0, 1, 2),)
-KERNEL_LAYOUTS: dict[str, _Layout] = {
-    "QLinearConv": _Layout("Conv", ((0, 0, 1, 2), (1, 3, 4, 5), (2, 8, None, None)), (6, 7)),
-    "QLinearMatMul": _Layout("MatMul", _BINARY, (6, 7)),
-    "QGemm": _Layout("Gemm", ((0, 0, 1, 2), (1, 3, 4, 5), (2, 6, None, None)), (7, 8)),
-    "QLinearAdd": _Layout("Add", _BINARY, (6, 7)),
-    "QLinearMul": _Layout("Mul", _BINARY, (6, 7)),
-    "QLinearGlobalAveragePool": _Layout("GlobalAveragePool", _UNARY, (3, 4)),
-    "QLinearAveragePool": _Layout("AveragePool", _UNARY, (3, 4)),
-    "QLinearSigmoid": _Layout("Sigmoid", _UNARY, (3, 4)),
-    "QLinearLeakyRelu": _Layout("LeakyRelu", _UNARY, (3, 4)),
-    "QLinearSoftmax": _Layout("Softmax", _UNARY, (3, 4)),
-    "QLinearConcat": _Layout("Concat", (), (0, 1), variadic_from=2),
-    # ConvInteger: onnxruntime's CPU kernel takes a scalar w_zero_point only (REFERENCE C.1)
-    "ConvInteger": _Layout("Conv", ((0, 0, None, 2), (1, 1, None, 3)), dynamic=True, scalar_zp=(1,)),
-    "MatMulInteger": _Layout("MatMul", ((0, 0, None, 2), (1, 1, None, 3)), dynamic=True),
-    "DynamicQuantizeMatMul": _Layout("MatMul", ((1, 1, 2, 3),), dynamic=True),
-    "MatMulIntegerToFloat": _Layout("MatMul", ((0, 0, 2, 4), (1, 1, 3, 5)), dynamic=True),
-}
-# integer ops whose operands the checker does not know: legal only where the target names them
-_OTHER_INTEGER = frozenset({
-    "QLinearWhere", "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "MatMulInteger16",
-    "MatMulNBits", "MatMulBnb4", "MatMulFpQ4", "GatherBlockQuantized", "QMoE", "NhwcMaxPool",
-    "QLinearReduceMean", "QLinearLayerNormalization", "QLinearConvTranspose",
-})
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _NOT_COMPUTE = frozenset(_QDQ + ("DynamicQuantizeLinear", "Constant"))
 
@@ -272,8 +233,10 @@ def _variant(cfg: OpConfig, op: str, attrs: dict, weight_shape: tuple[int, ...] 
 
 # -- the check --------------------------------------------------------------------------------
 def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target: str | os.PathLike[str] | Target,
-                *, float_nodes: Mapping[str, str] | None = None) -> CheckResult:
-    """Check every Q/DQ and integer op of ``model`` against ``target``'s rules.
+                *, plan_overrides: dict[str, tuple[str, str]] | None = None,
+                float_nodes: Mapping[str, str] | None = None) -> CheckResult:
+    """Check every Q/DQ and integer op of ``model`` against ``target``'s rules; a float node's
+    reason is the plan's (with ``plan_overrides``, as the compile had them).
 
     ``float_nodes`` (node name -> reason) are the nodes the compiler's plan kept float: they
     are reported float with that reason, not inferred integer from DequantizeLinear inputs
@@ -283,7 +246,7 @@ def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target:
     result = CheckResult(tgt.name)
     kernels = _target_kernels(tgt)
     # the compiler's own reasons (gemv-shaped, wrong opset, ...) for ops the target could run
-    plan_reasons = plan_quantization(m, tgt).float_nodes
+    plan_reasons = plan_quantization(m, tgt, overrides=plan_overrides).float_nodes
     for graph in m.graph.walk():
         nodes = graph.gs.nodes
         outputs = {id(v) for v in graph.gs.outputs}
@@ -291,8 +254,8 @@ def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target:
         int_values: set[int] = set()  # values known to hold quantized integers
         for node in nodes:
             if node.op in ("QuantizeLinear", "DynamicQuantizeLinear") or (
-                    node.op in KERNEL_LAYOUTS and KERNEL_LAYOUTS[node.op].output is not None
-                    and _opt(node, KERNEL_LAYOUTS[node.op].output[0]) is not None):
+                    node.op in KERNELS and KERNELS[node.op].output is not None
+                    and _opt(node, KERNELS[node.op].output[0]) is not None):
                 int_values.update(id(o) for o in node.outputs[:1])
             if node.op in _NOT_COMPUTE:
                 continue
@@ -300,7 +263,7 @@ def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target:
                 result.integer_nodes[node.name] = f"{node.op} fused into '{tails[id(node)]}'"
                 continue
             domain = "" if node.domain in (None, "", "ai.onnx") else node.domain
-            if node.op in KERNEL_LAYOUTS or node.op in _OTHER_INTEGER:
+            if node.op in KERNELS or node.op in OPAQUE_KERNELS:
                 _check_kernel(tgt, kernels, node, domain, result)
             elif domain:
                 result.float_nodes[node.name] = f"op domain '{domain}' is not an integer kernel of the target"
@@ -331,7 +294,7 @@ def _add(result: CheckResult, node: gs.Node, findings: list[Finding]) -> None:
 
 
 def _check_kernel(tgt: Target, kernels: dict, node: gs.Node, domain: str, result: CheckResult) -> None:
-    layout = KERNEL_LAYOUTS.get(node.op)
+    layout = KERNELS.get(node.op)
     entries = kernels.get((domain, node.op), [])
     if layout is not None:
         entries = [e for e in entries if e[0] == layout.float_op] or entries
@@ -362,7 +325,7 @@ def _check_kernel(tgt: Target, kernels: dict, node: gs.Node, domain: str, result
         return
     view, input_scale = _kernel_view(tgt, node, layout, op, cfg, mode)
     findings = check_node(tgt, view, input_scale=input_scale)
-    for pos in layout.scalar_zp:
+    for pos in layout.scalar_zero_point:
         opd = next((o for o in view.operands if o.index == pos), None)
         if opd is not None and opd.zero_point is not None and opd.zero_point.size > 1:
             findings.append(Finding("granularity", f"{'dynamic.ops' if mode == 'dynamic' else 'ops'}.{op}.kernel",
@@ -371,12 +334,10 @@ def _check_kernel(tgt: Target, kernels: dict, node: gs.Node, domain: str, result
     _add(result, node, findings)
 
 
-def _kernel_view(tgt: Target, node: gs.Node, layout: _Layout, op: str, cfg: OpConfig, mode: str
+def _kernel_view(tgt: Target, node: gs.Node, layout: KernelSpec, op: str, cfg: OpConfig, mode: str
                  ) -> tuple[NodeView, np.ndarray | None]:
     attrs = dict(node.attrs)
-    positions = list(layout.inputs)
-    if layout.variadic_from is not None:
-        positions = [(i, t, t + 1, t + 2) for i, t in enumerate(range(layout.variadic_from, len(node.inputs), 3))]
+    positions = [(pos, o.value, o.scale, o.zero_point) for pos, o in layout.positions(len(node.inputs))]
     w_pos = next((t for p, t, _, _ in positions if p == 1), None)
     w_codes = _const(_opt(node, w_pos)) if w_pos is not None else None
     cfg, variant = _variant(cfg, op, attrs, None if w_codes is None else tuple(w_codes.shape))

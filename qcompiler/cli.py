@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="collect ranges plus the bias-correction means and GPTQ moments (default), or "
                         "ranges only (faster; plain rounding, no bias correction)")
     c.add_argument("--scheduler", metavar="ADDRESS", help="run calibration shards on this Dask scheduler")
+    c.add_argument("--eval-data", metavar="PATH", help="samples for the report's fidelity section (like "
+                   "--calibration); default: the last 10%% (at most 16) of 10 or more calibration samples, held out")
+    c.add_argument("--analysis", metavar="OUT.html", help="also write the per-layer accuracy analysis page")
     c.add_argument("--mode", choices=["static", "dynamic"])
     c.add_argument("--format", choices=["qdq", "qoperator"])
     c.add_argument("--pipeline", help="pass pipeline text, e.g. 'canonicalize,fold-constants'")
@@ -97,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--report", help="write the JSON result here")
     sm.add_argument("--limit", type=int, help="use only the first N input samples")
     _verbosity(sm)
+
+    an = sub.add_parser("analyze", help="per-layer accuracy analysis of a quantized model against its float model")
+    an.add_argument("float_model")
+    an.add_argument("quant_model")
+    an.add_argument("--inputs", required=True, help="input samples: like --calibration (.npz, .npy, directory)")
+    an.add_argument("--image-spec", metavar="SPEC|FILE.toml", help="preprocessing for a directory of images")
+    an.add_argument("--target", help="built-in target name or .toml (default: the one recorded in the model)")
+    an.add_argument("--html", metavar="OUT.html", help="write the self-contained HTML page here")
+    an.add_argument("--json", metavar="OUT.json", help="write the JSON report here")
+    an.add_argument("--limit", type=int, help="use only the first N input samples (default 8)")
+    _verbosity(an)
     return p
 
 
@@ -129,7 +143,7 @@ def _cmd_compile(a: argparse.Namespace) -> int:
         raise UserError(f"{out}: cannot write output: directory '{out.parent}' does not exist")
     if Path(a.model).resolve() == out.resolve():
         raise UserError(f"{out}: output would overwrite the input model")
-    for extra in (a.export_ranges, a.export_tensorrt_table):
+    for extra in (a.export_ranges, a.export_tensorrt_table, a.analysis):
         if extra and str(Path(extra).parent) and not Path(extra).parent.is_dir():
             raise UserError(f"{extra}: cannot write: directory '{Path(extra).parent}' does not exist")
     result = qcompile(a.model, target=a.target, calibration=a.calibration, mode=a.mode, format=a.format,
@@ -141,8 +155,8 @@ def _cmd_compile(a: argparse.Namespace) -> int:
                       calibration_method=a.calibration_method, calibration_overrides=_overrides(a.calibration_override),
                       calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
                       workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
-                      calibration_statistics=a.calibration_statistics,
-                      quiet=a.quiet, verbose=a.verbose)
+                      calibration_statistics=a.calibration_statistics, eval_data=a.eval_data,
+                      analysis=a.analysis, quiet=a.quiet, verbose=a.verbose)
     if a.report:
         rep = Path(a.report)
         if not rep.parent.exists() if str(rep.parent) else False:
@@ -255,6 +269,28 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(a: argparse.Namespace) -> int:
+    from .analysis import DEFAULT_LIMIT, analyze
+
+    report = analyze(a.float_model, a.quant_model, a.inputs, target=a.target, html=a.html, json_path=a.json,
+                     limit=a.limit if a.limit is not None else DEFAULT_LIMIT, image_spec=a.image_spec)
+    if not a.quiet:
+        print("\n".join(report["summary"]))
+        print(f"{'layer (most sensitive first)':<48}{'sens. dB':>10}{'accum. dB':>11}{'clipped':>10}")
+        by = {x["name"]: x for x in report["layers"]}
+        for name in report["ranking"][:10]:
+            x = by[name]
+            acc = (x["accumulated"] or {}).get("sqnr_db")
+            clip = (x.get("range") or {}).get("clipped_fraction")
+            print(f"{name[-47:]:<48}{_num(x['sensitivity']['score_db']):>10}{_num(acc):>11}"
+                  f"{'-' if clip is None else f'{clip:.3%}':>10}")
+    return 0
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
@@ -269,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = getattr(a, "verbose", False)
     try:
         return {"compile": _cmd_compile, "targets": _cmd_targets, "passes": _cmd_passes,
-                "inspect": _cmd_inspect, "check": _cmd_check, "simulate": _cmd_simulate}[a.command](a)
+                "inspect": _cmd_inspect, "check": _cmd_check, "simulate": _cmd_simulate,
+                "analyze": _cmd_analyze}[a.command](a)
     except UserError as exc:
         if verbose:
             traceback.print_exc()

@@ -6,23 +6,20 @@ import os
 from typing import Any
 
 from .api import build_pipeline, op_histogram
-from .ir import load_model
+from .ir import Model, load_model
 from .pass_manager import Instrumentation, PassContext, PassManager
-from .plan import partitions, plan_quantization
+from .plan import partitions, plan_for, quantization_walk
 from .registry import default_registry
-from .target import load_target
+from .target import Target, load_target
 
-__all__ = ["inspect_model"]
+__all__ = ["inspect_model", "prepare_model", "integer_nodes"]
 
 
-def inspect_model(path: str | os.PathLike[str], target: str = "ort-cpu") -> dict[str, Any]:
-    """Op histogram, the nodes the target would run in integer (with their kernel), the
-    nodes that stay float with the reason, and the integer partitions (regions with their
-    host<->accelerator boundary values, as the compile report gives them). Runs the target's
-    pipeline up to calibration."""
-    tgt = load_target(target)
-    model = load_model(path)
-    ops = op_histogram(model)
+def prepare_model(model: Model, tgt: Target, plan_overrides: dict[str, tuple[str, str]] | None = None
+                  ) -> PassContext:
+    """Run ``tgt``'s static pipeline up to calibration on ``model`` (in place): the graph whose
+    node names and weights the compiled model's integer nodes come from. Returns the context
+    (``ctx.analysis["groups"]``: fused head -> activation; ``plan_overrides`` as given)."""
     passes = build_pipeline(tgt.pipeline("static"), default_registry())
     prefix = []
     for p in passes:
@@ -31,23 +28,40 @@ def inspect_model(path: str | os.PathLike[str], target: str = "ort-cpu") -> dict
         prefix.append(p)
     ctx = PassContext(target=tgt, mode="static", format=tgt.default_format)
     PassManager(prefix, Instrumentation(verify_each=False)).run(model, ctx)
-    plan = plan_quantization(model, tgt, groups=ctx.analysis.get("groups", {}))
+    ctx.analysis["plan_overrides"] = plan_overrides
+    return ctx
+
+
+def integer_nodes(model: Model, tgt: Target, ctx: PassContext) -> tuple[dict[str, str], dict[str, str]]:
+    """On a prepared model: the nodes ``tgt`` would run in integer (name -> kernel) and the
+    float ones (name -> reason), as the plan decides them."""
+    plan = plan_for(model, ctx)
     lowered: dict[str, str] = {}
     for name, np_ in plan.nodes.items():
         lowered[name] = np_.config.kernel or f"{np_.node.op} (Q/DQ)"
     for tail, head in plan.fused.items():
         lowered[tail] = f"fused into '{head}'"
     floats = dict(plan.float_nodes)
-    quantized_values = {np_.output.name for np_ in plan.nodes.values()}
-    for graph in model.graph.walk():
-        for node in graph.gs.nodes:
-            if node.op in tgt.passthrough and node.name not in lowered:
-                src = node.inputs[0].name if node.inputs else ""
-                if src in quantized_values:
-                    lowered[node.name] = f"{node.op} on integer data"
-                    quantized_values.add(node.outputs[0].name)
-                else:
-                    floats[node.name] = "data movement on a float input"
+    # data movement follows its input, as insert-qdq will place it (the same walk)
+    for step in quantization_walk(model, tgt, plan):
+        if step.kind == "inherit" and step.node is not None:
+            lowered[step.node.name] = f"{step.node.op} on integer data"
+        elif step.kind == "float-move" and step.node is not None:
+            floats[step.node.name] = "data movement on a float input"
+    return dict(sorted(lowered.items())), dict(sorted(floats.items()))
+
+
+def inspect_model(path: str | os.PathLike[str], target: str = "ort-cpu",
+                  plan_overrides: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Op histogram, the nodes the target would run in integer (with their kernel), the
+    nodes that stay float with the reason, and the integer partitions (regions with their
+    host<->accelerator boundary values, as the compile report gives them). Runs the target's
+    pipeline up to calibration."""
+    tgt = load_target(target)
+    model = load_model(path)
+    ops = op_histogram(model)
+    ctx = prepare_model(model, tgt, plan_overrides)
+    lowered, floats = integer_nodes(model, tgt, ctx)
     return {"target": tgt.name, "ops": ops, "ops_after_prepare": op_histogram(model),
-            "lowered": dict(sorted(lowered.items())), "float_nodes": dict(sorted(floats.items())),
+            "lowered": lowered, "float_nodes": floats,
             "partitions": partitions(model, sorted(lowered))}

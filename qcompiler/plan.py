@@ -1,21 +1,29 @@
-"""Which nodes a target runs in integer, with what roles for their inputs, and why the
-others stay float. Shared by ``insert-qdq`` (which acts on it), ``qcompiler inspect`` (which
-shows it) and third-party passes; the target decides, this module only reads the target.
+"""The plan: the one decider of how each node runs under a target, and with what roles for
+its inputs. Per node an :class:`Outcome`: a Q/DQ group, an integer kernel, a dynamic kernel,
+or float with the reason. calibrate (what to observe), insert-qdq (what to quantize),
+quantize-dynamic, lower-qoperator (which records where it deviates), ``qcompiler inspect``
+and ``qcompiler check`` read it; the target decides, this module only reads the target.
+
+:meth:`Plan.override` (or ``compile(plan_overrides=...)``, which every reader honours) sets a
+node's outcome from outside: the hook for a per-node accuracy fallback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .errors import UserError
 from .ir import Graph, Model, Node, Value
+from .quant import QType
 from .target import OpConfig, Target, TensorRule
 
-__all__ = ["NodePlan", "Plan", "plan_quantization", "QuantStep", "quantization_walk", "ranges_read", "weight_axis",
+__all__ = ["NodePlan", "Plan", "Outcome", "OUTCOMES", "plan_quantization", "plan_for", "plan_dynamic", "value_qtypes", "QuantStep", "quantization_walk", "ranges_read", "weight_axis",
            "reduction_axis", "is_float", "producer_op", "partitions"]
 
 
@@ -32,11 +40,65 @@ class NodePlan:
         return (self.tail or self.node).outputs[0]
 
 
+#: how a node runs: a DQ -> op -> Q group, an integer kernel the target names, a kernel that
+#: quantizes its activations at run time, or float
+OUTCOMES = ("qdq", "kernel", "dynamic", "float")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one node runs (``kind`` one of :data:`OUTCOMES`), the kernel if any, and why (for
+    float, and for any outcome set by an override)."""
+
+    kind: str
+    reason: str = ""
+    kernel: str | None = None
+
+
 @dataclass
 class Plan:
+    """Per node: ``nodes`` (static integer: a Q/DQ group or kernel), ``fused`` (activation tail
+    -> its head), ``dynamic`` (node -> dynamic kernel), ``float_nodes`` (node -> why float);
+    ``overrides`` the outcomes set from outside. Read it through :meth:`outcome`."""
+
     nodes: dict[str, NodePlan] = field(default_factory=dict)
     float_nodes: dict[str, str] = field(default_factory=dict)
     fused: dict[str, str] = field(default_factory=dict)  # tail name -> head name
+    dynamic: dict[str, str] = field(default_factory=dict)  # node name -> dynamic kernel
+    overrides: dict[str, Outcome] = field(default_factory=dict)
+
+    def outcome(self, name: str) -> Outcome | None:
+        """How node ``name`` runs; None for nodes the plan does not decide (Q/DQ, data
+        movement, which follows its input)."""
+        if name in self.dynamic:
+            return Outcome("dynamic", kernel=self.dynamic[name])
+        if name in self.float_nodes:  # (before the integer tables: a deviation wins)
+            return Outcome("float", self.float_nodes[name])
+        head = self.fused.get(name)
+        np_ = self.nodes.get(name if head is None else head)
+        if np_ is not None:
+            reason = "" if head is None else f"fused into '{head}'"
+            return Outcome("kernel", reason, np_.config.kernel) if np_.config.kernel else Outcome("qdq", reason)
+        return None
+
+    def override(self, node: str, outcome: str, reason: str) -> None:
+        """Run ``node`` as ``outcome`` whatever the target allows. Only ``float`` is supported
+        (a node can always fall back to float); the other outcomes are the plan's own
+        decisions. Readers that plan again get it through ``compile(plan_overrides=...)``."""
+        self.overrides[node] = _override(node, outcome, reason)
+        self.nodes.pop(node, None)
+        self.dynamic.pop(node, None)
+        for tail, head in list(self.fused.items()):
+            if node in (tail, head):
+                del self.fused[tail]
+                self.float_nodes[tail] = reason if tail == node else f"fused activation of float node '{head}'"
+        self.float_nodes[node] = reason
+
+    def deviate(self, node: str, reason: str) -> None:
+        """A later pass could not run ``node`` as planned (lowering found no kernel that fits):
+        it runs in float, for ``reason``. The node's roles stay as planned (its inputs were
+        quantized), only its outcome changes."""
+        self.float_nodes[node] = reason
 
 
 def is_float(value: Value, ranges: Mapping[str, object] | None = None) -> bool:
@@ -148,15 +210,36 @@ def _group_tail(node: Node, graph: Graph, target: Target, groups: Mapping[str, s
     return tail if tail.name == tail_name and target.fused_with(node.op, tail.op) else None
 
 
+def _override(node: str, kind: str, reason: str) -> Outcome:
+    """An override's outcome; only ``float`` is built by the passes today (module docstring)."""
+    if kind != "float":
+        raise UserError(f"plan override for node '{node}': outcome '{kind}' is not supported (float only)")
+    return Outcome(kind, reason)
+
+
+def _overrides(overrides: Mapping[str, tuple[str, str]] | None) -> dict[str, Outcome]:
+    return {node: _override(node, kind, reason) for node, (kind, reason) in (overrides or {}).items()}
+
+
+def plan_for(model: Model, ctx: Any, *, ranges: Mapping[str, object] | None = None,
+             exclude: Sequence[str] = ()) -> Plan:
+    """The static plan a pass works with: ``ctx``'s target, the fused groups of
+    ``group-activations`` and the compile's plan overrides."""
+    return plan_quantization(model, ctx.target, ranges=ranges, groups=ctx.analysis.get("groups", {}),
+                             exclude=exclude, overrides=ctx.analysis.get("plan_overrides"))
+
+
 def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, object] | None = None,
-                      groups: Mapping[str, str] | None = None, exclude: Sequence[str] = ()) -> Plan:
+                      groups: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
+                      overrides: Mapping[str, tuple[str, str]] | None = None) -> Plan:
     """Decide, node by node, what runs in integer under ``target`` (static mode).
 
     ``ranges`` (tensor name -> calibrated range) makes missing calibration a reason to stay
-    float; ``groups`` (head node -> fused activation node) comes from ``group-activations``.
+    float; ``groups`` (head node -> fused activation node) comes from ``group-activations``;
+    ``overrides`` (node -> (outcome, reason)) sets outcomes from outside (float only).
     """
-    plan = Plan()
-    groups = groups or {}
+    plan = Plan(overrides=_overrides(overrides))
+    groups = {h: t for h, t in (groups or {}).items() if t not in plan.overrides}
     excluded = set(exclude)
     unranged: dict[str, str] = {}  # integer but for a missing range: decided after the drop below
     for graph in model.graph.walk():
@@ -238,7 +321,7 @@ def quantization_walk(model: Model, target: Target, plan: Plan,
                         and fresh(out):
                     yield QuantStep("quantize", graph, out, rule, target.fixed.get((np_.tail or node).op),
                                     needs_range=gated and not isinstance(out, gs.Constant))
-            elif node.op in target.passthrough and node.inputs:
+            elif node.op in target.passthrough and node.inputs and node.name not in plan.overrides:
                 src, out = node.inputs[0], node.outputs[0]
                 if id(src) not in have or graph.is_graph_output(out) or len(node.outputs) != 1:
                     yield QuantStep("float-move", graph, node=node)
@@ -306,6 +389,8 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
                groups: Mapping[str, str], unranged: dict[str, str]) -> str | None:
     if node.op in ("QuantizeLinear", "DequantizeLinear"):
         return None
+    if node.name in plan.overrides:
+        return plan.overrides[node.name].reason
     domain = "" if node.domain in (None, "ai.onnx") else node.domain
     if domain:
         return f"op domain '{domain}' is not quantized by qcompiler"
@@ -367,3 +452,54 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
         plan.fused[tail.name] = node.name
     plan.nodes[node.name] = NodePlan(node, graph, cfg, roles, tail)
     return None
+
+
+def plan_dynamic(model: Model, target: Target, *, exclude: Sequence[str] = (), min_weight_elements: int = 0,
+                 max_k: int = 0, overrides: Mapping[str, tuple[str, str]] | None = None) -> Plan:
+    """Dynamic mode: which MatMuls run as the target's dynamic kernel (``dynamic.ops.MatMul``:
+    weight quantized ahead of time, activation per call), and why the others stay float.
+    ``max_k`` (0: no limit) keeps float the MatMuls with more input features than that."""
+    plan = Plan(overrides=_overrides(overrides))
+    cfg = target.op("MatMul", mode="dynamic")
+    excluded = set(exclude)
+    for graph in model.graph.walk():
+        for node in graph.gs.nodes:
+            if node.op != "MatMul" or not node.outputs:
+                continue
+            reason = _why_float_dynamic(node, plan, excluded, min_weight_elements, max_k)
+            if reason is None and cfg is not None:
+                plan.dynamic[node.name] = cfg.kernel or ""  # (quantize-dynamic rejects a missing kernel)
+            else:
+                plan.float_nodes[node.name] = reason or f"target '{target.name}' has no dynamic kernel for MatMul"
+    return plan
+
+
+def _why_float_dynamic(node: Node, plan: Plan, excluded: set[str], min_weight_elements: int, max_k: int
+                       ) -> str | None:
+    if node.name in plan.overrides:
+        return plan.overrides[node.name].reason
+    if node.name in excluded:
+        return "excluded by option"
+    w_val = node.inputs[1]
+    if not isinstance(w_val, gs.Constant):
+        return "MatMul of two run-time values (no constant weight)"
+    w = np.asarray(w_val.values)
+    if w.ndim != 2 or w.dtype != np.float32 or w.size < min_weight_elements:
+        return "weight is not a large 2-D float32 matrix"
+    if max_k and w.shape[0] > max_k:
+        return f"{w.shape[0]} input features > max-k {max_k}"
+    return None
+
+
+def value_qtypes(model: Model, target: Target, plan: Plan) -> dict[str, QType]:
+    """The activation QType of each value ``plan`` quantizes (the rule insert-qdq uses for it;
+    data movement shares its source's): the grid calibrate measures ranges on."""
+    out: dict[str, QType] = {}
+    for step in quantization_walk(model, target, plan):
+        if step.value is None:
+            continue
+        if step.kind == "quantize" and step.rule is not None and step.rule.qtype is not None:
+            out.setdefault(step.value.name, step.rule.qtype)
+        elif step.kind == "inherit" and step.source is not None and step.source.name in out:
+            out.setdefault(step.value.name, out[step.source.name])
+    return out

@@ -15,9 +15,10 @@ import numpy as np
 from onnx.helper import tensor_dtype_to_np_dtype
 from onnx.reference.op_run import OpRun
 
+from ..kernels import KERNELS
 from .arith import Arithmetic, im2col, int_matmul, pair_saturation_applies, requantize, round_float, wrap_accumulator
 
-__all__ = ["make_kernels", "SIM_DOMAIN", "int_range", "qgemm", "qconv"]
+__all__ = ["make_kernels", "SIM_DOMAIN", "IMPLEMENTATIONS", "int_range", "qgemm", "qconv"]
 
 SIM_DOMAIN = "qcompiler.sim"
 MS_DOMAIN = "com.microsoft"
@@ -170,7 +171,7 @@ def _ratio(*scales: Any, div: Any) -> np.ndarray:
     return np.asarray(r / np.asarray(div, dtype=np.float32), dtype=np.float32)
 
 
-class _QLinearConv(_Kernel):
+class _IntConv(_Kernel):
     def compute(self, x, xs, xzp, w, ws, wzp, ys, yzp, b=None):  # type: ignore[override]
         pads, strides, dil = _conv_geometry(self, x, w)
         sat = pair_saturation_applies(x.dtype, w.dtype, self.arith)
@@ -186,7 +187,7 @@ class _QLinearConv(_Kernel):
         return self.out(acc, ratio, yzp, x, ys)
 
 
-class _ConvInteger(_Kernel):
+class _IntConvAcc(_Kernel):
     def compute(self, x, w, xzp=None, wzp=None):  # type: ignore[override]
         pads, strides, dil = _conv_geometry(self, x, w)
         sat = pair_saturation_applies(x.dtype, w.dtype, self.arith)
@@ -205,7 +206,7 @@ def _mm_zp(zp: Any, role: str) -> Any:
     return z
 
 
-class _QLinearMatMul(_Kernel):
+class _IntMatMul(_Kernel):
     def compute(self, a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp):  # type: ignore[override]
         sat = pair_saturation_applies(a.dtype, b.dtype, self.arith)
         acc = self.accumulate(qgemm(a, _mm_zp(a_zp, "a"), b, _mm_zp(b_zp, "b"), saturate=sat))
@@ -213,13 +214,13 @@ class _QLinearMatMul(_Kernel):
         return self.out(acc, ratio, y_zp, a, y_s)
 
 
-class _MatMulInteger(_Kernel):
+class _IntMatMulAcc(_Kernel):
     def compute(self, a, b, a_zp=None, b_zp=None):  # type: ignore[override]
         sat = pair_saturation_applies(a.dtype, b.dtype, self.arith)
         return self.accumulate(qgemm(a, _mm_zp(a_zp, "a"), b, _mm_zp(b_zp, "b"), saturate=sat)).astype(np.int32)
 
 
-class _QGemm(_Kernel):
+class _IntGemm(_Kernel):
     def compute(self, a, a_s, a_zp, b, b_s, b_zp, c=None, y_s=None, y_zp=None):  # type: ignore[override]
         if int(self.attr("transA", 0)):
             a = a.T
@@ -243,7 +244,7 @@ def _scaled(v: np.ndarray, ratio: Any, arith: Arithmetic) -> np.ndarray:
     return requantize(v, ratio, 0, -big, big, arith)
 
 
-class _QLinearBinary(_Kernel):
+class _IntBinary(_Kernel):
     """QLinearAdd / QLinearMul (com.microsoft): scalar qparams, numpy broadcasting."""
 
     mul = False
@@ -288,15 +289,15 @@ def _mlas_add(a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp) -> np.ndarray:  # type: ign
     return (_i64(b).astype(np.float64) * np.float64(rb) + t.astype(np.float64)).astype(f32)
 
 
-class _QLinearAdd(_QLinearBinary):
+class _IntAdd(_IntBinary):
     mul = False
 
 
-class _QLinearMul(_QLinearBinary):
+class _IntMul(_IntBinary):
     mul = True
 
 
-class _QLinearGlobalAveragePool(_Kernel):
+class _IntGlobalAveragePool(_Kernel):
     def compute(self, x, xs, xzp, ys, yzp):  # type: ignore[override]
         last = int(self.attr("channels_last", 0))
         axes = tuple(range(1, x.ndim - 1)) if last else tuple(range(2, x.ndim))
@@ -305,14 +306,15 @@ class _QLinearGlobalAveragePool(_Kernel):
         return self.out(acc, _ratio(xs, div=np.float32(ys) * np.float32(count)), yzp, x, ys)
 
 
-class _QLinearAveragePool(_Kernel):
+class _IntAveragePool(_Kernel):
     def compute(self, x, xs, xzp, ys, yzp):  # type: ignore[override]
         last = int(self.attr("channels_last", 0))
         if last:
             x = np.moveaxis(x, -1, 1)
         kernel = tuple(self.attr("kernel_shape", ()))
         if int(self.attr("ceil_mode", 0)):
-            raise NotImplementedError(f"{self.onnx_node.name}: QLinearAveragePool with ceil_mode=1 is not simulated")
+            raise NotImplementedError(f"{self.onnx_node.name}: {self.onnx_node.op_type} with ceil_mode=1 "
+                                      "is not simulated")
         fake_w = np.zeros((1, 1) + kernel, dtype=np.int8)
         pads, strides, dil = _conv_geometry(self, x, fake_w)
         zp = 0 if xzp is None else int(np.asarray(xzp).reshape(-1)[0])
@@ -347,18 +349,18 @@ class _Table(_Kernel):
         return table[_i64(x) - lo]
 
 
-class _QLinearSigmoid(_Table):
+class _IntSigmoid(_Table):
     def fn(self, v: np.ndarray) -> np.ndarray:
         return (1.0 / (1.0 + np.exp(-v.astype(np.float64)))).astype(np.float32)
 
 
-class _QLinearLeakyRelu(_Table):
+class _IntLeakyRelu(_Table):
     def fn(self, v: np.ndarray) -> np.ndarray:
         alpha = np.float32(self.attr("alpha", 0.01))
         return np.where(v < 0, v * alpha, v).astype(np.float32)
 
 
-class _QLinearConcat(_Kernel):
+class _IntConcat(_Kernel):
     def compute(self, ys, yzp, *triples):  # type: ignore[override]
         axis = int(self.attr("axis", 1))
         dtype = np.asarray(yzp).dtype
@@ -479,19 +481,14 @@ class _Gelu(_Kernel):
         return (0.5 * xd * (1.0 + erf(xd / math.sqrt(2.0)))).astype(x.dtype)
 
 
-_KERNELS: dict[str, tuple[type[_Kernel], tuple[str, ...]]] = {
-    "QLinearConv": (_QLinearConv, ("", MS_DOMAIN, SIM_DOMAIN)),
-    "ConvInteger": (_ConvInteger, ("", SIM_DOMAIN)),
-    "QLinearMatMul": (_QLinearMatMul, ("", SIM_DOMAIN)),
-    "MatMulInteger": (_MatMulInteger, ("", SIM_DOMAIN)),
-    "QGemm": (_QGemm, (MS_DOMAIN, SIM_DOMAIN)),
-    "QLinearAdd": (_QLinearAdd, (MS_DOMAIN, SIM_DOMAIN)),
-    "QLinearMul": (_QLinearMul, (MS_DOMAIN, SIM_DOMAIN)),
-    "QLinearGlobalAveragePool": (_QLinearGlobalAveragePool, (MS_DOMAIN, SIM_DOMAIN)),
-    "QLinearAveragePool": (_QLinearAveragePool, (MS_DOMAIN, SIM_DOMAIN)),
-    "QLinearSigmoid": (_QLinearSigmoid, (MS_DOMAIN, SIM_DOMAIN)),
-    "QLinearLeakyRelu": (_QLinearLeakyRelu, (MS_DOMAIN, SIM_DOMAIN)),
-    "QLinearConcat": (_QLinearConcat, (MS_DOMAIN, SIM_DOMAIN)),
+#: the simulator's implementation of each kernel, keyed by ``KernelSpec.sim`` (qcompiler.kernels)
+IMPLEMENTATIONS: dict[str, type[_Kernel]] = {
+    "conv": _IntConv, "conv-integer": _IntConvAcc, "matmul": _IntMatMul, "matmul-integer": _IntMatMulAcc,
+    "gemm": _IntGemm, "add": _IntAdd, "mul": _IntMul, "global-average-pool": _IntGlobalAveragePool,
+    "average-pool": _IntAveragePool, "sigmoid": _IntSigmoid, "leaky-relu": _IntLeakyRelu, "concat": _IntConcat,
+}
+# ops that are not kernels of the table: quantizers, and float ops onnx's reference runs too slowly or lacks
+_OTHER_OPS: dict[str, tuple[type[_Kernel], tuple[str, ...]]] = {
     "QuantizeLinear": (_QuantizeLinear, ("", MS_DOMAIN)),
     "DequantizeLinear": (_DequantizeLinear, ("", MS_DOMAIN)),
     "DynamicQuantizeLinear": (_DynamicQuantizeLinear, ("",)),
@@ -505,7 +502,11 @@ def make_kernels(arith: Arithmetic, stats: dict[str, int] | None = None) -> list
     looks classes up by ``op_domain`` and class name. ``stats`` collects counters (overflows)."""
     shared = {} if stats is None else stats
     out: list[type[OpRun]] = []
-    for op, (base, domains) in _KERNELS.items():
+    ops = dict(_OTHER_OPS)
+    for spec in KERNELS.values():
+        if spec.sim is not None:
+            ops[spec.name] = (IMPLEMENTATIONS[spec.sim], spec.domains + (SIM_DOMAIN,))
+    for op, (base, domains) in ops.items():
         for dom in domains:
             out.append(type(op, (base,), {"op_domain": dom, "arith": arith, "stats": shared,
                                           "__module__": __name__}))

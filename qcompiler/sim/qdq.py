@@ -17,22 +17,23 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..kernels import KernelSpec, assemble_inputs, kernel_spec, kernels_for
 from .kernels import SIM_DOMAIN
 
-__all__ = ["integer_groups", "GROUP_OPS"]
+__all__ = ["integer_groups", "group_kernel"]
 
-#: float op -> simulated integer kernel
-GROUP_OPS = {
-    "Conv": "QLinearConv", "MatMul": "QLinearMatMul", "Gemm": "QGemm", "Add": "QLinearAdd", "Mul": "QLinearMul",
-    "GlobalAveragePool": "QLinearGlobalAveragePool", "AveragePool": "QLinearAveragePool",
-    "Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu", "Concat": "QLinearConcat",
-}
-_ATTRS = {  # attributes carried over to the kernel
-    "Conv": ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"),
-    "Gemm": ("alpha", "transA", "transB"),
-    "AveragePool": ("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides"),
-    "LeakyRelu": ("alpha",), "Concat": ("axis",),
-}
+
+def group_kernel(op: str, target: Any) -> KernelSpec | None:
+    """The simulated kernel of a QDQ group around float op ``op``: the one the target names
+    for it, else the table's first static kernel for the op (QDQ targets name none)."""
+    cfg = target.op(op)
+    if cfg is None:
+        return None
+    named = kernel_spec(cfg.kernel_op) if cfg.kernel else None
+    for spec in ([named] if named is not None else []) + kernels_for(op):
+        if spec.float_op == op and spec.sim is not None and not spec.dynamic:
+            return spec
+    return None
 
 
 class _Graph:
@@ -124,14 +125,15 @@ def _tail(g: _Graph, node: onnx.NodeProto, target: Any) -> tuple[list[onnx.NodeP
     return fused, nxt, bounds
 
 
-def _rewrite(g: _Graph, node: onnx.NodeProto, target: Any) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+def _rewrite(g: _Graph, node: onnx.NodeProto, target: Any, spec: KernelSpec
+             ) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     op = node.op_type
     tail = _tail(g, node, target)
     if tail is None:
         return None
     fused, q, bounds = tail
     data = [i for i in node.input]
-    n_data = {"Conv": 2, "Gemm": 2, "MatMul": 2, "Add": 2, "Mul": 2}.get(op, len(data) if op == "Concat" else 1)
+    n_data = spec.data_inputs if spec.data_inputs is not None else len(data)
     dqs = [g.dq(i) for i in data[:n_data]]
     if any(d is None for d in dqs):
         return None
@@ -143,7 +145,7 @@ def _rewrite(g: _Graph, node: onnx.NodeProto, target: Any) -> tuple[onnx.NodePro
             return None
         triples.append([d.input[0], d.input[1], g.zp_name(d, qdtype)])
     # activations (all but a weight) must be per-tensor
-    weight_slot = 1 if op in ("Conv", "Gemm", "MatMul") else -1
+    weight_slot = spec.weight if spec.weight is not None else -1
     for k, d in enumerate(dqs):
         assert d is not None
         if k != weight_slot and not _scalar(g.consts[d.input[1]]):
@@ -159,33 +161,29 @@ def _rewrite(g: _Graph, node: onnx.NodeProto, target: Any) -> tuple[onnx.NodePro
             return None
     out_dtype = _q_dtype(g, q)
     y = [q.input[1], g.zp_name(q, out_dtype)]
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in _ATTRS.get(op, ())}
+    attrs = spec.carried_attrs({a.name: helper.get_attribute_value(a) for a in node.attribute})
     if bounds is not None:
         if bounds[0] is not None:
             attrs["sim_clip_min"] = float(bounds[0])
         if bounds[1] is not None:
             attrs["sim_clip_max"] = float(bounds[1])
-    if op in ("Conv", "Gemm"):
-        if op == "Gemm" and any(a.name == "beta" and a.f != 1.0 for a in node.attribute):
-            return None
-        if op == "Conv" and not _per_axis_ok(g.consts[triples[1][1]], 0):
-            return None
-        bias = _int_bias(g, node, triples)
-        if bias is False:
-            return None
-        inputs = triples[0] + triples[1] + (y + ([bias] if bias else []) if op == "Conv" else [bias or ""] + y)
-    elif op == "MatMul":
+    if op == "Gemm" and any(a.name == "beta" and a.f != 1.0 for a in node.attribute):
+        return None
+    if op == "Conv" and not _per_axis_ok(g.consts[triples[1][1]], 0):
+        return None
+    if op == "MatMul":
         w_s = g.consts[triples[1][1]]
         if not _scalar(w_s) and w_s.ndim != 1:
             return None
-        inputs = triples[0] + triples[1] + y
-    elif op == "Concat":
-        inputs = y + [t for tr in triples for t in tr]
-    elif op in ("Add", "Mul"):
-        inputs = triples[0] + triples[1] + y
-    else:
-        inputs = triples[0] + y
-    new = helper.make_node(GROUP_OPS[op], inputs, [q.output[0]], name=node.name or q.name, domain=SIM_DOMAIN,
+    operands: list[tuple[str, ...] | None] = list(map(tuple, triples))
+    bias_at = [i for i, o in enumerate(spec.inputs) if o is not None and o.is_bias]
+    if bias_at:
+        bias = _int_bias(g, node, triples, bias_at[0])
+        if bias is False:
+            return None
+        operands.append((bias,) if bias else None)
+    inputs = assemble_inputs(spec, operands, (y[0], y[1]), str)
+    new = helper.make_node(spec.name, inputs, [q.output[0]], name=node.name or q.name, domain=SIM_DOMAIN,
                            **attrs)
     return new, [node, *fused, q]
 
@@ -215,11 +213,10 @@ def _q_dtype(g: _Graph, q: onnx.NodeProto) -> np.dtype:
     return np.dtype(np.uint8)
 
 
-def _int_bias(g: _Graph, node: onnx.NodeProto, triples: list[list[str]]) -> str | bool:
+def _int_bias(g: _Graph, node: onnx.NodeProto, triples: list[list[str]], idx: int) -> str | bool:
     """The bias as int32 at the accumulator's scale (x_scale * w_scale): taken as is from
     DQ(int32) when its scale is that product, else rounded from the float bias (what an
     integer device does with a float bias). "" without bias; False when not constant."""
-    idx = 2
     if len(node.input) <= idx or not node.input[idx]:
         return ""
     name = node.input[idx]
@@ -251,11 +248,12 @@ def integer_groups(model: onnx.ModelProto, target: Any) -> tuple[onnx.ModelProto
     replace: dict[int, onnx.NodeProto] = {}
     drop: set[int] = set()
     for node in out.graph.node:
-        if node.op_type not in GROUP_OPS or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
             continue
-        if target.op(node.op_type) is None:
+        spec = group_kernel(node.op_type, target)
+        if spec is None:
             continue
-        r = _rewrite(g, node, target)
+        r = _rewrite(g, node, target, spec)
         if r is None:
             continue
         new, old = r

@@ -12,28 +12,22 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import onnx
 
 from ..errors import UserError
+from ..kernels import KERNELS
 from .arith import Arithmetic
 from .kernels import MS_DOMAIN, SIM_DOMAIN, make_kernels
 from .qdq import integer_groups
 
-__all__ = ["simulate", "SimResult", "TensorFidelity", "quantized_tensors"]
+__all__ = ["simulate", "SimResult", "TensorFidelity", "Accumulator", "quantized_tensors", "float_name"]
 
 # op type -> (index of output scale input, index of output zero point input)
-_OUT_QPARAMS = {
-    "QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QGemm": (7, 8),
-    "QLinearAdd": (6, 7), "QLinearMul": (6, 7), "QLinearGlobalAveragePool": (3, 4),
-    "QLinearAveragePool": (3, 4), "QLinearSigmoid": (3, 4), "QLinearLeakyRelu": (3, 4), "QLinearConcat": (0, 1),
-}
-# ops that move integer data without changing its scale and zero point
-_PASSTHROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize", "Slice", "Identity",
-                "DepthToSpace", "SpaceToDepth", "Gather", "Split", "Pad", "Relu", "Clip", "Expand", "Tile",
-                "NhwcMaxPool"}
+_OUT_QPARAMS = {"QuantizeLinear": (1, 2)} | {s.name: s.output for s in KERNELS.values() if s.output is not None}
 
 
 @dataclass
@@ -96,7 +90,7 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-class _Acc:
+class Accumulator:
     """Running sums for SQNR and cosine (mergeable over samples)."""
 
     def __init__(self) -> None:
@@ -121,9 +115,11 @@ class _Acc:
         return TensorFidelity(sqnr, cos, self.n)
 
 
-def quantized_tensors(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
+def quantized_tensors(model: onnx.ModelProto, passthrough: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
     """Integer tensor name -> (scale name, zero point name), from the ops that produce them
-    (QuantizeLinear, QLinear*) and propagated through data-movement ops."""
+    (QuantizeLinear, the kernels of ``qcompiler.kernels``) and propagated through the
+    ``passthrough`` ops (a target's data movement, which keeps its input's qparams)."""
+    passthrough = frozenset(passthrough)
     found: dict[str, tuple[str, str]] = {}
     for node in model.graph.node:  # models are topologically sorted
         if node.op_type in _OUT_QPARAMS:
@@ -133,16 +129,16 @@ def quantized_tensors(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
                 found[node.output[0]] = (node.input[si], zp)
         elif node.op_type == "DynamicQuantizeLinear":
             found[node.output[0]] = (node.output[1], node.output[2])
-        elif node.op_type in _PASSTHROUGH and node.input and node.input[0] in found:
+        elif node.op_type in passthrough and node.input and node.input[0] in found:
             for o in node.output:
                 found[o] = found[node.input[0]]
     return found
 
 
-def _float_name(name: str, float_names: set[str]) -> str | None:
+def float_name(name: str, float_names: set[str]) -> str | None:
     if name in float_names:
         return name
-    for suffix in ("_quantized", "_QuantizeLinear_Output"):
+    for suffix in ("_quantized", "_QuantizeLinear_Output", "_q"):
         if name.endswith(suffix) and name[: -len(suffix)] in float_names:
             return name[: -len(suffix)]
     return None
@@ -216,14 +212,14 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
         raise UserError(f"{src}: cannot simulate: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     data = load_calibration(inputs, _input_specs(proto), limit=limit)
     out_names = [o.name for o in proto.graph.output]
-    qinfo = quantized_tensors(sim_model)
+    qinfo = quantized_tensors(sim_model, tgt.passthrough)
     ref_proto = _load(reference, "the reference model") if reference is not None else None
     float_names: set[str] = set()
     if ref_proto is not None:
         float_names = {o for n in ref_proto.graph.node for o in n.output} | {i.name for i in ref_proto.graph.input}
     runner = None
-    accs: dict[str, _Acc] = {}
-    out_accs: dict[str, _Acc] = {o: _Acc() for o in out_names}
+    accs: dict[str, Accumulator] = {}
+    out_accs: dict[str, Accumulator] = {o: Accumulator() for o in out_names}
     outputs: list[dict[str, np.ndarray]] = []
     for feed in data:
         try:
@@ -240,7 +236,7 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
         ref_vals = runner(feed)
         for sim_name, (fname, value) in pairs.items():
             if fname in ref_vals:
-                accs.setdefault(fname, _Acc()).add(ref_vals[fname], value)
+                accs.setdefault(fname, Accumulator()).add(ref_vals[fname], value)
         for o in out_names:
             if o in ref_vals:
                 sim_val = _as_float(res[o], qinfo.get(o), res)
@@ -291,7 +287,7 @@ def _comparable(res: dict[str, Any], qinfo: dict[str, tuple[str, str]], float_na
     for name, value in res.items():
         if not name or value is None or not isinstance(value, np.ndarray) or name in out_names:
             continue
-        fname = _float_name(name, float_names)
+        fname = float_name(name, float_names)
         if fname is None:
             continue
         if value.dtype.kind == "f":

@@ -1,0 +1,69 @@
+"""The compile report's ``fidelity`` section: the compiled model against the float model on
+samples calibration did not see.
+
+Eval samples are ``eval_data`` when given, otherwise the last ``max(1, n // 10)`` (at most
+16) samples of an ``n``-sample calibration set with ``n >= 10``, which are then held out of
+calibration (so compiled bytes change with the hold-out: see docs/design.md, "Accuracy
+analysis"). Both models run in onnxruntime's CPU provider. A QOperator model runs with the
+integer kernels it names (what a user runs; ort-cpu's pair-sum limit keeps them exact without
+VNNI); a QDQ model runs as written (graph optimizations off: Q/DQ in float, the grid's math on
+every CPU) - onnxruntime would otherwise fuse its groups into its own int8 kernels, which
+saturate on x86 without VNNI (qcompiler.host), and that is not the target's arithmetic.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .calib_data import CalibrationData
+
+__all__ = ["hold_out", "measure_fidelity", "HOLD_OUT_MIN", "HOLD_OUT_MAX"]
+
+#: smallest calibration set a slice is held out of (smaller sets keep every sample)
+HOLD_OUT_MIN = 10
+#: most samples held out
+HOLD_OUT_MAX = 16
+
+
+def hold_out(calib: CalibrationData) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Split the held-out slice off ``calib`` (in place: its ``limit`` shrinks) and describe it."""
+    if not calib.real_data:
+        return [], {"status": "no real data: calibration used random samples, so fidelity is not measured",
+                    "source": calib.description}
+    n = len(calib)
+    if n < HOLD_OUT_MIN:
+        return [], {"status": f"not measured: {n} calibration sample(s) (< {HOLD_OUT_MIN}), none held out; "
+                              "pass --eval-data", "source": calib.description}
+    k = min(HOLD_OUT_MAX, max(1, n // 10))
+    samples = list(itertools.islice(iter(calib), n - k, n))
+    calib.limit = n - k
+    return samples, {"source": calib.description, "held_out": f"calibration samples {n - k}..{n - 1} "
+                     f"(the last {k} of {n}; calibrated on the first {n - k})", "samples": k}
+
+
+def measure_fidelity(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                     samples: list[dict[str, np.ndarray]], *, as_written: bool) -> dict[str, Any]:
+    """Per graph output of ``quant_model``: cosine, SQNR and (classifier outputs) top-1
+    agreement against ``float_model``, over ``samples``. ``as_written``: run the quantized
+    model without graph optimizations (QDQ models)."""
+    import onnxruntime as ort
+
+    from .analysis.metrics import OutputFidelity
+
+    def session(m: onnx.ModelProto, plain: bool) -> Any:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if plain:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    fs, qs = session(float_model, False), session(quant_model, as_written)
+    names = [o.name for o in quant_model.graph.output]
+    fid = OutputFidelity()
+    for feed in samples:
+        fid.add(dict(zip(names, fs.run(names, feed))), dict(zip(names, qs.run(names, feed))))
+    return fid.result()
