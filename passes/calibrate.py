@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histog
 from qcompiler.calib_subgraphs import instrument, observable_subgraph_values
 from qcompiler.calibration import Statistics
 from qcompiler.plan import Plan, plan_for, ranges_read, value_qtypes
+from qcompiler.quant import range_fits_float32
 from qcompiler.rangefile import check_pinned, read_ranges
 
 __all__ = ["collect_input_moments", "Calibrate"]
@@ -329,6 +333,9 @@ class Calibrate(Pass):
             return PassResult(False)
         if ctx.calibration is None:
             raise UserError("pass 'calibrate' needs calibration data (--calibration PATH)")
+        bounded = _bounded_parallelism(self, ctx.calibration)
+        if bounded is not self:
+            return bounded.run(model, ctx)
         start = time.perf_counter()
         graph = model.graph
         values, input_values, inner = _candidates(model, ctx)
@@ -435,6 +442,7 @@ class Calibrate(Pass):
         for out, src in inherited.items():  # data movement shares its source's qparams, so its range
             if src in ranges and out not in pinned:
                 ranges[out] = ranges[src]
+        _require_finite(ranges, model.source)
         ctx.analysis["channel_means"] = stats.means()
         ctx.report["calibration"] = {
             "method": method, "overrides": dict(sorted(overrides.items())), "tensors_per_method": dict(sorted(used.items())),
@@ -480,7 +488,7 @@ class Calibrate(Pass):
                 continue
             lo, hi = ranges[n]
             lo, hi = (0.0, max(abs(lo), abs(hi))) if kind == "abs" else (lo, hi)
-            if hi > lo:
+            if hi > lo and range_fits_float32(lo, hi):  # else refused after pinning (_require_finite)
                 hist_spec[n] = (kind, lo, hi, self.bins)
         if hist_spec:
             names2 = [n for n in names if n in hist_spec]
@@ -496,3 +504,28 @@ class Calibrate(Pass):
             info["model_runs"] += runs2
         progress.close()
         return stats
+
+
+def _require_finite(ranges: dict[str, tuple[float, float]], source: str) -> None:
+    """Refuse a tensor whose observed range cannot become a float32 scale (an inf activation,
+    or one spanning more than float32's range): quantizing it would give inf/NaN scales, and
+    clipping it silently would hide a broken model (docs/design.md, "Input validation")."""
+    for name in sorted(ranges):
+        lo, hi = ranges[name]
+        if not range_fits_float32(lo, hi):
+            raise UserError(f"{source}: tensor '{name}' reaches [{lo:.4g}, {hi:.4g}] on the calibration data, which "
+                            "no float32 scale covers (an overflowing activation?); fix the model or pin the tensor's "
+                            "range with --import-ranges")
+
+
+def _bounded_parallelism(p: "Calibrate", data: Any) -> "Calibrate":
+    """The pass with ``lanes`` and ``workers`` clamped to the cores and to the samples: more
+    lanes or processes than either only costs memory and start-up (``lanes=100000`` would
+    build that many onnxruntime threads). Counts at most ``cores`` samples, so a large
+    calibration folder is not read here."""
+    cores = os.cpu_count() or 1
+    samples = sum(1 for _ in itertools.islice(iter(data), max(p.lanes, p.workers, cores)))
+    lanes, workers = max(1, min(p.lanes, cores, samples)), max(1, min(p.workers, cores, samples))
+    if (lanes, workers) == (p.lanes, p.workers):
+        return p
+    return dataclasses.replace(p, lanes=lanes, workers=workers)

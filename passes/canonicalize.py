@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qcompiler import Graph, Model, Node, Pass, PassContext, PassResult, Rewriter
-from qcompiler import Constant, const_value, is_constant
+from qcompiler import Constant, Value, const_value, is_constant, producer
 
 __all__ = ["Canonicalize"]
 
@@ -89,9 +89,10 @@ class Canonicalize(Pass):
             if not (node.op == "Identity" or _is_noop_dropout(node)) or node.domain not in (None, "", "ai.onnx"):
                 continue
             src, out = node.inputs[0], node.outputs[0]
-            if graph.is_graph_output(out) and (graph.is_graph_input(src) or graph.is_graph_output(src)
-                                               or is_constant(src)):
-                continue  # the output name must stay
+            if graph.is_graph_output(out) and (graph.is_graph_output(src) or not _produced_here(graph, src)):
+                # the output name must stay, and a value this graph does not produce (a graph
+                # input, a constant, or an If/Loop body's outer-scope value) cannot take it
+                continue
             rw.erase_node(graph, node)
             rw.replace_all_uses(graph, out, src)
 
@@ -107,3 +108,9 @@ class Canonicalize(Pass):
                 first = seen.setdefault(key, value)
                 if first is not value:
                     rw.set_input(node, i, first)
+
+
+def _produced_here(graph: Graph, value: Value) -> bool:
+    """Whether a node of ``graph`` itself (not an enclosing graph) produces ``value``."""
+    prod = producer(value)
+    return prod is not None and any(n is prod for n in graph.nodes)

@@ -14,8 +14,9 @@ from typing import Any, TextIO
 import onnx
 
 from .calibration import input_specs, load_calibration
-from .errors import UserError
+from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
+from .ir.validate import check_runnable_domains
 from .kernels import INTEGER_OPS
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
@@ -204,8 +205,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         passes = [dataclasses.replace(p, **wo_opts) if p.name == "quantize-weights" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
-    input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
     m = m if m is not None else load_model(model)
+    check_runnable_domains(m)
+    input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
     ops_before = op_histogram(m)
     calib = None
     needs_calibration = any(p.name == "calibrate" for p in passes) and "calibrate" not in set(disable_passes)
@@ -234,8 +236,12 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
                            stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr,
                            debug=verbose)
     manager = PassManager(passes, inst)
-    manager.run(m, ctx)
-    check_report = _check_output(m, tgt, plan_overrides) if check else None
+    try:
+        manager.run(m, ctx)
+    except PassFailure as exc:
+        _blame_input(model, calib, exc)
+        raise
+    check_report = _check_output(m, tgt, plan_overrides, ctx.analysis.get("float_nodes")) if check else None
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
@@ -290,12 +296,13 @@ def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[st
     return info
 
 
-def _check_output(model: Model, target: Target, plan_overrides: dict[str, tuple[str, str]] | None
-                  ) -> dict[str, Any]:
-    """The legality check of a compiled model (``qcompiler check``); illegal -> UserError."""
+def _check_output(model: Model, target: Target, plan_overrides: dict[str, tuple[str, str]] | None,
+                  float_nodes: dict[str, str] | None) -> dict[str, Any]:
+    """The legality check of a compiled model (``qcompiler check``); illegal -> UserError.
+    The nodes the plan kept float are float (check_model's ``float_nodes``)."""
     from .check import check_model
 
-    res = check_model(model, target, plan_overrides=plan_overrides)
+    res = check_model(model, target, plan_overrides=plan_overrides, float_nodes=float_nodes)
     if not res.legal:
         lines = res.problem_lines()
         more = f" (+{len(lines) - 1} more offending nodes)" if len(lines) > 1 else ""
@@ -303,3 +310,26 @@ def _check_output(model: Model, target: Target, plan_overrides: dict[str, tuple[
                         f"{lines[0]}{more}; nothing written (--no-check / check=False to write it anyway)")
     return {"legal": res.legal, "warnings": [p._asdict() for p in res.warnings],
             "problems": [p._asdict() for p in res.problems], "host_warning": res.saturation_warning()}
+
+
+def _blame_input(model: str | os.PathLike[str] | onnx.ModelProto, calib: Any, exc: PassFailure) -> None:
+    """When onnxruntime fails inside a pass, run the *input* model on the first calibration
+    sample: if that fails too, the fault is the user's model or data (a Conv with group 0,
+    token ids past the embedding table, ...) and becomes a UserError quoting onnxruntime.
+    Otherwise the pass broke the model and the internal error stands."""
+    if calib is None or "onnxruntime" not in type(exc.cause).__module__:
+        return
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, (str, os.PathLike)) else "<ModelProto>"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4
+    try:
+        target = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+        sess = ort.InferenceSession(target, opts, providers=["CPUExecutionProvider"])
+        sess.run(None, next(iter(calib)))
+    except Exception as err:  # onnxruntime's own exception types
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = text.split(" : ", 3)[-1] if text.startswith("[ONNXRuntimeError]") else text
+        raise UserError(f"{source}: onnxruntime cannot run the input model on calibration sample 0: {text}") from exc

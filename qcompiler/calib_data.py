@@ -44,6 +44,12 @@ RANDOM_SYMBOLIC_DIM = 1
 RANDOM_DEFAULT_SEED = 0
 
 _RANDOM = re.compile(r"^random:(\d+)(?::(\d+))?$")
+#: dimension names that mean "unknown" rather than "the same size wherever it appears":
+#: empty, '?', 'None' and '-1' (spellings of "no name"), and 'unk__N', which tf2onnx and
+#: onnxruntime's symbolic shape inference generate afresh for each unknown dimension
+_ANONYMOUS_DIM = re.compile(r"^(\?|None|-1|unk__\d+)?$")
+#: largest random:N sample input (bytes): a smoke test, not a reason to exhaust memory
+RANDOM_MAX_BYTES = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class InputSpec:
 
 def input_specs(model: Any) -> list[InputSpec]:
     """Run-time inputs of a :class:`qcompiler.ir.Model` (graph inputs that are not initializers)."""
+    import onnx
     import onnx_graphsurgeon as gs
 
     specs = []
@@ -62,7 +69,13 @@ def input_specs(model: Any) -> list[InputSpec]:
         if isinstance(v, gs.Constant):
             continue
         shape = tuple(v.shape) if v.shape is not None else ()
-        specs.append(InputSpec(v.name, np.dtype(v.dtype) if v.dtype is not None else np.dtype(np.float32), shape))
+        try:
+            dtype = np.dtype(v.dtype) if v.dtype is not None else np.dtype(np.float32)
+        except TypeError:  # an ONNX element type numpy has no dtype for here (undefined, ...)
+            kind = onnx.TensorProto.DataType.Name(v.dtype) if isinstance(v.dtype, int) else v.dtype
+            raise UserError(f"{model.source}: input '{v.name}' has ONNX element type {kind}, which calibration "
+                            "data cannot hold") from None
+        specs.append(InputSpec(v.name, dtype, shape))
     return specs
 
 
@@ -91,12 +104,18 @@ def _check_sample(feed: Mapping[str, Any], specs: list[InputSpec], where: str) -
             same_kind = arr.dtype.kind == spec.dtype.kind or (arr.dtype.kind in "iu" and spec.dtype.kind in "iu")
             if not same_kind:
                 raise UserError(f"{where}: input '{spec.name}' is {arr.dtype}, model expects {spec.dtype}")
+            if arr.dtype.kind in "iu" and spec.dtype.kind in "iu" and arr.size:
+                info = np.iinfo(spec.dtype)
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < info.min or hi > info.max:
+                    raise UserError(f"{where}: input '{spec.name}' holds {lo if lo < info.min else hi}, which "
+                                    f"{spec.dtype} cannot represent")
             arr = arr.astype(spec.dtype)
         for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
             if isinstance(want, int) and want > 0 and have != want:
                 raise UserError(f"{where}: input '{spec.name}' has shape {list(arr.shape)}, model expects "
                                 f"{want} on axis {axis} ({list(spec.shape)})")
-            if isinstance(want, str) and want:
+            if isinstance(want, str) and not _ANONYMOUS_DIM.match(want):
                 seen = symbolic.setdefault(want, (have, spec.name, axis))
                 if seen[0] != have:
                     raise UserError(f"{where}: input '{spec.name}' has {have} on axis {axis} but input "
@@ -195,6 +214,10 @@ def random_feeds(text: str, specs: list[InputSpec]) -> Iterator[Feed]:
         feed: Feed = {}
         for spec in specs:
             shape = tuple(d if isinstance(d, int) and d > 0 else RANDOM_SYMBOLIC_DIM for d in spec.shape)
+            size = int(np.prod(shape, dtype=object)) * spec.dtype.itemsize
+            if size > RANDOM_MAX_BYTES:
+                raise UserError(f"{text}: input '{spec.name}' declares shape {list(spec.shape)} ({size:,} bytes per "
+                                f"sample); random data is limited to {RANDOM_MAX_BYTES:,} bytes per input")
             if spec.dtype.kind == "f":
                 arr = rng.standard_normal(shape).astype(spec.dtype)
             elif spec.dtype.kind == "b":

@@ -109,7 +109,7 @@ def _placeholder_dir() -> str:
 _PLACEHOLDER: str | None = None
 
 
-def _options(threads: int, severity: int = 3) -> Any:
+def _options(threads: int, severity: int = 4) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -117,6 +117,8 @@ def _options(threads: int, severity: int = 3) -> Any:
     # away a node whose output is a graph output); the full level adds the blocked-layout
     # convolutions, which run the float model 1.5-2x faster than the basic level here.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # 4 (fatal only): a failing run raises, and the exception is what reaches the user (one
+    # line); onnxruntime's own copy of the message on stderr would be a second line
     so.log_severity_level = severity
     # onnxruntime's idle worker threads spin for a while after each run, competing with the
     # statistics numpy computes between runs for the same cores (measured: 2-10x slower numpy)

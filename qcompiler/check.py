@@ -12,6 +12,7 @@ its output before anything is written.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -233,9 +234,14 @@ def _variant(cfg: OpConfig, op: str, attrs: dict, weight_shape: tuple[int, ...] 
 
 # -- the check --------------------------------------------------------------------------------
 def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target: str | os.PathLike[str] | Target,
-                *, plan_overrides: dict[str, tuple[str, str]] | None = None) -> CheckResult:
+                *, plan_overrides: dict[str, tuple[str, str]] | None = None,
+                float_nodes: Mapping[str, str] | None = None) -> CheckResult:
     """Check every Q/DQ and integer op of ``model`` against ``target``'s rules; a float node's
-    reason is the plan's (with ``plan_overrides``, as the compile had them)."""
+    reason is the plan's (with ``plan_overrides``, as the compile had them).
+
+    ``float_nodes`` (node name -> reason) are the nodes the compiler's plan kept float: they
+    are reported float with that reason, not inferred integer from DequantizeLinear inputs
+    (a compress-weights DQ in front of an excluded Gemm's weight is storage, not a kernel)."""
     tgt = load_target(target)
     m = model if isinstance(model, Model) else load_model(model)
     result = CheckResult(tgt.name)
@@ -264,6 +270,8 @@ def check_model(model: str | os.PathLike[str] | onnx.ModelProto | Model, target:
                 _check_kernel(tgt, kernels, node, domain, result)
             elif domain:
                 result.float_nodes[node.name] = f"op domain '{domain}' is not an integer kernel of the target"
+            elif float_nodes is not None and node.name in float_nodes:
+                result.float_nodes[node.name] = float_nodes[node.name]
             else:
                 _check_group(tgt, node, outputs, tails, int_values, result)
                 if node.name in result.float_nodes and node.name in plan_reasons and tgt.op(node.op) is not None:

@@ -24,7 +24,6 @@ Pillow is an optional extra (``pip install 'qcompiler[image]'``); it is imported
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .tomlfile import read_toml
 
 __all__ = ["ImageSpec", "IMAGE_SUFFIXES", "SPEC_FILE", "parse_image_spec", "load_image_spec", "resolve_image_spec",
            "image_files", "image_feeds", "preprocess_image"]
@@ -142,13 +142,7 @@ def parse_image_spec(text: str, where: str = "--image-spec") -> ImageSpec:
 
 def load_image_spec(path: Path) -> ImageSpec:
     """Read a TOML spec: the same keys at top level, lists for mean/std/resize/crop."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image spec ({exc.strerror or exc})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc})") from exc
-    return _build(data, str(path))
+    return _build(read_toml(path, "image spec"), str(path))
 
 
 def resolve_image_spec(spec: Any, directory: Path) -> ImageSpec:

@@ -430,6 +430,8 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
                 return f"bias '{value.name}' is not a constant"
         if role in ("activation", "weight") and not produced_by_dq and not is_float(value, ranges):
             return f"input '{value.name}' is not float32"
+        if role in ("weight", "bias") and isinstance(value, gs.Constant) and np.asarray(value.values).size == 0:
+            return f"{role} '{value.name}' has no elements (nothing to quantize)"
         if role == "weight" and isinstance(value, gs.Constant):
             w = np.asarray(value.values)
             if cfg.weight.per_channel and weight_axis(node, w) is None:

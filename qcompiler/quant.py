@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["QType", "QParams", "qrange", "compute_qparams", "weight_qparams", "gptq_round", "quantize", "dequantize",
+__all__ = ["QType", "QParams", "qrange", "range_fits_float32", "valid_scale", "compute_qparams", "weight_qparams", "gptq_round", "quantize", "dequantize",
            "DTYPES", "INT_RANGES", "MIN_OPSET", "block_expand"]
 
 class _DtypeTable(Mapping[str, np.dtype]):
@@ -62,6 +62,21 @@ class QType:
     @property
     def np_dtype(self) -> np.dtype:
         return DTYPES[self.dtype]
+
+
+_F32 = np.finfo(np.float32)
+
+
+def range_fits_float32(lo: float, hi: float) -> bool:
+    """Whether a real range [lo, hi] can become a float32 scale: both ends and the width are
+    finite in float32 (a width of 1e39 or a bound of 1e308 makes the scale inf)."""
+    return bool(np.isfinite(lo) and np.isfinite(hi) and abs(float(hi) - float(lo)) <= float(_F32.max)
+                and max(abs(float(lo)), abs(float(hi))) <= float(_F32.max))
+
+
+def valid_scale(scale: float) -> bool:
+    """A scale Q/DQ can use: a positive, finite, normal float32."""
+    return bool(np.isfinite(scale) and float(_F32.tiny) <= float(scale) <= float(_F32.max))
 
 
 def qrange(dtype: str, *, narrow: bool = False, bits: int | None = None,

@@ -30,7 +30,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import UserError
+from .quant import range_fits_float32
 
 __all__ = ["RANGES_FORMAT", "RANGES_VERSION", "TENSORRT_VERSION", "ranges_to_json", "write_ranges", "read_ranges",
            "check_pinned", "tensorrt_table", "write_tensorrt_table", "read_tensorrt_table"]
@@ -71,6 +74,8 @@ def read_ranges(path: str | Path) -> dict[str, tuple[float, float]]:
         raise UserError(f"{p}: cannot read range file ({exc.strerror or exc})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{p}: not a JSON range file ({exc})") from exc
+    except RecursionError:
+        raise UserError(f"{p}: not a range file (JSON nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != RANGES_FORMAT:
         raise UserError(f"{p}: not a qcompiler range file (expected \"format\": \"{RANGES_FORMAT}\")")
     if data.get("version") != RANGES_VERSION:
@@ -84,8 +89,9 @@ def read_ranges(path: str | Path) -> dict[str, tuple[float, float]]:
         if not isinstance(entry, dict) or set(entry) - {"min", "max"} or not {"min", "max"} <= set(entry):
             raise UserError(f"{p}: tensor '{name}': expected {{\"min\": number, \"max\": number}}")
         lo, hi = entry["min"], entry["max"]
-        if not (_finite(lo) and _finite(hi)):
-            raise UserError(f"{p}: tensor '{name}': min and max must be finite numbers")
+        if not (_finite(lo) and _finite(hi)) or not range_fits_float32(lo, hi):
+            raise UserError(f"{p}: tensor '{name}': min and max must be finite numbers whose range fits float32 "
+                            f"(|max - min| <= {float(np.finfo(np.float32).max):.4g})")
         if lo > hi:
             raise UserError(f"{p}: tensor '{name}': min {lo} is greater than max {hi}")
         out[name] = (float(lo), float(hi))

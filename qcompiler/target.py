@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -20,12 +19,15 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .quant import DTYPES, MIN_OPSET, QType, qrange
+from .tomlfile import read_toml
+from .quant import DTYPES, MIN_OPSET, QType, qrange, valid_scale
 
 __all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "WeightOnlyRule", "load_target", "builtin_targets", "SCHEMA_VERSION",
            "NODE_FACTS"]
 
 SCHEMA_VERSION = 1
+#: longest ``extends`` chain a target may have (a cycle guard and a bound on recursion)
+MAX_EXTENDS = 32
 
 # -- schema: key -> expected type (a tuple of allowed values for enums) --------------------
 _TENSOR_RULE = {
@@ -294,13 +296,7 @@ def builtin_targets() -> dict[str, Path]:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read target file ({exc.strerror})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML ({exc})") from exc
+    return read_toml(path, "target file")
 
 
 def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Target":
@@ -329,9 +325,18 @@ def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Ta
     if "extends" in data:
         parent_name = data["extends"]
         parent_spec = parent_name
+        if len(_seen) >= 2 * MAX_EXTENDS:  # _seen holds a name and a path per level
+            raise UserError(f"{path}: key 'extends': the chain is longer than {MAX_EXTENDS} targets")
+        # a built-in name, a sibling NAME.toml, or a path ending in .toml (relative to this
+        # file) - never an arbitrary file such as /etc/passwd
         sibling = path.parent / f"{parent_name}.toml"
         if parent_name not in builtins and sibling.is_file():
             parent_spec = str(sibling)
+        elif parent_name not in builtins:
+            if not parent_name.endswith(".toml"):
+                raise UserError(f"{path}: key 'extends' = '{parent_name}' must name a built-in target, a sibling "
+                                f"NAME.toml, or a file ending in .toml")
+            parent_spec = str(path.parent / parent_name)
         # files already on the chain are tracked by resolved path too: names need not match file names
         own = str(path.resolve())
         parent_path = (str(Path(parent_spec).resolve()) if parent_spec != parent_name
@@ -376,8 +381,20 @@ class Target:
         for i, raw in enumerate(data.get("fused", [])):
             if len(raw["ops"]) < 2 or not all(isinstance(x, str) and x for x in raw["ops"]):
                 raise UserError(f"{src}: key 'fused[{i}].ops' must list at least two op types")
+        for op, v in data.get("fixed_qparams", {}).items():
+            missing = [k for k in ("scale", "zero_point") if k not in v]
+            if missing:
+                raise UserError(f"{src}: key 'fixed_qparams.{op}' needs '{missing[0]}'")
         self.fixed: dict[str, tuple[float, int]] = {
             op: (float(v["scale"]), int(v["zero_point"])) for op, v in data.get("fixed_qparams", {}).items()}
+        act = self._rule(self._rules["activation"], src, "quantization.activation")
+        for op, (scale, zp) in self.fixed.items():
+            if not valid_scale(scale):
+                raise UserError(f"{src}: key 'fixed_qparams.{op}.scale' = {scale} must be a positive, finite, "
+                                "normal float32")
+            if act.qtype is not None and not act.qtype.qmin <= zp <= act.qtype.qmax:
+                raise UserError(f"{src}: key 'fixed_qparams.{op}.zero_point' = {zp} is outside the activation range "
+                                f"[{act.qtype.qmin}, {act.qtype.qmax}]")
         self.ops: dict[str, OpConfig] = {
             op: self._op_config(op, cfg, src, f"ops.{op}") for op, cfg in data.get("ops", {}).items()}
         dyn = data.get("dynamic", {})
@@ -428,6 +445,10 @@ class Target:
             if (len(explicit) != 2 or not all(isinstance(x, int) for x in explicit)
                     or not info_lo <= explicit[0] < explicit[1] <= info_hi):
                 raise UserError(f"{src}: key '{where}.range' must be [lo, hi] integers within {dtype}'s range")
+        bits = raw.get("bits")
+        width = int(np.log2(qrange(dtype)[1] - qrange(dtype)[0] + 1))
+        if bits is not None and not 2 <= bits <= width:
+            raise UserError(f"{src}: key '{where}.bits' = {bits} must be between 2 and {width} for {dtype}")
         lo, hi = qrange(dtype, narrow=bool(raw.get("narrow_range", False)), bits=raw.get("bits"),
                         explicit=tuple(explicit) if explicit else None)
         qtype = QType(dtype=dtype, symmetric=symmetric, qmin=lo, qmax=hi,

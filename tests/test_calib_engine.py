@@ -542,3 +542,20 @@ def test_a_failing_lane_stops_the_job_and_its_threads(monkeypatch: pytest.Monkey
 def test_bad_lane_and_observe_options(option: str, value: str) -> None:
     with pytest.raises(qcompiler.UserError, match=f"option '{option}={value}'"):
         calibrate(tiny_model(), _feeds(2), method="minmax", **{option: value})
+
+
+def test_lanes_and_workers_are_clamped_to_cores_and_samples() -> None:
+    """L6: lanes=100000 / workers=6 over 2 samples run with at most min(cores, 2) of each;
+    the report says what ran."""
+    import os
+
+    cores = os.cpu_count() or 1
+    result = qcompiler.compile(tiny_model(), calibration=tiny_calibration(2), target="ort-cpu-qdq",
+                               pipeline="canonicalize,calibrate{lanes=100000},insert-qdq")
+    assert result.report["calibration"]["lanes"] == min(cores, 2)
+    from qcompiler.passes.calibrate import Calibrate, _bounded_parallelism
+
+    data = qcompiler.calibration.load_calibration(tiny_calibration(2), qcompiler.calibration.input_specs(
+        qcompiler.load_model(tiny_model())))
+    bounded = _bounded_parallelism(Calibrate(workers=6, lanes=3), data)
+    assert (bounded.workers, bounded.lanes) == (min(cores, 2), min(cores, 2))

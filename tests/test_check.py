@@ -478,3 +478,34 @@ def test_blocked_weights_legal_only_where_the_rule_is_blocked(tmp_path) -> None:
     assert qcompiler.check_model(model, target("blocked")).legal
     res = qcompiler.check_model(model, target("per-channel"))
     assert not res.legal and [p.rule for p in res.problems] == ["granularity"]
+
+
+def test_excluded_gemm_with_compressed_weight_stays_float(tmp_path: Path) -> None:
+    """Issue 13: insert-qdq{exclude=[gemm2]} keeps gemm2 float; compress-weights then puts its
+    2304-element weight behind a DequantizeLinear and its activation arrives through the DQ of
+    relu's quantized output. The plan's decision (float) is what check uses, so compile
+    succeeds; gemm2 is reported float, gemm integer, and the output runs in onnxruntime as
+    written (ORT_DISABLE_ALL: no fused int8 kernel, so the verdict is the same with and
+    without VNNI) close to the float model."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from badinputs import _insert_qdq_exclude
+    import onnxruntime as ort
+
+    argv = _insert_qdq_exclude(tmp_path)
+    argv[argv.index("-q")] = "--report"
+    argv.insert(argv.index("--report") + 1, str(tmp_path / "r.json"))
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "gemm2" in report["float_nodes"] and "gemm" in report["lowered"]
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    w2 = next(g.input[1] for g in out.graph.node if g.name == "gemm2")
+    dq_w2 = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == w2]
+    assert dq_w2, "the excluded Gemm's weight is compressed behind a DequantizeLinear"
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
+    got = ort.InferenceSession(out.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cos = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want)))
+    assert cos > 0.98, cos

@@ -532,3 +532,17 @@ def test_to_proto_shared_lends_the_ir_arrays() -> None:
     assert set(narrowed) == {"W"}
     whole = {t.name: t for t in m.to_proto().graph.initializer}  # the stubs were only for that export
     assert whole["W"].raw_data and whole["W"].data_location != TensorProto.EXTERNAL
+
+
+def test_cycle_check_of_20k_node_chain_is_linear() -> None:
+    """M3: a 20k-node chain verifies (the old check re-walked the chain; this one is Kahn's
+    algorithm); a back edge added at the end is found and named."""
+    n = 20_000
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"v{i - 1}"], [f"v{i}"], name=f"n{i}") for i in range(n)]
+    nodes.append(helper.make_node("Identity", [f"v{n - 1}"], ["y"], name="last"))
+    model = load_model(_one_input(nodes), check=False)
+    assert model.graph.find_cycle() is None
+    assert verify_model(model) == []
+    # close a loop n5 -> ... -> n9 -> n5 and the check names exactly that loop
+    model.graph.gs.nodes[5].inputs[0] = model.graph.gs.nodes[9].outputs[0]
+    assert model.graph.find_cycle() == [f"n{i}" for i in range(5, 10)]

@@ -130,30 +130,63 @@ class Graph:
         return self.model.opset(domain)
 
     # -- ordering ------------------------------------------------------------------------
-    def dependency_graph(self) -> nx.DiGraph:
-        """Node-index dependency graph, including values a subgraph reads from this scope."""
+    def _edges(self) -> list[list[int]]:
+        """Successor lists by node index (a self-loop appears as ``i`` in ``succ[i]``)."""
         index = {id(n): i for i, n in enumerate(self.gs.nodes)}
-        dg = nx.DiGraph()
-        dg.add_nodes_from(range(len(self.gs.nodes)))
+        succ: list[list[int]] = [[] for _ in self.gs.nodes]
         for i, node in enumerate(self.gs.nodes):
             for value in _all_reads(node):
                 for prod in value.inputs:
                     j = index.get(id(prod))
-                    if j is not None and j != i:
-                        dg.add_edge(j, i)
-                    elif j == i:
-                        dg.add_edge(i, i)
+                    if j is not None:
+                        succ[j].append(i)
+        return succ
+
+    def dependency_graph(self) -> nx.DiGraph:
+        """Node-index dependency graph, including values a subgraph reads from this scope."""
+        dg = nx.DiGraph()
+        dg.add_nodes_from(range(len(self.gs.nodes)))
+        dg.add_edges_from((j, i) for j, out in enumerate(self._edges()) for i in out)
         return dg
 
     def find_cycle(self) -> list[str] | None:
-        """Names of nodes on a cycle, or None when the graph is acyclic."""
-        dg = self.dependency_graph()
-        try:
-            cycle = nx.find_cycle(dg)
-        except nx.NetworkXNoCycle:
+        """Names of nodes on a cycle, or None when the graph is acyclic.
+
+        Linear in nodes + edges (Kahn's algorithm): the verifier runs this between passes,
+        so a 20k-node chain must not cost more than a few walks over it.
+        """
+        succ = self._edges()
+        indeg = [0] * len(succ)
+        for out in succ:
+            for i in out:
+                indeg[i] += 1
+        ready = [i for i, d in enumerate(indeg) if d == 0]
+        seen = 0
+        while ready:
+            j = ready.pop()
+            seen += 1
+            for i in succ[j]:
+                indeg[i] -= 1
+                if indeg[i] == 0:
+                    ready.append(i)
+        if seen == len(succ):
             return None
+        # every node left has a predecessor left: walk predecessors until one repeats
+        pred: dict[int, int] = {}
+        for j, out in enumerate(succ):
+            for i in out:
+                if indeg[i] > 0 and indeg[j] > 0:
+                    pred.setdefault(i, j)
+        start = next(i for i, d in enumerate(indeg) if d > 0)
+        order: dict[int, int] = {}
+        while start not in order:
+            order[start] = len(order)
+            start = pred[start]
+        loop = [k for k, pos in sorted(order.items(), key=lambda kv: kv[1]) if pos >= order[start]]
+        loop.reverse()  # predecessor walk -> data-flow order, starting at the earliest node
+        first = loop.index(min(loop))
         nodes = self.gs.nodes
-        return [nodes[u].name or nodes[u].op for u, _ in cycle]
+        return [nodes[u].name or nodes[u].op for u in loop[first:] + loop[:first]]
 
     def toposort(self) -> bool:
         """Stable topological sort (keeps the current order where it is already valid).

@@ -42,6 +42,10 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
             raise UserError(f"{p}: not a readable ONNX model ({first})") from exc
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
         raise UserError(f"{source}: not an ONNX model (no IR version, graph or opset import)")
+    if check:
+        from .validate import check_proto
+
+        check_proto(proto, source)
     try:
         model = Model(proto, source)
     except Exception as exc:
@@ -52,17 +56,19 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
             raise UserError(f"{source}: invalid model: {problems[0]}")
         reordered = model.graph.toposort()
         try:
+            # the full check adds strict shape and type inference: a shape-mismatched MatMul or
+            # If branches of different types fail here, not as an invalid output
             if external and not reordered:
-                onnx.checker.check_model(str(path))  # the checker resolves external data itself
+                onnx.checker.check_model(str(path), full_check=True)  # resolves external data itself
             elif external:
-                onnx.checker.check_model(model.to_proto())
+                onnx.checker.check_model(model.to_proto(), full_check=True)
             elif not _fits(proto) or proto.ByteSize() > _TWO_GB:
                 if isinstance(path, (str, os.PathLike)):
-                    onnx.checker.check_model(str(path))
+                    onnx.checker.check_model(str(path), full_check=True)
             else:
                 # onnx's checker insists on topological order: check the sorted graph
-                onnx.checker.check_model(model.to_proto() if reordered else proto)
-        except onnx.checker.ValidationError as exc:
+                onnx.checker.check_model(model.to_proto() if reordered else proto, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc
     # the proto is ours (read from the file or copied): hold weights once; external ones mapped

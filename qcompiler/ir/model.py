@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import onnx
 import onnx.numpy_helper
+import onnx.shape_inference
 import numpy as np
 import onnx_graphsurgeon as gs
 

@@ -123,9 +123,15 @@ class Rewriter:
                          except_nodes: Sequence[Node] = ()) -> None:
         """Make every reader of ``old`` (nodes, subgraph nodes, graph outputs) read ``new``.
 
-        A graph output keeps its public name: ``new`` takes the name and ``old`` is renamed.
+        A graph output keeps its public name: ``new`` takes the name and ``old`` is renamed,
+        unless ``old`` is also a graph input: both names are public then, so that output keeps
+        reading ``old`` (an input passed straight through stays exactly that).
         """
         skip = {id(n) for n in except_nodes}
+        if any(v is old for v in graph.gs.inputs):
+            outs_kept = [i for i, out in enumerate(graph.gs.outputs) if out is old]
+        else:
+            outs_kept = []
         for consumer in list(old.outputs):
             if id(consumer) in skip:
                 continue
@@ -134,7 +140,7 @@ class Rewriter:
                     consumer.inputs[i] = new
         outs = graph.gs.outputs
         for i, out in enumerate(outs):
-            if out is old:
+            if out is old and i not in outs_kept:
                 public = old.name
                 old.name = self.model.fresh_name(public + "_pre")
                 new.name = public

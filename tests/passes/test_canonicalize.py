@@ -233,3 +233,25 @@ def test_canonical_model_untouched() -> None:
     model, _, pm = run_pass(proto, "canonicalize")
     assert not modified(pm)
     assert model.graph.to_text() == before
+
+
+def test_identity_of_outer_value_in_if_branch_stays() -> None:
+    """H3: a branch whose output is Identity(x) of the enclosing graph's input x keeps the
+    Identity (dropping it renamed x, an invalid model); the result runs in onnxruntime and
+    computes what the original did, both branches taken (exact: no arithmetic changes)."""
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t_out"], name="then_id")], "then", [],
+                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e_out"], name="else_neg")], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 4])])
+    proto = make_model([helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+                        helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                        helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_g, else_branch=else_g)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                       [init("zero", np.array(0.0, np.float32))])
+    model, _, _ = run_pass(proto, "canonicalize")
+    out = model.to_proto()
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"]
+    for sign in (1.0, -1.0):
+        assert_same_outputs(proto, model, {"x": np.full((1, 4), sign, np.float32)}, exact=True)
