@@ -5,6 +5,10 @@ The public API: ``compile`` for users, and for pass and target authors the IR (`
 quantization helpers. Built-in passes in ``qcompiler.passes`` use nothing else.
 """
 
+from ._source_tree import install as _map_source_tree
+
+_map_source_tree(__file__)  # a source checkout: passes/ and targets/ as qcompiler.passes/.targets
+
 from .api import INTEGER_OPS, CompileResult, compile, op_histogram
 from .calibration import (CalibrationData, InputSpec, PatchSpec, RangeCollector, Statistics, input_patches,
                           input_specs, load_calibration)

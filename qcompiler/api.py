@@ -16,6 +16,7 @@ import onnx
 from .calibration import input_specs, load_calibration
 from .errors import UserError
 from .ir import Model, load_model, save_proto
+from .ir.model import proto_size
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -169,8 +170,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
-    input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
     m = load_model(model)
+    input_size = sum(f.stat().st_size for f in m.files) if m.files else model.ByteSize()
     ops_before = op_histogram(m)
     calib = None
     needs_calibration = any(p.name == "calibrate" for p in passes) and "calibrate" not in set(disable_passes)
@@ -191,7 +192,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
-    out_size = result.proto.ByteSize()
+    out_size = proto_size(result.proto)  # None above 2 GB: known once saved (with external data)
     lowered = sorted(ctx.analysis.get("lowered", []))
     report: dict[str, Any] = {
         "qcompiler_version": __version__,

@@ -7,7 +7,7 @@ Anything else escaping a pass is an internal error (exit 1).
 
 from __future__ import annotations
 
-__all__ = ["UserError", "PassFailure"]
+__all__ = ["UserError", "PassFailure", "Terminated"]
 
 
 class UserError(Exception):
@@ -28,3 +28,9 @@ class PassFailure(Exception):
         super().__init__(
             f"pass '{pass_name}' failed ({type(cause).__name__}: {cause}); passes run before it: {before}"
         )
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (the CLI's handler raises it; SIGINT raises KeyboardInterrupt). A
+    BaseException like KeyboardInterrupt, so ``except Exception`` in passes does not swallow it
+    and every ``finally`` removes its temp files on the way out."""
