@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
-from .errors import PassFailure, UserError
+from .errors import PassFailure, UserError, did_you_mean
 from .ir import Model, Rewriter, verify_model
 from .ir.verify import VerificationError
 
@@ -103,6 +103,9 @@ class PassContext:
         return sum(rw.changes for rw in self._rewriters)
 
 
+ELIDE_ELEMENTS = 64  # --print-ir-after prints larger constants as shape, dtype and digest
+
+
 @dataclass
 class Instrumentation:
     print_ir_after: set[str] = field(default_factory=set)  # pass names, or {"all"}
@@ -125,9 +128,12 @@ class PassManager:
         inst = self.inst
         ran: list[str] = []
         any_modified = False
-        names = {p.name for p in self.passes}
-        if inst.stop_after and inst.stop_after not in names:
-            raise UserError(f"--stop-after {inst.stop_after}: no such pass in the pipeline ({', '.join(p.name for p in self.passes)})")
+        names = [p.name for p in self.passes]
+        for flag, wanted in [("--stop-after", inst.stop_after)] + [("--print-ir-after", n) for n in
+                                                                   sorted(inst.print_ir_after - {"all"})]:
+            if wanted and wanted not in names:
+                raise UserError(f"{flag} {wanted}: no such pass in the pipeline{did_you_mean(wanted, names)} "
+                                f"({', '.join(names)})")
         for p in self.passes:
             if p.name in inst.disabled:
                 self.records.append({"name": p.name, "spec": p.spec(), "seconds": 0.0, "modified": False,
@@ -163,7 +169,7 @@ class PassManager:
                     raise PassFailure(p.name, ran[:-1], VerificationError(
                         f"IR invalid after pass: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")))
             if "all" in inst.print_ir_after or p.name in inst.print_ir_after:
-                inst.stream.write(f"// ----- IR after {p.spec()} -----\n{model.graph.to_text()}\n")
+                inst.stream.write(f"// ----- IR after {p.spec()} -----\n{model.graph.to_text(elide_above=ELIDE_ELEMENTS)}\n")
             if inst.stop_after == p.name:
                 break
         if inst.time_passes:

@@ -9,7 +9,6 @@ explicit scan of what the module defines, not registration as an import side eff
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import importlib.util
 import sys
@@ -19,7 +18,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .pass_manager import Pass, pass_summary
 from .pipeline import PassSpec
 
@@ -76,9 +75,7 @@ class PassRegistry:
             return self._classes[name]
         ref = self._refs.get(name)
         if ref is None:
-            close = difflib.get_close_matches(name, self.names(), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"unknown pass '{name}'{hint}; 'qcompiler passes' lists them")
+            raise UserError(f"unknown pass '{name}'{did_you_mean(name, self.names())}; 'qcompiler passes' lists them")
         module_name, _, attr = ref.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), attr)

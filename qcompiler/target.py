@@ -8,7 +8,6 @@ target's name; they ask this module. Every error cites the file and the key.
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
 import tomllib
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .quant import DTYPES, MIN_OPSET, QType, qrange
 
 __all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "load_target", "builtin_targets", "SCHEMA_VERSION",
@@ -216,8 +215,7 @@ def _validate(data: Any, schema: Any, where: str, src: str) -> None:
         for k, v in data.items():
             key = f"{where}.{k}" if where else k
             if k not in schema:
-                close = difflib.get_close_matches(k, list(schema), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(k, schema)
                 raise UserError(f"{src}: unknown key '{key}'{hint}")
             _validate(v, schema[k], key, src)
         return
@@ -285,8 +283,7 @@ def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Ta
     elif text in builtins:
         path = builtins[text]
     else:
-        close = difflib.get_close_matches(text, list(builtins), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(text, builtins)
         raise UserError(f"unknown target '{text}'{hint}; built-in targets: {', '.join(builtins)}")
     data = _read(path)
     _validate(data, _SCHEMA, "", str(path))
