@@ -139,7 +139,8 @@ class InsertQdq(Pass):
             raise UserError(f"pass 'insert-qdq': rounding '{self.rounding}' is not one of gptq, nearest")
         means = ctx.analysis.get("channel_means", {}) if self.bias_correction else {}
         moments = ctx.analysis.get("input_moments", {}) if self.rounding == "gptq" else {}
-        for name, np_ in plan.nodes.items():
+        for i, (name, np_) in enumerate(plan.nodes.items()):
+            ctx.progress("quantizing weights" + (" (GPTQ rounding)" if moments else ""), i, len(plan.nodes))
             self._quantize_params(rw, np_, weights, model, means.get(input_names.get(name, "")), moments.get(name))
         ctx.analysis["plan"] = plan
         ctx.analysis["lowered"] = sorted(plan.nodes) + sorted(plan.fused) + sorted(passthrough)

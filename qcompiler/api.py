@@ -20,6 +20,7 @@ from .ir.model import proto_size
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
+from .status import StatusLine, is_terminal
 from .target import Target, load_target
 from .version import __version__
 
@@ -170,7 +171,10 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
-    m = load_model(model)
+    status = StatusLine(stream or sys.stderr, enabled=not quiet and is_terminal(stream or sys.stderr))
+    log = (lambda msg: None) if quiet else status.println
+    with status.phase("loading the model", log, verbose):
+        m = load_model(model)
     input_size = sum(f.stat().st_size for f in m.files) if m.files else model.ByteSize()
     ops_before = op_histogram(m)
     calib = None
@@ -181,13 +185,16 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         calib = load_calibration(calibration, input_specs(m), limit=calibration_limit, image_spec=image_spec)
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
-    ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose, log=log)
+    ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose, log=log,
+                      status=status)
     inst = Instrumentation(print_ir_after=set(print_ir_after), time_passes=time_passes, verify_each=verify_each,
                            stop_after=stop_after, disabled=set(disable_passes), stream=stream or sys.stderr)
     manager = PassManager(passes, inst)
     manager.run(m, ctx)
-    check_report = _check_output(m, tgt) if check else None
+    check_report = None
+    if check:
+        with status.phase("checking the compiled model", log, verbose):
+            check_report = _check_output(m, tgt)
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name

@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import threading
+import warnings
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -301,8 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # unwind like SIGINT
     try:
-        return {"compile": _cmd_compile, "targets": _cmd_targets, "passes": _cmd_passes,
-                "inspect": _cmd_inspect, "check": _cmd_check, "simulate": _cmd_simulate}[a.command](a)
+        with warnings.catch_warnings():
+            if not verbose:  # library warnings (numpy's RuntimeWarnings, ...) are for -v, not build logs
+                warnings.simplefilter("ignore")
+            return {"compile": _cmd_compile, "targets": _cmd_targets, "passes": _cmd_passes,
+                    "inspect": _cmd_inspect, "check": _cmd_check, "simulate": _cmd_simulate}[a.command](a)
     except UserError as exc:
         if verbose:
             traceback.print_exc()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 from .errors import PassFailure, UserError, did_you_mean
 from .ir import Model, Rewriter, verify_model
 from .ir.verify import VerificationError
+from .status import StatusLine
 
 if TYPE_CHECKING:
     from .target import Target
@@ -90,6 +91,7 @@ class PassContext:
     quiet: bool = False
     verbose: bool = False
     log: Callable[[str], None] = field(default=lambda msg: None)
+    status: StatusLine = field(default_factory=StatusLine)  # disabled unless a terminal (qcompiler.status)
     _rewriters: list[Rewriter] = field(default_factory=list)
     _listeners: list[Callable[[str, str], None]] = field(default_factory=list)
 
@@ -101,6 +103,11 @@ class PassContext:
 
     def changes(self) -> int:
         return sum(rw.changes for rw in self._rewriters)
+
+    def progress(self, what: str, done: int | None = None, total: int | None = None) -> None:
+        """Say on the status line what the running pass does (``what done/total``); a no-op
+        outside a terminal, cheap enough to call once per weight or sample."""
+        self.status.show(what if done is None else f"{what} {done}/{total}")
 
 
 ELIDE_ELEMENTS = 64  # --print-ir-after prints larger constants as shape, dtype and digest
@@ -134,19 +141,22 @@ class PassManager:
             if wanted and wanted not in names:
                 raise UserError(f"{flag} {wanted}: no such pass in the pipeline{did_you_mean(wanted, names)} "
                                 f"({', '.join(names)})")
-        for p in self.passes:
+        status = ctx.status
+        for index, p in enumerate(self.passes, 1):
+            step = f"[{index}/{len(self.passes)}] {p.name}"
             if p.name in inst.disabled:
                 self.records.append({"name": p.name, "spec": p.spec(), "seconds": 0.0, "modified": False,
                                      "skipped": True})
                 continue
             before = ctx.changes()
             start = time.perf_counter()
-            try:
-                result = p.run(model, ctx)
-            except UserError:
-                raise
-            except Exception as exc:
-                raise PassFailure(p.name, ran, exc) from exc
+            with status.phase(step, ctx.log, ctx.verbose):
+                try:
+                    result = p.run(model, ctx)
+                except UserError:
+                    raise
+                except Exception as exc:
+                    raise PassFailure(p.name, ran, exc) from exc
             changed = ctx.changes() - before
             if changed:
                 try:
