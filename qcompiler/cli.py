@@ -150,6 +150,7 @@ def _model_files(model: str, outputs: list[str]) -> list[tuple[str, str]]:
 def _cmd_compile(a: argparse.Namespace) -> int:
     from . import files
     from .api import compile as qcompile
+    from .status import StatusLine, is_terminal
 
     outputs = [("-o", a.output), ("--report", a.report), ("--export-ranges", a.export_ranges),
                ("--export-tensorrt-table", a.export_tensorrt_table)]
@@ -173,9 +174,11 @@ def _cmd_compile(a: argparse.Namespace) -> int:
                           workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
                           calibration_statistics=a.calibration_statistics,
                           quiet=a.quiet, verbose=a.verbose)
-        result.save(a.output)
-        if a.report:
-            files.write_bytes(a.report, (json.dumps(result.report, indent=2, sort_keys=True) + "\n").encode())
+        status = StatusLine(sys.stderr, enabled=not a.quiet and is_terminal(sys.stderr))
+        with status.phase("saving the outputs", status.println, a.verbose):
+            result.save(a.output)
+            if a.report:
+                files.write_bytes(a.report, (json.dumps(result.report, indent=2, sort_keys=True) + "\n").encode())
     if not a.quiet:
         r = result.report
         n_low = len(r["lowered"])

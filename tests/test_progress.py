@@ -46,7 +46,7 @@ def test_verbose_prints_a_timed_line_per_phase(tmp_path: Path, capsys: pytest.Ca
     for i, name in enumerate(PASSES, 1):
         assert f"qcompiler: [{i}/{n}] {name} started\n" in err
         assert re.search(rf"qcompiler: \[{i}/{n}\] {name} finished in \d+\.\d\d s\n", err), name
-    for phase in ("loading the model", "checking the compiled model"):
+    for phase in ("loading the model", "checking the compiled model", "saving the outputs"):
         assert re.search(rf"qcompiler: {phase} finished in \d+\.\d\d s\n", err), phase
     assert err.rstrip().splitlines()[-1].startswith(f"qcompiler: {tmp_path / 'm.onnx'} -> ")
 
@@ -61,7 +61,7 @@ def test_default_output_outside_a_terminal(tmp_path: Path, capsys: pytest.Captur
     assert main(argv) == 0
     lines = capsys.readouterr().err.splitlines()
     took = [ln for ln in lines if re.fullmatch(r"qcompiler: .* took \d+\.\d s", ln)]
-    assert len(took) == len(PASSES) + 2 and len(lines) == len(took) + 1
+    assert len(took) == len(PASSES) + 3 and len(lines) == len(took) + 1
 
 
 def test_status_line_on_a_terminal_names_passes_and_their_progress(monkeypatch: pytest.MonkeyPatch) -> None:
