@@ -39,11 +39,19 @@ def calibration_feeds(x: np.ndarray) -> list[dict[str, np.ndarray]]:
     return [{INPUT: x[i:i + 1]} for i in range(len(x))]
 
 
-def session(path: str | os.PathLike[str], threads: int = THREADS) -> ort.InferenceSession:
-    """An onnxruntime CPU session; every model in the examples is run with the same options."""
+def session(path: str | os.PathLike[str], threads: int = THREADS, *, as_written: bool = False
+            ) -> ort.InferenceSession:
+    """An onnxruntime CPU session; every model in the examples is run with the same options.
+
+    ``as_written`` turns graph optimization off, so a model built for other hardware (an NPU)
+    runs its DequantizeLinear -> float op -> QuantizeLinear steps as the file says. With
+    optimization on, onnxruntime fuses them into its own int8 CPU kernels, which on x86 without
+    VNNI saturate for weights not made for that CPU (``qcompiler check`` warns when they will)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    if as_written:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

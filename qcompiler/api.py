@@ -234,4 +234,4 @@ def _check_output(model: Model, target: Target) -> dict[str, Any]:
         raise UserError(f"{model.source}: compiled model is not legal for target '{target.name}': "
                         f"{lines[0]}{more}; nothing written (--no-check / check=False to write it anyway)")
     return {"legal": res.legal, "warnings": [p._asdict() for p in res.warnings],
-            "problems": [p._asdict() for p in res.problems]}
+            "problems": [p._asdict() for p in res.problems], "host_warning": res.saturation_warning()}

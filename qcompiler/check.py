@@ -115,6 +115,20 @@ class CheckResult:
     def warning_lines(self) -> list[str]:
         return self._lines(self.warnings, "warning: ")
 
+    def saturation_warning(self) -> str | None:
+        """One line when onnxruntime's CPU kernels will saturate on this machine
+        (``cpu-saturation`` findings, see ``qcompiler.host``), else None."""
+        hits = [p for p in self.warnings if p.rule == "cpu-saturation"]
+        if not hits:
+            return None
+        from .host import host_description
+
+        nodes = list(dict.fromkeys(p.node for p in hits))
+        return (f"warning: {len(nodes)} int8 node{'s' * (len(nodes) != 1)} (first '{nodes[0]}') will saturate int16 "
+                f"pair sums in onnxruntime's CPU kernels here ({host_description()}): onnxruntime on this machine "
+                f"gives wrong outputs unless run with ORT_ENABLE_BASIC or lower; the target '{self.target}' "
+                f"itself is unaffected")
+
     def summary(self) -> str:
         nodes = len({p.node for p in self.problems})
         head = (f"legal for target '{self.target}'" if self.legal else

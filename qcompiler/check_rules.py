@@ -34,7 +34,10 @@ RULES: dict[str, str] = {
     "fixed-qparams": "an output whose scale/zero point differs from the target's fixed qparams",
     "bias-scale": "an int32 bias whose scale is not input_scale * weight_scale",
     "pair-sum": "(warning) two weights of a channel sum past pair_sum_max (int16 pair saturation)",
+    "cpu-saturation": "(warning) onnxruntime's int8 CPU kernels will saturate int16 pair sums on this machine",
 }
+# float ops whose int8 form onnxruntime runs on u8/s8 x s8 GEMM kernels (pair sums, see qcompiler.host)
+_PAIR_GEMM_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 _BIAS_RTOL = 2.0**-20  # a product of two float32 scales, rounded once or twice in float32
 
 
@@ -147,7 +150,38 @@ def check_node(target: Target, view: NodeView, *, input_scale: np.ndarray | None
     for opd in view.operands:
         if opd.role == "bias" and opd.dtype == "int32" and opd.scale is not None:
             out.extend(_bias_scale_rule(target, view, opd, input_scale, weight_scale))
+    out.extend(_host_saturation(view))
     return out
+
+
+def _host_saturation(view: NodeView) -> list[Finding]:
+    """A warning when onnxruntime, run on this machine, computes the node's int8 GEMM with
+    saturating int16 pairs (x86 without VNNI, ``qcompiler.host``) and two weights of one
+    output channel are large enough to overflow. Only for nodes whose target does not already
+    bound pair sums (``pair_sum_max`` warns for those); depthwise convolutions accumulate
+    exactly in onnxruntime and are skipped."""
+    from . import host
+
+    if view.float_op not in _PAIR_GEMM_OPS or view.mode != "static" or not host.int16_pair_saturation():
+        return []
+    acts = [o for o in view.operands if o.role == "activation"]
+    weights = [o for o in view.operands if o.role == "weight" and o.dtype == "int8" and o.codes is not None]
+    if not weights or not acts or any(a.dtype not in ("int8", "uint8") for a in acts):
+        return []
+    # an emitted s8 x s8 kernel widens to int16 before multiplying (exact, REFERENCE B/C); a
+    # DQ -> op -> Q group is fused with its s8 activations shifted to u8, so it saturates too
+    if view.op != view.float_op and all(a.dtype == "int8" for a in acts):
+        return []
+    opd = weights[0]
+    rule = view.config.weight.qtype
+    if rule is not None and rule.pair_sum_max:
+        return []
+    if view.float_op == "Conv" and int(view.attrs.get("group", 1)) > 1 and opd.codes.ndim >= 2 \
+            and opd.codes.shape[1] == 1:
+        return []
+    return _pair_sum(view, opd, host.PAIR_SUM_LIMIT, f"input {opd.index} ('{opd.name}')", "isa.vnni",
+                     rule="cpu-saturation", why=f"int16 pair saturation in onnxruntime's CPU kernels: "
+                                                f"{host.host_description()}; the target's own hardware is unaffected")
 
 
 def _operand_rules(target: Target, view: NodeView, opd: Operand) -> list[Finding]:
@@ -233,7 +267,8 @@ def _granularity(view: NodeView, opd: Operand, rule: TensorRule, where: str,
     return []
 
 
-def _pair_sum(view: NodeView, opd: Operand, limit: int, where: str, key: str) -> list[Finding]:
+def _pair_sum(view: NodeView, opd: Operand, limit: int, where: str, key: str, *, rule: str = "pair-sum",
+              why: str = "int16 pair saturation possible on CPUs without VNNI") -> list[Finding]:
     """Kernels that add products in int16 pairs saturate when two weights of one output channel
     are both large; a warning, because such models run (they only lose accuracy on that CPU)."""
     if opd.blocked or opd.codes is None:
@@ -255,9 +290,9 @@ def _pair_sum(view: NodeView, opd: Operand, limit: int, where: str, key: str) ->
     bad = int((sums > limit).sum())
     if not bad:
         return []
-    return [Finding("pair-sum", key, f"weight {where}: {bad} of {sums.size} channels have two weights summing "
-                                     f"to {int(sums.max())} > pair_sum_max {limit} (int16 pair saturation "
-                                     f"possible on CPUs without VNNI)", warning=True)]
+    limit_name = "pair_sum_max" if rule == "pair-sum" else "the int16 pair limit"
+    return [Finding(rule, key, f"weight {where}: {bad} of {sums.size} channels have two weights summing "
+                               f"to {int(sums.max())} > {limit_name} {limit} ({why})", warning=True)]
 
 
 def _fixed_rule(target: Target, view: NodeView, opd: Operand) -> list[Finding]:

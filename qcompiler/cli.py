@@ -185,6 +185,8 @@ def _cmd_compile(a: argparse.Namespace) -> int:
         print(f"qcompiler: {a.model} -> {a.output} [{r['target']}, {r['mode']}, {r['format']}] "
               f"{r['size_bytes']['input'] / 1e6:.2f} MB -> {r['size_bytes']['output'] / 1e6:.2f} MB, "
               f"{n_low} nodes integer, {len(r['float_nodes'])} float", file=sys.stderr)
+        if (r.get("check") or {}).get("host_warning"):
+            print(f"qcompiler: {r['check']['host_warning']}", file=sys.stderr)
     return 0
 
 
@@ -229,6 +231,8 @@ def _cmd_check(a: argparse.Namespace) -> int:
     for line in res.problem_lines() + res.warning_lines():
         print(line)
     print(f"qcompiler check: {a.model}: {res.summary()}")
+    if res.saturation_warning():
+        print(f"qcompiler check: {res.saturation_warning()}")
     if res.legal and not a.quiet:
         for name, why in res.float_nodes.items():
             print(f"  float: {name}: {why}")

@@ -58,6 +58,7 @@ class SimResult:
     output_fidelity: dict[str, TensorFidelity] = field(default_factory=dict)
     integer_groups: int = 0
     stats: dict[str, int] = field(default_factory=dict)
+    host_warnings: list[str] = field(default_factory=list)  # onnxruntime on this CPU differs (qcompiler.host)
 
     def to_dict(self) -> dict[str, Any]:
         def fid(d: dict[str, TensorFidelity]) -> dict[str, Any]:
@@ -70,12 +71,14 @@ class SimResult:
                                "multiplier_bits": a.multiplier_bits, "accumulator_bits": a.accumulator_bits,
                                "int16_pair_saturation": a.pair_saturation},
                 "qdq_groups_simulated_in_integer": self.integer_groups, "stats": dict(sorted(self.stats.items())),
-                "outputs": fid(self.output_fidelity), "tensors": fid(self.tensors)}
+                "outputs": fid(self.output_fidelity), "tensors": fid(self.tensors),
+                "host_warnings": list(self.host_warnings)}
 
     def table(self, limit: int = 20) -> str:
         """A short text table: outputs first, then the worst ``limit`` tensors by SQNR."""
         lines = [f"target {self.target}: {len(self.outputs)} sample(s), requantize {self.arithmetic.requantize} "
                  f"({self.arithmetic.rounding}), pair saturation {'on' if self.arithmetic.pair_saturation else 'off'}"]
+        lines.extend(self.host_warnings)
         if not self.output_fidelity:
             return "\n".join(lines + ["(no reference model: no fidelity figures)"])
         lines.append(f"{'output':<40}{'SQNR dB':>10}{'cosine':>10}")
@@ -181,6 +184,15 @@ def _float_runner(ref: onnx.ModelProto, names: list[str]) -> Any:
         return lambda feed: dict(zip(outs, ev.run(outs, feed)))
 
 
+def _host_warnings(proto: onnx.ModelProto, target: Any) -> list[str]:
+    """The simulator computes the target's arithmetic; say when onnxruntime on this machine
+    would not (int16 pair saturation without VNNI), so the two figures are not confused."""
+    from ..check import check_model
+
+    line = check_model(proto, target).saturation_warning()
+    return [line] if line else []
+
+
 def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, limit: int | None = None,
              image_spec: Any = None) -> SimResult:
     """Run the quantized ``model`` (path or ModelProto) on ``inputs`` (any calibration source:
@@ -241,7 +253,7 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
     graph_inputs = {i.name for i in proto.graph.input}
     tensors = {k: a.result() for k, a in sorted(accs.items()) if a.n and k not in out_names and k not in graph_inputs}
     outs = {k: a.result() for k, a in out_accs.items() if a.n}
-    return SimResult(tgt.name, arith, outputs, tensors, outs, n_groups, stats)
+    return SimResult(tgt.name, arith, outputs, tensors, outs, n_groups, stats, _host_warnings(proto, tgt))
 
 
 def _input_specs(proto: onnx.ModelProto) -> list[Any]:
