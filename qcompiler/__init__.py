@@ -17,6 +17,7 @@ from .errors import PassFailure, UserError
 from .imagedata import ImageSpec
 from .ir import (AnyValue, Const, Constant, Graph, Match, Model, Node, Op, Rewriter, Rule, Value, Variable,
                  apply_rules, load_model, match, node_subgraphs, verify_model)
+from .observe import observe_values
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager, PassResult
 from .pipeline import PassSpec, format_pipeline, parse_pipeline
 from .plan import NodePlan, Plan, is_float, plan_quantization, producer_op, weight_axis
@@ -34,7 +35,7 @@ __all__ = [
     "PassFailure", "PassManager", "PassRegistry", "PassResult", "PassSpec", "Plan", "QParams", "QType",
     "RangeCollector", "Rewriter", "Rule", "Target", "TensorRule", "UserError", "Value", "Variable",
     "CheckResult", "Problem", "check_model",
-    "SimResult", "simulate",
+    "SimResult", "simulate", "observe_values",
     "__version__", "apply_rules", "builtin_targets", "compile", "compute_qparams", "default_registry",
     "dequantize", "format_pipeline", "input_specs", "is_float", "load_calibration", "load_model", "load_target",
     "match", "node_subgraphs", "op_histogram", "parse_pipeline", "plan_quantization", "producer_op",

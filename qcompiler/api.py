@@ -143,7 +143,23 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     reg = registry or default_registry()
     for plugin in plugins:
         reg.load_plugin(str(plugin))
-    mode = mode or tgt.default_mode
+    status = StatusLine(stream or sys.stderr, enabled=not quiet and is_terminal(stream or sys.stderr))
+    log = (lambda msg: None) if quiet else status.println
+
+    def load() -> Model:
+        with status.phase("loading the model", log, verbose):
+            return load_model(model)
+
+    m = None
+    if mode:
+        mode_reason = "--mode"
+    elif tgt.default_mode == "auto" and pipeline is not None:
+        mode, mode_reason = "static", "auto with an explicit pipeline: static"
+    elif tgt.default_mode == "auto":  # the model's ops decide (Target.choose_mode)
+        m = load()
+        mode, mode_reason = tgt.choose_mode(set(op_histogram(m)))
+    else:
+        mode, mode_reason = tgt.default_mode, f"target default ({tgt.default_mode})"
     fmt = format or tgt.default_format
     if mode not in ("static", "dynamic"):
         raise UserError(f"--mode {mode}: must be static or dynamic")
@@ -171,10 +187,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
-    status = StatusLine(stream or sys.stderr, enabled=not quiet and is_terminal(stream or sys.stderr))
-    log = (lambda msg: None) if quiet else status.println
-    with status.phase("loading the model", log, verbose):
-        m = load_model(model)
+    m = m if m is not None else load()
     input_size = sum(f.stat().st_size for f in m.files) if m.files else model.ByteSize()
     ops_before = op_histogram(m)
     calib = None
@@ -206,6 +219,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         "target": tgt.name,
         "target_source": str(tgt.path) if tgt.path else None,
         "mode": mode,
+        "mode_reason": mode_reason,
         "format": fmt,
         "pipeline": format_pipeline(parse_pipeline(text)),
         "passes": manager.records,

@@ -34,6 +34,8 @@ BUILTIN_PASSES: dict[str, str] = {
     "fold-conv-affine": "qcompiler.passes.fold_conv_affine:FoldConvAffine",
     "fuse-hardswish": "qcompiler.passes.fuse_hardswish:FuseHardswish",
     "fuse-gelu": "qcompiler.passes.fuse_gelu:FuseGelu",
+    "smooth-quant": "qcompiler.passes.smooth_quant:SmoothQuant",
+    "equalize-layers": "qcompiler.passes.equalize_layers:EqualizeLayers",
     "fold-matmul-add": "qcompiler.passes.fold_matmul_add:FoldMatmulAdd",
     "group-activations": "qcompiler.passes.group_activations:GroupActivations",
     "calibrate": "qcompiler.passes.calibrate:Calibrate",

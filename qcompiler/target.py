@@ -66,7 +66,8 @@ _SCHEMA: dict[str, Any] = {
     "extends": str,
     "defaults": {
         "format": ("qdq", "qoperator"),
-        "mode": ("static", "dynamic"),
+        "mode": ("static", "dynamic", "auto"),
+        "auto_dynamic_ops": list,
         "pipeline": str,
         "dynamic_pipeline": str,
         "calibration_method": str,
@@ -326,6 +327,7 @@ class Target:
         d = data.get("defaults", {})
         self.default_format: str = d.get("format", "qdq")
         self.default_mode: str = d.get("mode", "static")
+        self.auto_dynamic_ops: tuple[str, ...] = tuple(d.get("auto_dynamic_ops", ()))
         self.calibration_method: str = d.get("calibration_method", "minmax")
         self.quantize_graph_outputs: bool = d.get("quantize_graph_outputs", False)
         self.min_opset: int = d.get("min_opset", 13)
@@ -413,6 +415,17 @@ class Target:
     # -- lookups ----------------------------------------------------------------------------
     def pipeline(self, mode: str) -> str:
         return self._pipelines.get(mode, "")
+
+    def choose_mode(self, op_types: set[str]) -> tuple[str, str]:
+        """The mode for a model with these op types, and why. ``defaults.mode = "auto"`` picks
+        dynamic when the model has every op in ``defaults.auto_dynamic_ops`` and no Conv
+        (a transformer: its static int8 MatMuls lose to run-time activation scales) and the
+        target has a dynamic pipeline; static otherwise."""
+        wanted = set(self.auto_dynamic_ops)
+        if (wanted and wanted <= op_types and not op_types & {"Conv", "ConvTranspose"}
+                and self.pipeline("dynamic")):
+            return "dynamic", f"auto: the model has {', '.join(sorted(wanted))} and no Conv"
+        return "static", "auto: not a transformer-shaped graph (defaults.auto_dynamic_ops)"
 
     def activation_rule(self) -> TensorRule:
         return self._rule(self._rules["activation"], str(self.path), "quantization.activation")

@@ -44,7 +44,7 @@ def test_builtin_targets_are_listed() -> None:
 def test_ort_cpu_loads_with_expected_rules() -> None:
     """ort-cpu: u8 asymmetric activations, s8 symmetric per-channel weights in [-127, 127] with a pair-sum limit of 128 (depthwise: none), QOperator."""
     t = load_target("ort-cpu")
-    assert t.name == "ort-cpu" and t.default_format == "qoperator" and t.default_mode == "static"
+    assert t.name == "ort-cpu" and t.default_format == "qoperator" and t.default_mode == "auto"
     act = t.activation_rule()
     assert (act.dtype, act.symmetric, act.per_channel) == ("uint8", False, False)
     assert (act.qtype.qmin, act.qtype.qmax) == (0, 255)
@@ -358,3 +358,37 @@ def test_show_unknown_target_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["targets", "--show", "nope-target"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope-target" in err[0]
+
+
+def test_auto_mode_chooses_dynamic_for_transformer_graphs() -> None:
+    """ort-cpu's mode = "auto": a graph with MatMul, LayerNormalization and Softmax and no Conv
+    is dynamic; a Conv anywhere, or a missing op of auto_dynamic_ops, keeps static."""
+    t = load_target("ort-cpu")
+    assert t.choose_mode({"MatMul", "LayerNormalization", "Softmax", "Add"})[0] == "dynamic"
+    assert t.choose_mode({"MatMul", "LayerNormalization", "Softmax", "Conv"})[0] == "static"
+    assert t.choose_mode({"MatMul", "Softmax"})[0] == "static"
+    assert load_target("ort-cpu-qdq").default_mode == "static"
+
+
+def test_auto_mode_in_compile() -> None:
+    """compile() without mode on ort-cpu: a LayerNorm -> MatMul -> Softmax graph compiles in
+    dynamic mode (MatMulInteger, no calibration needed) and the report says why; with an
+    explicit pipeline auto stays static."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    import qcompiler
+
+    w = numpy_helper.from_array(np.random.default_rng(0).uniform(-1, 1, (64, 64)).astype(np.float32), "w")
+    g, b = (numpy_helper.from_array(np.full(64, v, np.float32), n) for n, v in (("g", 1.0), ("b", 0.0)))
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["m"]), helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64])], [w, g, b])
+    proto = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    result = qcompiler.compile(proto, target="ort-cpu")
+    assert result.report["mode"] == "dynamic" and "auto" in result.report["mode_reason"]
+    assert "MatMulInteger" in result.report["ops_after"]
+    static = qcompiler.compile(proto, target="ort-cpu", calibration="random:2",
+                               pipeline=qcompiler.load_target("ort-cpu").pipeline("static"))
+    assert static.report["mode"] == "static"
