@@ -164,6 +164,8 @@ class Job:
     upgrade_opset: int | None = None  # ort only: onnx.version_converter first
     settings: str = ""  # printed under the table
     pipeline: str | None = None  # qcompiler only: a pipeline other than the target's default
+    method: str | None = None  # qcompiler only: calibration_method (None: the target's default)
+    cache: str = ""  # qcompiler only: "cold" (calibration_cache=<work>/<model>.cache, emptied first) | "warm" (as left)
 
     @property
     def needs_calibration(self) -> bool:
@@ -172,6 +174,13 @@ class Job:
 
 QC_STATIC = Job("qcompiler-static", "qcompiler (static)", "qcompiler", "static",
                 settings='`qcompiler.compile(model, target="ort-cpu", calibration=<feed dicts>)`')
+QC_MINMAX = Job("qcompiler-minmax", "qcompiler (static, minmax)", "qcompiler", "static", method="minmax", cache="cold",
+                settings='`qcompiler.compile(model, target="ort-cpu", calibration=<feed dicts>, '
+                         'calibration_method="minmax", calibration_cache=<empty dir>)`: the calibration method '
+                         'of ort static, for the compile-time ratio; it fills the cache')
+QC_MINMAX_CACHED = Job("qcompiler-minmax-cached", "qcompiler (static, minmax, cached rebuild)", "qcompiler", "static",
+                       method="minmax", cache="warm",
+                       settings="as qcompiler (static, minmax), again, with the cache the previous row filled")
 QC_DYNAMIC_MAXK = Job("qcompiler-dynamic-maxk", "qcompiler (dynamic, max-k=1024)", "qcompiler", "dynamic",
                       pipeline="upgrade-opset,canonicalize,fold-constants,infer-shapes,"
                                "quantize-dynamic{max-k=1024},cleanup-qdq",
@@ -203,18 +212,26 @@ def _job_imports(job: Job) -> None:
         import onnxruntime.quantization.shape_inference  # noqa: F401
 
 
-def _run_qcompiler(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | None) -> str:
+def cache_dir(out_path: Path, model: str) -> Path:
+    """Where a job with ``cache=True`` keeps its build cache: next to the outputs, per model."""
+    return out_path.parent / f"{model}.cache"
+
+
+def _run_qcompiler(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | None) -> dict[str, Any]:
     import qcompiler
 
     result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, mode=job.mode,
-                               pipeline=job.pipeline)
+                               pipeline=job.pipeline, calibration_method=job.method,
+                               calibration_cache=str(cache_dir(out_path, model_path.stem)) if job.cache else None)
     result.save(out_path)
-    return ""
+    cal = result.report.get("calibration", {})
+    return {"note": "", "model_runs": cal.get("model_runs"), "cache": cal.get("cache"),
+            "weight_rounding": result.report.get("weight_rounding")}
 
 
-def _run_ort(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | None) -> str:
+def _run_ort(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | None) -> dict[str, Any]:
     """[onnx.version_converter,] quant_pre_process, then quantize_static / quantize_dynamic;
-    returns a note for the table ('' if none)."""
+    returns a note for the table ('' if none) and the seconds of the quantize call alone."""
     import importlib.util
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -236,6 +253,7 @@ def _run_ort(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | Non
                       str(upgraded))
             model_path = upgraded
         pre = Path(tmp) / "preprocessed.onnx"
+        pre_start = time.perf_counter()
         try:
             quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=skip_symbolic)
         except Exception as exc:
@@ -243,6 +261,8 @@ def _run_ort(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | Non
                 raise
             note = f"quant_pre_process failed ({type(exc).__name__}: {exc}); reran with skip_symbolic_shape=True"
             quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+        quantize_start, quantize_cpu = time.perf_counter(), time.process_time()
+        note_pre = f"quant_pre_process {quantize_start - pre_start:.1f} s"
         if job.mode == "static":
             assert feeds is not None
             quantize_static(str(pre), str(out_path), _ListReader(feeds), quant_format=QuantFormat.QDQ,
@@ -250,7 +270,8 @@ def _run_ort(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | Non
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         else:
             quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=job.per_channel)
-    return note
+        quantize_s, quantize_cpu_s = time.perf_counter() - quantize_start, time.process_time() - quantize_cpu
+    return {"note": "; ".join(t for t in (note, note_pre) if t), "quantize_s": quantize_s, "quantize_cpu_s": quantize_cpu_s}
 
 
 def _current_rss_mb() -> float:
@@ -307,10 +328,11 @@ def _child_entry(conn: Connection, job: Job | None, model: str, model_path: str,
             feeds = calibration_feeds(model, Path(bench_dir), calib) if job.needs_calibration else None
             _job_imports(job)
             rss_before = _current_rss_mb()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             runner = _run_qcompiler if job.tool == "qcompiler" else _run_ort
-            note = runner(job, Path(model_path), Path(out_path), feeds)
-            result = {"ok": True, "seconds": time.perf_counter() - start, "rss_before_mb": rss_before, "note": note}
+            extra = runner(job, Path(model_path), Path(out_path), feeds)
+            result = {"ok": True, "seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
+                      "rss_before_mb": rss_before, **extra}
     except BaseException as exc:  # report every failure as a table row, never abort the run
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -372,6 +394,7 @@ class Variant:
     rss_delta_mb: float | None = None
     error: str | None = None
     note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # what the compile child reported besides time and RSS
     session: ort.InferenceSession | None = None
     latencies_ms: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -598,18 +621,18 @@ SPECS: dict[str, ModelSpec] = {
         "effnet_lite0", effnet_eval, _first, effnet_metrics,
         (Column("top1", "top-1 agree", ".3f"), Column("top1_conf", "top-1 agree (fp32 p>=0.5)", ".3f"),
          Column("cos", "logits cos", ".4f")),
-        (QC_STATIC, ORT_STATIC, ORT_DYNAMIC),
+        (QC_STATIC, QC_MINMAX, QC_MINMAX_CACHED, ORT_STATIC, ORT_DYNAMIC),
         "first {n} images of images/calib (same preprocessing)"),
     "minilm_l6": ModelSpec(
         "minilm_l6", minilm_eval, minilm_embed, minilm_metrics,
         (Column("cos", "embedding cos", ".4f"), Column("recall1", "recall@1", ".3f")),
-        (QC_DYNAMIC, QC_DYNAMIC_MAXK, ORT_STATIC, ORT_DYNAMIC, ORT_DYNAMIC_PC),
+        (QC_MINMAX, QC_MINMAX_CACHED, QC_DYNAMIC, QC_DYNAMIC_MAXK, ORT_STATIC, ORT_DYNAMIC, ORT_DYNAMIC_PC),
         "first {n} files of text/minilm/calib (one variable-length sample each)"),
     "ppocrv4_det": ModelSpec(
         "ppocrv4_det", ppocr_eval, _first, ppocr_metrics,
         (Column("sqnr", "SQNR dB", ".2f"), Column("cos", "map cos (text images)", ".4f"),
          Column("iou", "text mask IoU @0.3", ".3f")),
-        (QC_STATIC, ORT_STATIC, ORT_STATIC_OP13, ORT_DYNAMIC),
+        (QC_STATIC, QC_MINMAX, QC_MINMAX_CACHED, ORT_STATIC, ORT_STATIC_OP13, ORT_DYNAMIC),
         "first {n} images of images/calib (same preprocessing)"),
 }
 
@@ -623,20 +646,36 @@ def log(msg: str) -> None:
 
 
 def build_variants(spec: ModelSpec, model_path: Path, args: argparse.Namespace, work: Path) -> list[Variant]:
-    """fp32 plus one variant per compile job; each job runs in its own child process."""
+    """fp32 plus one variant per compile job; each job runs in its own child process,
+    ``--compile-runs`` times (in rounds over all jobs, so load changes fall on every row alike);
+    ``compile s`` is the median."""
     variants = [Variant("fp32", None, model_path)]
+    results: dict[str, list[dict[str, Any]]] = {job.slug: [] for job in spec.jobs}
+    for r in range(args.compile_runs):
+        for job in spec.jobs:
+            out = work / f"{spec.name}.{job.slug}.onnx"
+            out.unlink(missing_ok=True)
+            if job.cache == "cold":
+                shutil.rmtree(cache_dir(out, spec.name), ignore_errors=True)
+            log(f"{spec.name}: {job.label} ({r + 1}/{args.compile_runs}) ...")
+            res = run_job(job, spec.name, model_path, out, args.bench_dir, args.calib, args.timeout)
+            if res["ok"]:
+                log(f"{spec.name}: {job.label} done in {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB")
+            results[job.slug].append(res)
     for job in spec.jobs:
         out = work / f"{spec.name}.{job.slug}.onnx"
-        out.unlink(missing_ok=True)
         label = job.label
-        log(f"{spec.name}: {label} ...")
-        res = run_job(job, spec.name, model_path, out, args.bench_dir, args.calib, args.timeout)
+        failed = [res for res in results[job.slug] if not res["ok"]]
+        res = failed[0] if failed else results[job.slug][-1]
         v = Variant(label, job, out, peak_rss_mb=res.get("peak_rss_mb"))
         if res["ok"]:
-            v.compile_s = res["seconds"]
+            v.compile_s = statistics.median(x["seconds"] for x in results[job.slug])
             v.rss_delta_mb = res["peak_rss_mb"] - res["rss_before_mb"]
             v.note = res.get("note", "")
-            log(f"{spec.name}: {label} done in {v.compile_s:.1f} s, peak RSS {v.peak_rss_mb:.0f} MB")
+            v.extra = {k: res[k] for k in ("model_runs", "cache", "weight_rounding") if k in res}
+            for k in ("quantize_s", "cpu_s", "quantize_cpu_s"):
+                if k in res:
+                    v.extra[k] = statistics.median(x[k] for x in results[job.slug])
         else:
             v.fail("compile", res["error"])
             log(f"{spec.name}: {label} FAILED: {res['error']}")
@@ -650,6 +689,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, work: Path) -> str:
     """Build, time and evaluate all variants of one model; returns its markdown section."""
     model_path = args.bench_dir / "models" / f"{spec.name}.onnx"
     variants = build_variants(spec, model_path, args, work)
+    if args.compile_only:
+        return render_model(spec, variants, None, args)
     for v in variants:
         if v.error is None:
             try:
@@ -694,7 +735,7 @@ def _escape(text: str, limit: int = 320) -> str:
     return one.replace("|", "\\|")
 
 
-def render_model(spec: ModelSpec, variants: list[Variant], evalset: EvalSet, args: argparse.Namespace) -> str:
+def render_model(spec: ModelSpec, variants: list[Variant], evalset: EvalSet | None, args: argparse.Namespace) -> str:
     fp32 = variants[0]
     headers = (["variant", "latency ms (median)", "vs fp32"] + [c.header for c in spec.columns]
                + ["size MB", "size vs fp32", "compile s", "compile peak RSS MB (Δ)", "notes"])
@@ -716,15 +757,48 @@ def render_model(spec: ModelSpec, variants: list[Variant], evalset: EvalSet, arg
                 _cell(size / ref_size, ".3f") + "x" if size and ref_size else "-",
                 _cell(v.compile_s, ".1f"), rss, notes]
         lines.append("| " + " | ".join(row) + " |")
+    measured = ([f"- latency input: {evalset.latency_desc}; {len(fp32.latencies_ms)} timed runs per variant",
+                 f"- fidelity: {evalset.desc}; fp32 row = fp32 vs itself (metric sanity check)"]
+                if evalset is not None else ["- `--compile-only`: no latency, no fidelity"])
     lines += [
         "",
-        f"- latency input: {evalset.latency_desc}; {len(fp32.latencies_ms)} timed runs per variant",
-        f"- fidelity: {evalset.desc}; fp32 row = fp32 vs itself (metric sanity check)",
+        *measured,
+        f"- compile s: median of {args.compile_runs} compile(s) per variant",
         f"- calibration (static rows): {spec.calib_desc.format(n=args.calib)}",
         *[f"- {v.job.label}: {v.job.settings}" for v in variants if v.job is not None],
+        *compile_summary(variants),
         "",
     ]
     return "\n".join(lines)
+
+
+def compile_summary(variants: list[Variant]) -> list[str]:
+    """The compile-time ratios of issue 13: qcompiler vs onnxruntime's quantize_static with the
+    same calibration method (MinMax), ORT timed with its quant_pre_process (the preparation ORT
+    documents for quantize_static; qcompiler's pipeline does its own) and without it; and the
+    cached rebuild vs the first build, with whether their outputs are byte-identical."""
+    by_slug = {v.job.slug: v for v in variants if v.job is not None}
+    qc, ort_v, warm = by_slug.get("qcompiler-minmax"), by_slug.get("ort-static"), by_slug.get("qcompiler-minmax-cached")
+    lines = []
+    if qc and ort_v and qc.compile_s and ort_v.compile_s:
+        q_only = ort_v.extra.get("quantize_s")
+        lines.append(f"- **compile time, same calibration method (MinMax): qcompiler {qc.compile_s:.1f} s / "
+                     f"onnxruntime {ort_v.compile_s:.1f} s (quant_pre_process + quantize_static) = "
+                     f"{qc.compile_s / ort_v.compile_s:.2f}x**"
+                     + (f" ({qc.compile_s / q_only:.2f}x of quantize_static alone, {q_only:.1f} s)" if q_only else "")
+                     + f"; CPU time (all threads) {qc.extra['cpu_s']:.1f} s / {ort_v.extra['cpu_s']:.1f} s = "
+                       f"{qc.extra['cpu_s'] / ort_v.extra['cpu_s']:.2f}x"
+                     + (f" ({qc.extra['cpu_s'] / ort_v.extra['quantize_cpu_s']:.2f}x of quantize_static alone)"
+                        if ort_v.extra.get("quantize_cpu_s") else ""))
+    if qc and warm and qc.compile_s and warm.compile_s:
+        same = qc.path.exists() and warm.path.exists() and qc.path.read_bytes() == warm.path.read_bytes()
+        rounding = warm.extra.get("weight_rounding") or {}
+        lines.append(f"- **cached rebuild: {warm.compile_s:.1f} s, {qc.compile_s / warm.compile_s:.1f}x faster than "
+                     f"the first build** (CPU time {warm.extra['cpu_s']:.1f} s vs {qc.extra['cpu_s']:.1f} s: "
+                     f"{qc.extra['cpu_s'] / warm.extra['cpu_s']:.1f}x); output byte-identical: {'yes' if same else 'NO'}; model runs "
+                     f"{warm.extra.get('model_runs')}, GPTQ layers rounded {rounding.get('gptq_layers')} "
+                     f"(cache hits {rounding.get('gptq_cache_hits')})")
+    return lines
 
 
 def cpu_info() -> tuple[str, dict[str, bool]]:
@@ -811,14 +885,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None,
                    help="keep the compiled models here (None: a temporary directory, removed at the end)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per compile job")
+    p.add_argument("--compile-runs", type=int, default=1, help="compile each variant this often (median reported)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="only compile (time, RSS, size, compile-time ratios): no latency, no fidelity")
     p.add_argument("-v", "--verbose", action="store_true", help="print child tracebacks of failed jobs")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in SPECS]
     if bad:
         p.error(f"--models: unknown {', '.join(bad)} (choose from {', '.join(MODEL_NAMES)})")
-    if args.runs < 1 or args.calib < 1 or args.rounds < 1 or (args.eval_limit is not None and args.eval_limit < 1):
-        p.error("--runs, --rounds, --calib and --eval-limit must be >= 1")
+    if (args.runs < 1 or args.calib < 1 or args.rounds < 1 or args.compile_runs < 1
+            or (args.eval_limit is not None and args.eval_limit < 1)):
+        p.error("--runs, --rounds, --calib, --compile-runs and --eval-limit must be >= 1")
     args.rounds = min(args.rounds, args.runs)
     args.bench_dir = args.bench_dir.resolve()
     if not (args.bench_dir / "models").is_dir():

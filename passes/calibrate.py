@@ -413,6 +413,8 @@ class Calibrate(Pass):
         moments = dict(stats.moments)
         moments.update({node: moments[first] for node, first in alias.items() if first in moments})
         ctx.analysis["input_moments"] = moments
+        if self.cache:  # later passes keep their expensive results there too (insert-qdq's GPTQ codes)
+            ctx.analysis["cache_dir"] = self.cache
         ctx.analysis["ranges"] = ranges
         if pinned:  # imported ranges override calibrated ones
             check_pinned(pinned, set(ranges) | set(inherited) | pinnable, self.ranges_file)

@@ -10,11 +10,12 @@ from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QParams, QType, Rewriter,
-                       UserError, Value, compute_qparams, dequantize, gptq_round, plan_quantization, producer_op, quantize, weight_axis,
+                       UserError, Value, compute_qparams, dequantize, plan_quantization, producer_op, quantize, weight_axis,
                        weight_qparams)
 from qcompiler.calib_methods import weight_mse_clip
 from qcompiler.plan import partitions, quantization_walk, reduction_axis
 from qcompiler.quant import INT_RANGES
+from qcompiler.rounding import WeightRounder
 
 __all__ = ["InsertQdq", "qparams_of"]
 
@@ -139,9 +140,13 @@ class InsertQdq(Pass):
             raise UserError(f"pass 'insert-qdq': rounding '{self.rounding}' is not one of gptq, nearest")
         means = ctx.analysis.get("channel_means", {}) if self.bias_correction else {}
         moments = ctx.analysis.get("input_moments", {}) if self.rounding == "gptq" else {}
-        for i, (name, np_) in enumerate(plan.nodes.items()):
-            ctx.progress("quantizing weights" + (" (GPTQ rounding)" if moments else ""), i, len(plan.nodes))
-            self._quantize_params(rw, np_, weights, model, means.get(input_names.get(name, "")), moments.get(name))
+        rounder = WeightRounder(ctx.analysis.get("cache_dir", ""), total=sum(1 for n in plan.nodes if n in moments))
+        with rounder:
+            for i, (name, np_) in enumerate(plan.nodes.items()):
+                ctx.progress("quantizing weights" + (" (GPTQ rounding)" if moments else ""), i, len(plan.nodes))
+                self._quantize_params(rw, np_, weights, model, means.get(input_names.get(name, "")),
+                                      moments.get(name), rounder)
+        ctx.report["weight_rounding"] = rounder.summary()
         ctx.analysis["plan"] = plan
         ctx.analysis["lowered"] = sorted(plan.nodes) + sorted(plan.fused) + sorted(passthrough)
         ctx.analysis["float_nodes"] = floats
@@ -161,7 +166,7 @@ class InsertQdq(Pass):
                        before=first)
 
     def _quantize_params(self, rw: Rewriter, np_: NodePlan, cache: dict, model: Model,
-                         mean: np.ndarray | None, moment: np.ndarray | None) -> None:
+                         mean: np.ndarray | None, moment: np.ndarray | None, rounder: WeightRounder) -> None:
         node, cfg = np_.node, np_.config
         w_qp: QParams | None = None
         shift: np.ndarray | None = None
@@ -188,7 +193,7 @@ class InsertQdq(Pass):
                 qp = weight_qparams(src, qtype, axis, block)
                 if not block and i == 1:
                     qp = _bias_safe(qp, node, np_, cfg.bias.dtype)
-                codes = _gptq_codes(node, w, qp, moment) if (moment is not None and i == 1 and not block) else None
+                codes = _gptq_codes(node, w, qp, moment, rounder) if (moment is not None and i == 1 and not block) else None
                 stored = codes if codes is not None else quantize(w, qp)
                 wq = _int_constant(rw, f"{value.name}_quantized", stored)
                 scale = rw.constant(f"{value.name}_scale", qp.scale)
@@ -264,7 +269,8 @@ def _output_shift(node: gs.Node, delta: np.ndarray, mean: np.ndarray) -> np.ndar
     return None
 
 
-def _gptq_codes(node: gs.Node, w: np.ndarray, qp: QParams, moment: np.ndarray) -> np.ndarray | None:
+def _gptq_codes(node: gs.Node, w: np.ndarray, qp: QParams, moment: np.ndarray,
+                rounder: WeightRounder) -> np.ndarray | None:
     """GPTQ-rounded integer weights in the weight's own layout, or None if shapes disagree."""
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
@@ -283,9 +289,7 @@ def _gptq_codes(node: gs.Node, w: np.ndarray, qp: QParams, moment: np.ndarray) -
     scale = np.broadcast_to(qp.scale.reshape(-1) if qp.scale.size > 1 else qp.scale.reshape(1), (g * rows,))
     zp = np.broadcast_to(qp.zero_point.reshape(-1) if qp.zero_point.size > 1 else qp.zero_point.reshape(1),
                          (g * rows,))
-    codes = gptq_round(w3, moment, scale.reshape(g, rows), zp.reshape(g, rows), qp.qtype.qmin, qp.qtype.qmax,
-                       pair_sum_max=qp.qtype.pair_sum_max)
-    return unflatten(codes).astype(qp.qtype.np_dtype)
+    return unflatten(rounder.round(w3, moment, scale.reshape(g, rows), zp.reshape(g, rows), qp.qtype))
 
 
 def _bias_safe(qp: QParams, node: gs.Node, np_: NodePlan, bias_dtype: str) -> QParams:

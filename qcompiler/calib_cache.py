@@ -1,10 +1,17 @@
-"""The calibration cache: statistics stored under a key of everything that determines them.
+"""The build cache (``--calibration-cache DIR``): expensive results stored under a key of
+everything that determines them.
 
-Key = sha256 over (the serialized model the engine runs, the data's content hash, the
-method options as canonical JSON). The data hash covers every sample's input names, dtypes,
-shapes and bytes in order, so any change of the samples, their order or the sample limit
-misses. A hit skips every model run; writes are atomic (temp file + rename), so a crashed or
-concurrent build never leaves a half-written entry.
+Calibration statistics: key = sha256 over (the serialized model the engine runs, the data's
+content hash, the method options as canonical JSON). The data hash covers every sample's input
+names, dtypes, shapes and bytes in order, so any change of the samples, their order or the
+sample limit misses. A hit skips every model run.
+
+Arrays (GPTQ-rounded weights): key = sha256 over the input arrays' dtypes, shapes and bytes
+and the options (:func:`array_key`); the entry holds the raw bytes behind a sha256 of them, and
+the caller states the dtype and shape it expects, so nothing is deserialized but numbers.
+
+Writes are atomic (temp file + rename), so a crashed or concurrent build never leaves a
+half-written entry; an unreadable, truncated or altered entry is a miss and is rewritten.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 from .calibration import Feed, Statistics
 from .errors import UserError
 
-__all__ = ["data_digest", "cache_key", "load_cached", "store_cached"]
+__all__ = ["data_digest", "cache_key", "load_cached", "store_cached", "array_key", "load_array", "store_array"]
 
 
 def data_digest(data: Iterable[Feed], limit: int = 0) -> tuple[str, int]:
@@ -72,13 +79,58 @@ def load_cached(directory: str | os.PathLike[str], key: str) -> Statistics | Non
 
 
 def store_cached(directory: str | os.PathLike[str], key: str, stats: Statistics) -> Path:
+    return _store(directory, f"{key}.qcstats", stats.to_bytes())
+
+
+def _store(directory: str | os.PathLike[str], name: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory/name`` atomically (temp file in the same folder, rename)."""
     root = Path(directory)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".qcstats", dir=root)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(stats.to_bytes())
-        os.replace(tmp, _path(root, key))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=Path(name).suffix, dir=root)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, root / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     except OSError as exc:
         raise UserError(f"--calibration-cache {directory}: cannot write ({exc.strerror})") from None
-    return _path(root, key)
+    return root / name
+
+
+_ARRAY_MAGIC = b"QCARRAY1"
+
+
+def array_key(kind: str, arrays: Iterable[np.ndarray], options: Mapping[str, Any]) -> str:
+    """Content key of a result computed from ``arrays`` with ``options`` (``kind`` names the
+    computation and its version: a changed algorithm must not serve old entries)."""
+    h = hashlib.sha256()
+    h.update(f"qcompiler-{kind}\n".encode())
+    for arr in arrays:
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.dtype.str}|{list(arr.shape)}\n".encode())
+        h.update(memoryview(arr).cast("B"))
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def load_array(directory: str | os.PathLike[str], key: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The array stored under ``key``, or None if absent, damaged or not of ``dtype``/``shape``."""
+    try:
+        data = (Path(directory) / f"{key}.qcarray").read_bytes()
+    except OSError:
+        return None
+    head = len(_ARRAY_MAGIC) + 32
+    body = memoryview(data)[head:]
+    dtype = np.dtype(dtype)
+    if (not data.startswith(_ARRAY_MAGIC) or len(body) != dtype.itemsize * int(np.prod(shape))
+            or hashlib.sha256(body).digest() != data[len(_ARRAY_MAGIC):head]):
+        return None
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
+
+
+def store_array(directory: str | os.PathLike[str], key: str, array: np.ndarray) -> Path:
+    body = np.ascontiguousarray(array).tobytes()
+    return _store(directory, f"{key}.qcarray", _ARRAY_MAGIC + hashlib.sha256(body).digest() + body)

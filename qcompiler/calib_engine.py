@@ -32,6 +32,7 @@ import numpy as np
 from . import calibration
 from .calibration import Feed, PatchSpec, Statistics
 from .errors import UserError
+from .rounding import one_blas_thread
 
 __all__ = ["Job", "run_job", "trial_run", "parse_memory", "tensor_bytes", "make_groups", "Progress", "peak_rss_mb",
            "DEFAULT_MEMORY", "reuse_sessions", "lane_threads"]
@@ -250,18 +251,6 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _one_blas_thread() -> Any:
-    """BLAS limited to one thread while lanes run (threadpoolctl): OpenBLAS's worker threads
-    spin after each product, and with a lane's moment GEMM spinning on both cores the other
-    lane's model run stalls (measured: lanes 1.4x slower on EfficientNet than with one
-    BLAS thread)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # a dependency; without it lanes still work, only slower
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) -> tuple[Statistics, int]:
     """Run ``job`` over this shard's samples (index % shards == shard); (statistics, model runs).
 
@@ -319,7 +308,7 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
         pools: list[ThreadPoolExecutor] = []
         adder: ThreadPoolExecutor | None = None
         if lanes > 1:
-            stack.enter_context(_one_blas_thread())
+            stack.enter_context(one_blas_thread())
             pools = [ThreadPoolExecutor(1, thread_name_prefix=f"qcompiler-calibrate-{i}") for i in range(lanes)]
             # the float sums are added on one more thread, in sample order, so that the lane that
             # finished a sample gets its next one at once (the moment products of a wide layer

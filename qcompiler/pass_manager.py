@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 from .errors import PassFailure, UserError, did_you_mean
 from .ir import Model, Rewriter, verify_model
 from .ir.verify import VerificationError
+from .pipeline import pass_summary
 from .status import StatusLine
 
 if TYPE_CHECKING:
@@ -67,14 +68,6 @@ def _format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_format_value(v) for v in value) + "]"
     return str(value)
-
-
-def pass_summary(cls: type[Pass]) -> str:
-    """The first sentence of a pass's docstring (its one-line description)."""
-    doc = (cls.__doc__ or "").strip()
-    para = " ".join(doc.split("\n\n")[0].split())
-    cut = para.find(". ")
-    return para if cut < 0 else para[: cut + 1]
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-__all__ = ["PassSpec", "parse_pipeline", "format_pipeline"]
+__all__ = ["PassSpec", "parse_pipeline", "format_pipeline", "pass_summary"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
@@ -85,3 +85,12 @@ def parse_pipeline(text: str) -> list[PassSpec]:
 
 def format_pipeline(specs: list[PassSpec]) -> str:
     return ",".join(str(s) for s in specs)
+
+
+def pass_summary(cls: type | str) -> str:
+    """The first sentence of a pass's docstring (its one-line description); ``cls`` may be the
+    docstring itself."""
+    doc = (cls if isinstance(cls, str) else cls.__doc__ or "").strip()
+    para = " ".join(doc.split("\n\n")[0].split())
+    cut = para.find(". ")
+    return para if cut < 0 else para[: cut + 1]

@@ -8,6 +8,7 @@ explicit scan of what the module defines, not registration as an import side eff
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import importlib.util
@@ -16,11 +17,13 @@ import types
 import typing
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError, did_you_mean
-from .pass_manager import Pass, pass_summary
-from .pipeline import PassSpec
+from .pipeline import PassSpec, pass_summary
+
+if TYPE_CHECKING:
+    from .pass_manager import Pass
 
 __all__ = ["PassRegistry", "BUILTIN_PASSES", "default_registry"]
 
@@ -64,6 +67,8 @@ class PassRegistry:
         return sorted(set(self._refs) | set(self._classes))
 
     def register(self, cls: type[Pass], origin: str = "api") -> None:
+        from .pass_manager import Pass
+
         if not (isinstance(cls, type) and issubclass(cls, Pass) and cls.name):
             raise UserError(f"{cls!r} is not a Pass subclass with a name")
         self._classes[cls.name] = cls
@@ -132,6 +137,9 @@ class PassRegistry:
 
     def options(self, name: str) -> list[tuple[str, str, Any]]:
         """(option, type, default) rows for ``qcompiler passes``."""
+        listed = self._from_source(name)
+        if listed is not None:
+            return listed[1]
         cls = self.get(name)
         hints = typing.get_type_hints(cls)
         rows = []
@@ -141,10 +149,75 @@ class PassRegistry:
         return rows
 
     def summary(self, name: str) -> str:
-        return pass_summary(self.get(name))
+        listed = self._from_source(name)
+        return pass_summary(listed[0]) if listed is not None else pass_summary(self.get(name))
+
+    def _from_source(self, name: str) -> tuple[str, list[tuple[str, str, Any]]] | None:
+        """Docstring and option rows of a not yet imported pass, read from its source with
+        ``ast``: `qcompiler passes` then imports no pass module, and so not onnx (0.7 s of
+        CPU; docs/design.md, "Import time"). None (import it instead) unless the class derives
+        from ``Pass`` directly and every option has a literal default."""
+        if name in self._classes or name not in self._refs:
+            return None
+        module_name, _, attr = self._refs[name].partition(":")
+        try:
+            spec = importlib.util.find_spec(module_name)
+            tree = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else None
+        except (ImportError, OSError, SyntaxError, ValueError):
+            return None
+        cls = next((n for n in (tree.body if tree else []) if isinstance(n, ast.ClassDef) and n.name == attr), None)
+        if cls is None or [ast.unparse(b) for b in cls.bases] != ["Pass"]:
+            return None
+        rows = []
+        for item in cls.body:
+            if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
+                continue
+            kind = ast.unparse(getattr(item.annotation, "value", item.annotation))  # tuple[str, ...] -> tuple
+            if kind.startswith("ClassVar"):
+                continue
+            try:
+                default = _constant(item.value, tree, spec.name) if item.value is not None else None
+            except ValueError:
+                return None
+            rows.append((item.target.id.replace("_", "-"), kind, default))
+        return ast.get_docstring(cls, clean=False) or "", rows
+
+
+def _constant(node: ast.expr, tree: ast.Module, module: str, depth: int = 0) -> Any:
+    """The value of a default written as a literal, an integer expression of literals
+    (``1 << 24``) or a name bound to one at module level here or in a module this one imports
+    it from (``DEFAULT_MEMORY``); ValueError for anything else."""
+    if isinstance(node, ast.BinOp):
+        ops = {ast.LShift: int.__lshift__, ast.Mult: int.__mul__, ast.Add: int.__add__, ast.Pow: int.__pow__}
+        left, right = _constant(node.left, tree, module, depth), _constant(node.right, tree, module, depth)
+        if type(node.op) not in ops or not (type(left) is int and type(right) is int):
+            raise ValueError("not an integer expression")
+        return ops[type(node.op)](left, right)
+    if not isinstance(node, ast.Name):
+        return ast.literal_eval(node)
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            if any(isinstance(t, ast.Name) and t.id == node.id for t in targets):
+                return _constant(stmt.value, tree, module, depth)
+        if isinstance(stmt, ast.ImportFrom) and depth < 2 and any(a.name == node.id and a.asname is None
+                                                                  for a in stmt.names):
+            source = importlib.util.resolve_name("." * stmt.level + (stmt.module or ""), module.rpartition(".")[0]) \
+                if stmt.level else stmt.module or ""
+            try:
+                spec = importlib.util.find_spec(source)
+                other = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else None
+            except (ImportError, OSError, SyntaxError) as exc:
+                raise ValueError(str(exc)) from None
+            if other is None:
+                raise ValueError(source)
+            return _constant(node, other, source, depth + 1)
+    raise ValueError(f"name {node.id}")
 
 
 def _passes_defined_in(module: types.ModuleType) -> list[type[Pass]]:
+    from .pass_manager import Pass
+
     found = []
     for value in vars(module).values():
         if (isinstance(value, type) and issubclass(value, Pass) and value is not Pass

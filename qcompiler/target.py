@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from .errors import UserError, did_you_mean
 from .quant import DTYPES, MIN_OPSET, QType, qrange
@@ -147,6 +146,8 @@ def _is_gemv(node: Any) -> bool:
 
 def _has_constant_input(node: Any) -> bool:
     """Some input is a constant (e.g. a bias Add, as opposed to a residual Add of two activations)."""
+    import onnx_graphsurgeon as gs  # here, not at the top: listing targets needs no onnx (import time)
+
     return any(isinstance(v, gs.Constant) and v.name for v in node.inputs)
 
 

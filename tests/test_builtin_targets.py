@@ -6,7 +6,7 @@ Runtime: one effnet compile per target (module-scoped), each with minmax calibra
 images and without the input second moments GPTQ rounding needs (so weights are rounded to
 nearest): ~3 s a compile instead of ~30 s. The floors below are for that cheap setting; the
 targets' own pipelines (mse, GPTQ, 32 images) do better. Fidelity is measured on 16 eval images
-the calibration did not see.
+the calibration did not see. The effnet tests are marked slow (`pytest -m 'not slow'` skips them).
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # -- every target ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_effnet_compiles_runs_and_keeps_fidelity(effnet, reference, target: str) -> None:
     """Valid ONNX (full check), same inputs/outputs as the float model, and onnxruntime's output
@@ -143,11 +144,13 @@ def test_tiny_model_compiles_and_runs(target: str) -> None:
 
 # -- per-target structure ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ort_cpu_uses_integer_kernels(effnet) -> None:
     ops = Counter(n.op_type for n in effnet["ort-cpu"].proto.graph.node)
     assert ops["QLinearConv"] == 49 and ops["Conv"] == 0
 
 
+@pytest.mark.slow
 def test_ort_cpu_qdq_is_fused_by_onnxruntime(effnet, tmp_path: Path) -> None:
     """ort-cpu-qdq writes only standard Q/DQ around float ops, with ort-cpu's weight rules
     (int8, pair sums <= 128 on non-depthwise Convs), and onnxruntime's optimizer turns the
@@ -171,6 +174,7 @@ def test_ort_cpu_qdq_is_fused_by_onnxruntime(effnet, tmp_path: Path) -> None:
     assert fused["QLinearConv"] >= 40, fused
 
 
+@pytest.mark.slow
 def test_tensorrt_symmetric_int8_zero_points(effnet) -> None:
     """tensorrt: every Q/DQ is int8 with zero point 0 (weights per channel); biases stay float."""
     params = _qdq(effnet["tensorrt"].proto)
@@ -180,6 +184,7 @@ def test_tensorrt_symmetric_int8_zero_points(effnet) -> None:
     assert not any(v.dtype == np.int32 for v in _inits(effnet["tensorrt"].proto).values())
 
 
+@pytest.mark.slow
 def test_npu_int8_power_of_two_and_partitions(effnet) -> None:
     """npu-int8: every scale is an exact power of two, every zero point 0 (int8); the report
     lists integer partitions whose boundary values exist in the model, and the ops the NPU
@@ -203,6 +208,7 @@ def test_npu_int8_power_of_two_and_partitions(effnet) -> None:
     assert gap and not set(gap) & set(nodes)
 
 
+@pytest.mark.slow
 def test_dsp_a16w8_sixteen_bit_activations(effnet) -> None:
     """dsp-a16w8: opset 21, activation Q/DQ in uint16, weights int8, biases int32."""
     proto = effnet["dsp-a16w8"].proto
@@ -264,6 +270,7 @@ def test_new_targets_are_deterministic(target: str) -> None:
 
 # -- the CPU-dependent fact ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fused_cpu_kernels_saturate_exactly_where_check_warns(effnet, reference) -> None:
     """CPU fact pinned: on x86 WITHOUT VNNI (e.g. AMD EPYC AVX2), onnxruntime's int8 GEMM/conv
     kernels add u8 x s8 products in saturating int16 pairs, so the tensorrt output (full-range
@@ -284,6 +291,7 @@ def test_fused_cpu_kernels_saturate_exactly_where_check_warns(effnet, reference)
         assert fused > 0.99, ("onnxruntime's fused kernels depart from the graph and check did not warn", fused)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa, warns", [("avx2", True), ("vnni", False)])
 def test_saturation_warning_follows_the_host_isa(effnet, monkeypatch, isa: str, warns: bool) -> None:
     """CPU fact pinned by QCOMPILER_HOST_ISA (same verdict on every machine): on a host without

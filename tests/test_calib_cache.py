@@ -1,5 +1,6 @@
-"""The calibration cache: a rebuild with the same graph, data and options makes no model run
-and gives identical ranges; any change of data or method misses; writes are atomic."""
+"""The build cache: a rebuild with the same graph, data and options makes no model run and
+no GPTQ rounding and gives identical bytes; any change of data or method misses; writes are
+atomic; damaged entries are recomputed."""
 
 from __future__ import annotations
 
@@ -40,12 +41,16 @@ def test_hit_skips_model_runs(tmp_path: Path, runs: list[int]) -> None:
     data = tiny_calibration(5)
     first = _compile(tmp_path / "cache", data)
     assert first.report["calibration"]["cache"] == "miss" and runs[0] >= 10  # two phases x 5 samples
-    entries = list((tmp_path / "cache").iterdir())
-    assert len(entries) == 1 and entries[0].suffix == ".qcstats"  # no temp file left behind
+    rounded = first.report["weight_rounding"]
+    assert rounded["gptq_layers"] >= 2 and rounded["gptq_cache_hits"] == 0
+    entries = sorted(p.suffix for p in (tmp_path / "cache").iterdir())  # no temp file left behind
+    assert entries == [".qcarray"] * rounded["gptq_layers"] + [".qcstats"]
     runs[0] = 0
     second = _compile(tmp_path / "cache", data)
     assert second.report["calibration"]["cache"] == "hit"
     assert runs[0] == 0
+    assert second.report["weight_rounding"]["gptq_layers"] == 0  # no GPTQ work either
+    assert second.report["weight_rounding"]["gptq_cache_hits"] == rounded["gptq_layers"]
     assert second.report["calibration"]["samples"] == 5
     assert first.proto.SerializeToString() == second.proto.SerializeToString()
 
@@ -113,3 +118,44 @@ def test_statistics_ranges_from_the_cli_and_in_the_key(tmp_path: Path, runs: lis
         main(["compile", str(model), "-o", str(tmp_path / "bad.onnx"), "--calibration", str(data),
               "--calibration-statistics", "most"])
     assert exc.value.code == 2 and not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "garbage"])
+def test_damaged_gptq_entry_is_recomputed(tmp_path: Path, damage: str) -> None:
+    """A GPTQ entry whose bytes changed (one flipped bit in the codes, a cut-off file, foreign
+    content) is not used: that layer is rounded again, the entry rewritten, the output the same."""
+    data = tiny_calibration(3)
+    first = _compile(tmp_path, data)
+    entry = max(tmp_path.glob("*.qcarray"), key=lambda p: p.stat().st_size)
+    raw = bytearray(entry.read_bytes())
+    if damage == "bitflip":
+        raw[-1] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[:-3]
+    else:
+        raw = bytearray(b"\x93NUMPY" + bytes(40))
+    entry.write_bytes(bytes(raw))
+    again = _compile(tmp_path, data)
+    rounded = again.report["weight_rounding"]
+    assert rounded["gptq_layers"] == 1
+    assert rounded["gptq_cache_hits"] == first.report["weight_rounding"]["gptq_layers"] - 1
+    assert first.proto.SerializeToString() == again.proto.SerializeToString()
+    assert _compile(tmp_path, data).report["weight_rounding"]["gptq_layers"] == 0  # rewritten
+
+
+def test_array_entries(tmp_path: Path) -> None:
+    """Array entries: the key covers dtype, shape, bytes and options; a load states dtype and
+    shape, and an entry of another size is a miss; nothing but raw numbers is read."""
+    from qcompiler.calib_cache import array_key, load_array, store_array
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    k = array_key("test-v1", [a], {"o": 1})
+    assert k != array_key("test-v2", [a], {"o": 1}) != array_key("test-v1", [a], {"o": 2})
+    assert k != array_key("test-v1", [a.reshape(4, 3)], {"o": 1}) != array_key("test-v1", [a.astype(np.float64)], {"o": 1})
+    assert load_array(tmp_path, k, np.int8, (3, 4)) is None
+    codes = np.arange(-6, 6, dtype=np.int8).reshape(3, 4)
+    store_array(tmp_path, k, codes)
+    assert np.array_equal(load_array(tmp_path, k, np.int8, (3, 4)), codes)
+    assert load_array(tmp_path, k, np.int8, (4, 4)) is None
+    assert load_array(tmp_path, k, np.int16, (3, 4)) is None
+    assert [p.name for p in tmp_path.iterdir()] == [f"{k}.qcarray"]

@@ -4,7 +4,7 @@ Each step runs once per test session (module-scoped fixture, a subprocess with t
 run from an unrelated working directory to prove paths resolve relative to the script) and
 several tests check its output files and JSON. The plugin pass and the custom target also get
 fast in-process checks on a tiny model, so a failure there points at them, not at the
-end-to-end scripts.
+end-to-end scripts. The end-to-end steps are marked slow (`pytest -m 'not slow'` skips them).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def step1(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
     return summary, stdout, out
 
 
+@pytest.mark.slow
 def test_step1_numbers(step1: tuple[dict[str, Any], str, Path]) -> None:
     """int8 is < 30% of fp32's size, follows fp32 on the eval images (loose bounds: accuracy
     work is ongoing) and both latencies were measured."""
@@ -104,6 +105,7 @@ def test_step1_numbers(step1: tuple[dict[str, Any], str, Path]) -> None:
         assert needle in stdout
 
 
+@pytest.mark.slow
 def test_step1_output_is_a_valid_integer_model(step1: tuple[dict[str, Any], str, Path]) -> None:
     """The saved model passes the ONNX checker, uses integer kernels, and runs in onnxruntime
     with the fp32 model's input and output."""
@@ -183,6 +185,7 @@ def step2(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
     return summary, stdout, out
 
 
+@pytest.mark.slow
 def test_step2_plugin_changes_the_compiled_model(step2: tuple[dict[str, Any], str, Path]) -> None:
     """The plugin pass ran where it was inserted, pruned weights, and the pruned compile's
     int8 weights hold more zeros than the default compile's (so the bytes differ for a reason)."""
@@ -222,6 +225,7 @@ def step3(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
     return summary, stdout, out
 
 
+@pytest.mark.slow
 def test_step3_targets_shape_the_output(step3: tuple[dict[str, Any], str, Path]) -> None:
     """ort-cpu lowers to QLinearConv; the QDQ custom target keeps float Conv between
     QuantizeLinear/DequantizeLinear and has no QLinearConv; both run on the eval images."""
@@ -259,6 +263,7 @@ def step4(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
     return summary, stdout, out
 
 
+@pytest.mark.slow
 def test_step4_partitions_follow_the_target(step4: tuple[dict[str, Any], str, Path]) -> None:
     """npu-int8 leaves GlobalAveragePool on the host (two integer partitions); my-npu runs it on
     the NPU (one partition); both outputs run in onnxruntime and the printed numbers are the JSON's."""
