@@ -410,7 +410,8 @@ class Calibrate(Pass):
                 store_cached(self.cache, key, stats)
 
         ranges = stats.ranges()
-        for n, (m, grid, kind) in plan.items():
+        for i, (n, (m, grid, kind)) in enumerate(plan.items()):
+            ctx.progress("choosing ranges", i, len(plan))
             if n not in ranges:
                 continue
             lo, hi = ranges[n]
@@ -472,8 +473,8 @@ class Calibrate(Pass):
                                     initializers=shared, exposed=list(dict.fromkeys(names)))  # phase 1's session
         groups1 = make_groups(names, sizes, max(1, budget // self.lanes))  # a run per lane in flight
         has_phase2 = any(k is not None for _, _, k in plan.values())
-        progress = Progress(not ctx.quiet and sys.stderr.isatty() and self.workers <= 1 and not self.scheduler,
-                            len(groups1) * (2 if has_phase2 else 1))
+        progress = Progress(ctx.status.enabled and self.workers <= 1 and not self.scheduler,
+                            len(groups1) * (2 if has_phase2 else 1), show=ctx.progress)
         # input second moments need no ranges: collected in the first pass, so minmax runs once
         job1 = Job(proto, groups1, inputs, initializers=shared, track=track, per_sample=per_sample,
                    channel_axes=axes, moment_specs=specs, moment_limit=self.moment_samples,

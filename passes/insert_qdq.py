@@ -129,7 +129,8 @@ class InsertQdq(Pass):
         moments = ctx.analysis.get("input_moments", {}) if self.rounding == "gptq" else {}
         rounder = WeightRounder(ctx.analysis.get("cache_dir", ""), total=sum(1 for n in plan.nodes if n in moments))
         with rounder:
-            for name, np_ in plan.nodes.items():
+            for i, (name, np_) in enumerate(plan.nodes.items()):
+                ctx.progress("quantizing weights" + (" (GPTQ rounding)" if moments else ""), i, len(plan.nodes))
                 self._quantize_params(rw, np_, weights, model, means.get(input_names.get(name, "")),
                                       moments.get(name), rounder)
         ctx.report["weight_rounding"] = rounder.summary()

@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._source_tree import install as _map_source_tree
+
+_map_source_tree(__file__)  # a source checkout: passes/ and targets/ as qcompiler.passes/.targets
+
 # The public names and the module defining each. They are imported on first use (PEP 562), so
 # that `qcompiler --version` and `targets` do not pay for onnx, networkx and onnxruntime
 # (docs/design.md, "Import time").

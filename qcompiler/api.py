@@ -18,9 +18,11 @@ from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
 from .ir.validate import check_runnable_domains
 from .kernels import INTEGER_OPS
+from .ir.io import proto_size
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
+from .status import StatusLine, is_terminal
 from .target import Target, load_target
 from .version import __version__
 
@@ -154,13 +156,20 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     reg = registry or default_registry()
     for plugin in plugins:
         reg.load_plugin(str(plugin))
+    status = StatusLine(stream or sys.stderr, enabled=not quiet and is_terminal(stream or sys.stderr))
+    log = (lambda msg: None) if quiet else status.println
+
+    def load() -> Model:
+        with status.phase("loading the model", log, verbose):
+            return load_model(model)
+
     m = None
     if mode:
         mode_reason = "--mode"
     elif tgt.default_mode == "auto" and pipeline is not None:
         mode, mode_reason = "static", "auto with an explicit pipeline: static"
     elif tgt.default_mode == "auto":  # the model's ops decide (Target.choose_mode)
-        m = load_model(model)
+        m = load()
         mode, mode_reason = tgt.choose_mode(set(op_histogram(m)))
     else:
         mode, mode_reason = tgt.default_mode, f"target default ({tgt.default_mode})"
@@ -205,9 +214,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         passes = [dataclasses.replace(p, **wo_opts) if p.name == "quantize-weights" else p for p in passes]
     for name in disable_passes:
         reg.get(name)  # unknown names are errors, not silently ignored
-    m = m if m is not None else load_model(model)
+    m = m if m is not None else load()
     check_runnable_domains(m)
-    input_size = os.path.getsize(model) if isinstance(model, (str, os.PathLike)) else model.ByteSize()
+    input_size = sum(f.stat().st_size for f in m.files) if m.files else model.ByteSize()
     ops_before = op_histogram(m)
     calib = None
     needs_calibration = any(p.name == "calibrate" for p in passes) and "calibrate" not in set(disable_passes)
@@ -228,8 +237,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             eval_samples, fidelity = hold_out(calib)
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=stream or sys.stderr))
-    ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, log=log)
+    ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose,
+                      log=log, status=status)
     if plan_overrides:
         ctx.analysis["plan_overrides"] = dict(plan_overrides)
     inst = Instrumentation(print_ir_after=set(print_ir_after), time_passes=time_passes, verify_each=verify_each,
@@ -241,12 +250,15 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     except PassFailure as exc:
         _blame_input(model, calib, exc)
         raise
-    check_report = _check_output(m, tgt, plan_overrides, ctx.analysis.get("float_nodes")) if check else None
+    check_report = None
+    if check:
+        with status.phase("checking the compiled model", log, verbose):
+            check_report = _check_output(m, tgt, plan_overrides, ctx.analysis.get("float_nodes"))
     _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
-    out_size = result.proto.ByteSize()
+    out_size = proto_size(result.proto)  # None above 2 GB: known once saved (with external data)
     lowered = sorted(ctx.analysis.get("lowered", []))
     report: dict[str, Any] = {
         "qcompiler_version": __version__,

@@ -22,7 +22,7 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -454,8 +454,10 @@ class Progress:
     (the pass enables it when stderr is a terminal and the compile is not quiet). The total
     is known once the first run has seen every sample; until then there is no ETA."""
 
-    def __init__(self, enabled: bool, runs: int, stream: TextIO | None = None) -> None:
+    def __init__(self, enabled: bool, runs: int, stream: TextIO | None = None,
+                 show: Callable[[str], None] | None = None) -> None:
         self.enabled = enabled
+        self.show = show  # draw through this (a pass's ``ctx.progress``) instead of on ``stream``
         self.runs = max(runs, 1)
         self.stream = stream or sys.stderr
         self.run = 0
@@ -492,11 +494,14 @@ class Progress:
         if self.per_run is not None and rate > 0:
             left = max(self.per_run * self.runs - self.done, 0)
             eta = f", ETA {int(left / rate) // 60}:{int(left / rate) % 60:02d}"
-        self.stream.write(f"\rcalibrate: run {min(self.run, self.runs)}/{self.runs}, {self.in_run} samples"
-                          f", {rate:.1f} samples/s{eta}   ")
+        text = f"run {min(self.run, self.runs)}/{self.runs}, {self.in_run} samples, {rate:.1f} samples/s{eta}"
+        if self.show is not None:
+            self.show(text)
+            return
+        self.stream.write(f"\rcalibrate: {text}   ")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.show is None:
             self.stream.write("\n")
             self.stream.flush()

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+import warnings
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import PassFailure, UserError
+from .errors import PassFailure, Terminated, UserError
 
 __all__ = ["main"]
 
@@ -30,10 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="ort-cpu", help="built-in target name or path to a .toml file")
     c.add_argument("--calibration", help=".npz (samples stacked on axis 0), .npy, a directory of .npz or of images "
                    "(see --image-spec), or random:N (smoke tests only)")
-    c.add_argument("--image-spec", metavar="SPEC|FILE.toml",
-                   help="image preprocessing for an image-folder --calibration, e.g. "
-                   "'resize=256,crop=224,scale=1/255,mean=0.5,0.5,0.5,std=0.5,0.5,0.5' (default: the folder's "
-                   "preprocess.toml); see docs/calibration.md")
+    _image_spec(c, "--calibration")
     c.add_argument("--import-ranges", metavar="FILE.json", help="pin activation ranges from a range file")
     c.add_argument("--export-ranges", metavar="FILE.json", help="write the calibrated activation ranges here")
     c.add_argument("--export-tensorrt-table", metavar="FILE", help="write the ranges as a TensorRT calibration table")
@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--reference", help="the float model: report per-tensor and output SQNR against it")
     sm.add_argument("--report", help="write the JSON result here")
     sm.add_argument("--limit", type=int, help="use only the first N input samples")
+    _image_spec(sm, "--inputs")
     _verbosity(sm)
 
     an = sub.add_parser("analyze", help="per-layer accuracy analysis of a quantized model against its float model")
@@ -118,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--limit", type=int, help="use only the first N input samples (default 8)")
     _verbosity(an)
     return p
+
+
+def _image_spec(p: argparse.ArgumentParser, data_flag: str) -> None:
+    p.add_argument("--image-spec", metavar="SPEC|FILE.toml",
+                   help=f"image preprocessing for an image-folder {data_flag}, e.g. "
+                   "'resize=256,crop=224,scale=1/255,mean=0.5,0.5,0.5,std=0.5,0.5,0.5' (default: the folder's "
+                   "preprocess.toml); see docs/calibration.md")
 
 
 def _verbosity(p: argparse.ArgumentParser) -> None:
@@ -147,45 +155,65 @@ def _bool_flag(flag: str, text: str | None) -> bool | None:
     return text.lower() == "true"
 
 
+def _model_files(model: str, outputs: list[str]) -> list[tuple[str, str]]:
+    """The model and, when an output lies in the model's folder tree (the only place its
+    external data may be), the external data files it names."""
+    from .files import real_path
+
+    found = [("input model", model)]
+    folder = real_path(model).parent
+    if Path(model).is_file() and any(real_path(o).is_relative_to(folder) for o in outputs):
+        import onnx
+
+        from .ir.io import external_data_files
+
+        try:
+            proto = onnx.load(model, load_external_data=False)
+        except Exception:  # noqa: BLE001 - unreadable: loading it reports the error, before any output
+            return found
+        found += [("input model's external data", str(p)) for p in external_data_files(proto, Path(model).parent)]
+    return found
+
+
 def _cmd_compile(a: argparse.Namespace) -> int:
+    from . import files
     from .api import compile as qcompile
+    from .status import StatusLine, is_terminal
 
-    out = Path(a.output)
-    if out.exists() and out.is_dir():
-        raise UserError(f"{out}: output path is a directory")
-    if not out.parent.exists() if str(out.parent) else False:
-        raise UserError(f"{out}: cannot write output: directory '{out.parent}' does not exist")
-    if Path(a.model).resolve() == out.resolve():
-        raise UserError(f"{out}: output would overwrite the input model")
-    for extra in (a.export_ranges, a.export_tensorrt_table, a.analysis):
-        if extra and str(Path(extra).parent) and not Path(extra).parent.is_dir():
-            raise UserError(f"{extra}: cannot write: directory '{Path(extra).parent}' does not exist")
-    result = qcompile(a.model, target=a.target, calibration=a.calibration, mode=a.mode, format=a.format,
-                      pipeline=a.pipeline, plugins=a.plugin, print_ir_after=a.print_ir_after,
-                      time_passes=a.time_passes, verify_each=a.verify_each, stop_after=a.stop_after,
-                      disable_passes=a.disable_pass, calibration_limit=a.calibration_limit,
-                      image_spec=a.image_spec, import_ranges=a.import_ranges, export_ranges=a.export_ranges,
-                      export_tensorrt_table=a.export_tensorrt_table, check=a.check,
-                      calibration_method=a.calibration_method, calibration_overrides=_overrides(a.calibration_override),
-                      calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
-                      workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
-                      calibration_statistics=a.calibration_statistics, eval_data=a.eval_data, analysis=a.analysis,
-                      weight_bits=a.weight_bits, block_size=a.block_size,
-                      weight_symmetric=_bool_flag("--weight-symmetric", a.weight_symmetric),
-                      weight_algorithm=a.weight_algorithm, quiet=a.quiet, verbose=a.verbose)
-    if a.report:
-        rep = Path(a.report)
-        if not rep.parent.exists() if str(rep.parent) else False:
-            raise UserError(f"{rep}: cannot write report: directory '{rep.parent}' does not exist")
-    result.save(out)
-    if a.report:
-        from .ir import atomic_write_text
-
-        atomic_write_text(Path(a.report), json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+    outputs = [("-o", a.output), ("--report", a.report), ("--export-ranges", a.export_ranges),
+               ("--export-tensorrt-table", a.export_tensorrt_table), ("--analysis", a.analysis)]
+    if not files.is_special(a.output):  # a model above 2 GB also writes OUTPUT.data
+        outputs.append(("-o external data", a.output + ".data"))
+    inputs = [*_model_files(a.model, [str(p) for _, p in outputs if p]), ("calibration file", a.calibration),
+              ("image spec", a.image_spec), ("target file", a.target), ("range file", a.import_ranges),
+              ("eval data", a.eval_data),
+              *(("plugin", p) for p in a.plugin)]
+    files.check_paths(inputs, outputs)
+    _quiet_runtime()
+    with files.transaction():  # every output or none
+        result = qcompile(a.model, target=a.target, calibration=a.calibration, mode=a.mode, format=a.format,
+                          pipeline=a.pipeline, plugins=a.plugin, print_ir_after=a.print_ir_after,
+                          time_passes=a.time_passes, verify_each=a.verify_each, stop_after=a.stop_after,
+                          disable_passes=a.disable_pass, calibration_limit=a.calibration_limit,
+                          image_spec=a.image_spec, import_ranges=a.import_ranges, export_ranges=a.export_ranges,
+                          export_tensorrt_table=a.export_tensorrt_table, check=a.check,
+                          calibration_method=a.calibration_method,
+                          calibration_overrides=_overrides(a.calibration_override),
+                          calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
+                          workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
+                          calibration_statistics=a.calibration_statistics, eval_data=a.eval_data,
+                          analysis=a.analysis, weight_bits=a.weight_bits, block_size=a.block_size,
+                          weight_symmetric=_bool_flag("--weight-symmetric", a.weight_symmetric),
+                          weight_algorithm=a.weight_algorithm, quiet=a.quiet, verbose=a.verbose)
+        status = StatusLine(sys.stderr, enabled=not a.quiet and is_terminal(sys.stderr))
+        with status.phase("saving the outputs", status.println, a.verbose):
+            result.save(a.output)
+            if a.report:
+                files.write_bytes(a.report, (json.dumps(result.report, indent=2, sort_keys=True) + "\n").encode())
     if not a.quiet:
         r = result.report
         n_low = len(r["lowered"])
-        print(f"qcompiler: {a.model} -> {out} [{r['target']}, {r['mode']}, {r['format']}] "
+        print(f"qcompiler: {a.model} -> {a.output} [{r['target']}, {r['mode']}, {r['format']}] "
               f"{r['size_bytes']['input'] / 1e6:.2f} MB -> {r['size_bytes']['output'] / 1e6:.2f} MB, "
               f"{n_low} nodes integer, {len(r['float_nodes'])} float", file=sys.stderr)
         if (r.get("check") or {}).get("host_warning"):
@@ -266,20 +294,20 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(a: argparse.Namespace) -> int:
+    from . import files
     from .sim import simulate
 
-    if a.report:
-        rep = Path(a.report)
-        if not rep.parent.exists() if str(rep.parent) else False:
-            raise UserError(f"{rep}: cannot write report: directory '{rep.parent}' does not exist")
+    files.check_paths([("input model", a.model), ("reference model", a.reference), ("inputs file", a.inputs),
+                       ("image spec", a.image_spec), ("target file", a.target)], [("--report", a.report)])
     for path, what in ((a.model, "model"), (a.reference, "reference model")):
         if path is not None and not Path(path).is_file():
             raise UserError(f"{path}: {what} not found")
-    result = simulate(a.model, a.target, a.inputs, reference=a.reference, limit=a.limit)
-    if a.report:
-        from .ir import atomic_write_text
-
-        atomic_write_text(Path(a.report), json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    _quiet_runtime()
+    with files.transaction():
+        result = simulate(a.model, a.target, a.inputs, reference=a.reference, limit=a.limit,
+                          image_spec=a.image_spec)
+        if a.report:
+            files.write_bytes(a.report, (json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     if not a.quiet:
         print(result.table())
     return 0
@@ -307,6 +335,18 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _quiet_runtime() -> None:
+    """No stderr lines from onnxruntime's logger (warnings such as its telemetry notice) in the
+    CLI: what matters reaches the user as qcompiler's own one-line errors."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # errors and fatal only
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
@@ -319,10 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     verbose = getattr(a, "verbose", False)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # unwind like SIGINT
     try:
-        return {"compile": _cmd_compile, "targets": _cmd_targets, "passes": _cmd_passes,
-                "inspect": _cmd_inspect, "check": _cmd_check, "simulate": _cmd_simulate,
-                "analyze": _cmd_analyze}[a.command](a)
+        with warnings.catch_warnings():
+            if not verbose:  # library warnings (numpy's RuntimeWarnings, ...) are for -v, not build logs
+                warnings.simplefilter("ignore")
+            return {"compile": _cmd_compile, "targets": _cmd_targets, "passes": _cmd_passes,
+                    "inspect": _cmd_inspect, "check": _cmd_check, "simulate": _cmd_simulate,
+                    "analyze": _cmd_analyze}[a.command](a)
     except UserError as exc:
         if verbose:
             traceback.print_exc()
@@ -336,9 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"qcompiler: internal error: {exc} (run with -v for a traceback)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("qcompiler: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        name, code = ("SIGINT", 130) if isinstance(exc, KeyboardInterrupt) else ("SIGTERM", 143)
+        done = "outputs were already complete" if getattr(exc, "outputs_written", False) else "no output written"
+        print(f"qcompiler: interrupted by {name}; {done}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         # stdout closed early (`qcompiler passes | head`): not an error of ours; silence the
         # flush at exit as Python's documentation recommends, and exit like SIGPIPE would
@@ -352,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qcompiler: internal error: {type(exc).__name__}: {exc} (run with -v for a traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ Anything else escaping a pass is an internal error (exit 1).
 
 from __future__ import annotations
 
-__all__ = ["UserError", "PassFailure"]
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["UserError", "PassFailure", "Terminated", "did_you_mean"]
 
 
 class UserError(Exception):
@@ -28,3 +31,15 @@ class PassFailure(Exception):
         super().__init__(
             f"pass '{pass_name}' failed ({type(cause).__name__}: {cause}); passes run before it: {before}"
         )
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (the CLI's handler raises it; SIGINT raises KeyboardInterrupt). A
+    BaseException like KeyboardInterrupt, so ``except Exception`` in passes does not swallow it
+    and every ``finally`` removes its temp files on the way out."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the closest of ``choices``, or "" (for one-line errors)."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
-from .errors import PassFailure, UserError
+from .errors import PassFailure, UserError, did_you_mean
 from .ir import Model, Rewriter, verify_model
 from .ir.verify import VerificationError
 from .pipeline import pass_summary
+from .status import StatusLine
 
 if TYPE_CHECKING:
     from .target import Target
@@ -81,7 +82,9 @@ class PassContext:
     analysis: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
+    verbose: bool = False  # -v: timed started/finished lines per phase (qcompiler.status)
     log: Callable[[str], None] = field(default=lambda msg: None)
+    status: StatusLine = field(default_factory=StatusLine)  # disabled unless a terminal (qcompiler.status)
     _rewriters: list[Rewriter] = field(default_factory=list)
     _listeners: list[Callable[[str, str], None]] = field(default_factory=list)
 
@@ -93,6 +96,14 @@ class PassContext:
 
     def changes(self) -> int:
         return sum(rw.changes for rw in self._rewriters)
+
+    def progress(self, what: str, done: int | None = None, total: int | None = None) -> None:
+        """Say on the status line what the running pass does (``what done/total``); a no-op
+        outside a terminal, cheap enough to call once per weight or sample."""
+        self.status.show(what if done is None else f"{what} {done}/{total}")
+
+
+ELIDE_ELEMENTS = 64  # --print-ir-after prints larger constants as shape, dtype and digest
 
 
 @dataclass
@@ -132,22 +143,28 @@ class PassManager:
         inst = self.inst
         ran: list[str] = []
         any_modified = False
-        names = {p.name for p in self.passes}
-        if inst.stop_after and inst.stop_after not in names:
-            raise UserError(f"--stop-after {inst.stop_after}: no such pass in the pipeline ({', '.join(p.name for p in self.passes)})")
-        for p in self.passes:
+        names = [p.name for p in self.passes]
+        for flag, wanted in [("--stop-after", inst.stop_after)] + [("--print-ir-after", n) for n in
+                                                                   sorted(inst.print_ir_after - {"all"})]:
+            if wanted and wanted not in names:
+                raise UserError(f"{flag} {wanted}: no such pass in the pipeline{did_you_mean(wanted, names)} "
+                                f"({', '.join(names)})")
+        status = ctx.status
+        for index, p in enumerate(self.passes, 1):
+            step = f"[{index}/{len(self.passes)}] {p.name}"
             if p.name in inst.disabled:
                 self.records.append({"name": p.name, "spec": p.spec(), "seconds": 0.0, "modified": False,
                                      "skipped": True})
                 continue
             before = ctx.changes()
             start = time.perf_counter()
-            try:
-                result = p.run(model, ctx)
-            except UserError:
-                raise
-            except Exception as exc:
-                raise PassFailure(p.name, ran, exc) from exc
+            with status.phase(step, ctx.log, ctx.verbose):
+                try:
+                    result = p.run(model, ctx)
+                except UserError:
+                    raise
+                except Exception as exc:
+                    raise PassFailure(p.name, ran, exc) from exc
             changed = ctx.changes() - before
             if changed:
                 try:
@@ -170,7 +187,7 @@ class PassManager:
                     raise PassFailure(p.name, ran[:-1], VerificationError(
                         f"IR invalid after pass: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")))
             if "all" in inst.print_ir_after or p.name in inst.print_ir_after:
-                inst.stream.write(f"// ----- IR after {p.spec()} -----\n{model.graph.to_text()}\n")
+                inst.stream.write(f"// ----- IR after {p.spec()} -----\n{model.graph.to_text(elide_above=ELIDE_ELEMENTS)}\n")
             if inst.stop_after == p.name:
                 break
         if inst.time_passes:

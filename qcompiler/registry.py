@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import importlib
 import importlib.util
 import sys
@@ -20,7 +19,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .pipeline import PassSpec, pass_summary
 
 if TYPE_CHECKING:
@@ -84,9 +83,7 @@ class PassRegistry:
             return self._classes[name]
         ref = self._refs.get(name)
         if ref is None:
-            close = difflib.get_close_matches(name, self.names(), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"unknown pass '{name}'{hint}; 'qcompiler passes' lists them")
+            raise UserError(f"unknown pass '{name}'{did_you_mean(name, self.names())}; 'qcompiler passes' lists them")
         module_name, _, attr = ref.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), attr)

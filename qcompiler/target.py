@@ -8,7 +8,6 @@ target's name; they ask this module. Every error cites the file and the key.
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .tomlfile import read_toml
 from .quant import DTYPES, MIN_OPSET, QType, qrange, valid_scale
 
@@ -249,8 +248,7 @@ def _validate(data: Any, schema: Any, where: str, src: str) -> None:
         for k, v in data.items():
             key = f"{where}.{k}" if where else k
             if k not in schema:
-                close = difflib.get_close_matches(k, list(schema), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(k, schema)
                 raise UserError(f"{src}: unknown key '{key}'{hint}")
             _validate(v, schema[k], key, src)
         return
@@ -312,8 +310,7 @@ def load_target(spec: "str | Path | Target", _seen: tuple[str, ...] = ()) -> "Ta
     elif text in builtins:
         path = builtins[text]
     else:
-        close = difflib.get_close_matches(text, list(builtins), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(text, builtins)
         raise UserError(f"unknown target '{text}'{hint}; built-in targets: {', '.join(builtins)}")
     data = _read(path)
     _validate(data, _SCHEMA, "", str(path))

@@ -10,6 +10,7 @@ methods. Changing the graph goes through :class:`qcompiler.ir.Rewriter`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -207,14 +208,41 @@ class Graph:
         return changed
 
     # -- printing ------------------------------------------------------------------------
-    def to_text(self) -> str:
-        """This graph as ONNX text syntax (for debugging and golden tests)."""
+    def to_text(self, elide_above: int | None = None) -> str:
+        """This graph as ONNX text syntax (for debugging and golden tests). With ``elide_above``,
+        constants with more elements print as ``["elided": "N elements", "sha256": DIGEST]``
+        after their type and shape (``--print-ir-after``: effnet's weights were 56 MB of text)."""
         if self.parent is None:
-            return onnx.printer.to_text(self.model.to_proto().graph)
-        sub = gs.Graph(nodes=list(self.gs.nodes), inputs=list(self.gs.inputs),
-                       outputs=list(self.gs.outputs), name=self.gs.name, opset=self.gs.opset)
-        proto = gs.export_onnx(sub, do_type_check=False)
-        return onnx.printer.to_text(proto.graph)
+            graph = self.model.to_proto().graph
+        else:
+            sub = gs.Graph(nodes=list(self.gs.nodes), inputs=list(self.gs.inputs),
+                           outputs=list(self.gs.outputs), name=self.gs.name, opset=self.gs.opset)
+            graph = gs.export_onnx(sub, do_type_check=False).graph
+        if elide_above is not None:
+            _elide_constants(graph, elide_above)
+        return onnx.printer.to_text(graph)
+
+
+def _elide_constants(graph: onnx.GraphProto, limit: int) -> None:
+    """Replace each tensor (initializers and tensor attributes, subgraphs included) of more than
+    ``limit`` elements by a payload-less stub the printer shows as its type, shape and digest."""
+    from onnx import external_data_helper, numpy_helper
+
+    model = onnx.ModelProto(graph=graph)  # (a view for the tensor walk; the graph is ours)
+    for t in external_data_helper._get_all_tensors(model):
+        if int(np.prod(t.dims)) <= limit or t.data_type == onnx.TensorProto.STRING:
+            continue
+        try:
+            payload = numpy_helper.to_array(t).tobytes()  # the values, however stored
+        except Exception:  # noqa: BLE001 - an unusual encoding: the printer shows it whole
+            continue
+        digest = hashlib.sha256(payload).hexdigest()[:12]
+        stub = onnx.TensorProto(name=t.name, dims=list(t.dims), data_type=t.data_type,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="elided", value=f"{int(np.prod(t.dims))} elements")
+        stub.external_data.add(key="sha256", value=digest)
+        t.CopyFrom(stub)
+    graph.CopyFrom(model.graph)
 
 
 def _all_reads(node: Node) -> list[Value]:

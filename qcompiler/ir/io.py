@@ -7,7 +7,6 @@ the graph facade do not import each other: io sits on top of all three.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -16,7 +15,7 @@ from ..errors import UserError
 from .model import Model
 from .verify import verify_model
 
-__all__ = ["load_model", "save_proto", "atomic_write_text"]
+__all__ = ["load_model", "save_proto", "atomic_write_text", "proto_size", "external_data_files"]
 
 _TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
 _EXTERNAL_MIN_BYTES = 1024  # in a model saved with external data, smaller tensors stay inline
@@ -32,8 +31,10 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
     else:
         p = Path(path)
         source = str(p)
+        if p.is_dir():
+            raise UserError(f"{p}: is a directory, not a model file")
         if not p.is_file():
-            raise UserError(f"{p}: no such model file")
+            raise UserError(f"no such model file: {p}" if not p.exists() else f"{p}: not a regular file")
         try:
             proto = onnx.load(str(p), load_external_data=False)
             external = _check_external(proto, p.parent)  # payloads are memory-mapped later
@@ -71,6 +72,8 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc
+    model.files = ([] if isinstance(path, onnx.ModelProto)
+                   else [Path(path), *external_data_files(proto, Path(path).parent)])
     # the proto is ours (read from the file or copied): hold weights once; external ones mapped
     model._take_payloads(str(Path(path).parent) if external else None)
     return model
@@ -94,76 +97,84 @@ def _check_external(proto: onnx.ModelProto, base: Path) -> bool:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file via temp + rename (reports, tables)."""
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    """Write a small text file safely (reports, tables): through :func:`qcompiler.files.write_bytes`
+    (temp + rename, staged with the other outputs of a CLI command, special files written through)."""
+    from .. import files
+
+    files.write_bytes(path, text.encode())
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
-    out = Path(path)
-    directory = out.parent if str(out.parent) else Path(".")
+    """Write ``proto`` to ``path`` through :mod:`qcompiler.files` (temp + rename, or through to a
+    special file; symlinks followed); a model above ``_TWO_GB`` goes with its
+    weights in ``<name>.data`` beside it. Returns the bytes written (model + external data)."""
+    from .. import files
+
+    out = files.real_path(path)
+    directory = out.parent
     if not directory.is_dir():
-        raise UserError(f"{out}: cannot write output: directory '{directory}' does not exist")
-    if not os.access(directory, os.W_OK):
-        raise UserError(f"{out}: cannot write output: directory '{directory}' is not writable")
-    large = proto.ByteSize() > _TWO_GB if _fits(proto) else True
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+        raise UserError(f"{path}: cannot write output: directory '{Path(path).parent}' does not exist")
+    large = not _fits(proto) or proto.ByteSize() > _TWO_GB
+    if files.is_special(out):
+        if large:
+            raise UserError(f"{path}: cannot write a model above 2 GB (saved with external data) to a special file")
+        data = proto.SerializeToString(deterministic=True)
+        files.write_bytes(out, data)
+        return len(data)
     data_name = out.name + ".data"
-    tmp_data = directory / (Path(tmp).name + ".data")
     try:
-        if large:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=_EXTERNAL_MIN_BYTES)
-            if tmp_data.exists():  # (no tensor above the threshold: everything stayed inline)
-                # the model refers to the data file by name: rewrite it to the final name
-                _rename_external(tmp, tmp_data.name, data_name)
-                os.replace(tmp_data, directory / data_name)
-        else:
-            with open(tmp, "wb") as fh:
-                fh.write(proto.SerializeToString(deterministic=True))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-        if large:
-            _restore_inline(proto, tmp_data.name, data_name, directory)
+        tmp = files.temp_beside(out)
+        tmp_data = directory / (tmp.name + ".data")
+        try:
+            if large:
+                onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=tmp_data.name, size_threshold=_EXTERNAL_MIN_BYTES)
+                if tmp_data.exists():  # (no tensor above the threshold: everything stayed inline)
+                    # the model refers to the data file by name: rewrite it to the final name
+                    _rename_external(str(tmp), tmp_data.name, data_name)
+                    _restore_inline(proto, tmp_data.name, directory)
+            else:
+                tmp.write_bytes(proto.SerializeToString(deterministic=True))
+            size = tmp.stat().st_size + (tmp_data.stat().st_size if tmp_data.exists() else 0)
+            if tmp_data.exists():
+                files.publish(tmp_data, directory / data_name)
+            files.publish(tmp, out)
+        except BaseException:
+            files.discard(tmp)
+            files.discard(tmp_data)
+            raise
     except OSError as exc:
-        raise UserError(f"{out}: cannot write output: {exc.strerror or exc}") from exc
-    finally:
-        for leftover in (Path(tmp), tmp_data):
-            if leftover.exists():
-                leftover.unlink()
-    size = out.stat().st_size
-    if large and (directory / data_name).exists():
-        size += (directory / data_name).stat().st_size
+        raise UserError(f"{path}: cannot write output: {exc.strerror or exc}") from exc
     return size
 
 
-def _restore_inline(proto: onnx.ModelProto, old: str, new: str, directory: Path) -> None:
-    """onnx.save_model with external data rewrites the proto in place (tensors become references
-    to the temporary data file); read the saved data back so the caller's proto is whole again."""
+def proto_size(proto: onnx.ModelProto) -> int | None:
+    """Serialized size in bytes, or None above the size :func:`save_proto` stores with external
+    data (protobuf cannot size or serialize a message above 2 GB)."""
+    size = proto.ByteSize() if _fits(proto) else None
+    return size if size is not None and size <= _TWO_GB else None
+
+
+def external_data_files(proto: onnx.ModelProto, base: Path) -> list[Path]:
+    """The distinct files ``proto``'s external tensors name, relative to ``base`` (in order)."""
     from onnx import external_data_helper
 
-    tensors = [t for t in external_data_helper._get_all_tensors(proto) if t.external_data]
-    if not tensors:
-        return
-    for t in tensors:
-        for entry in t.external_data:
-            if entry.key == "location" and entry.value == old:
-                entry.value = new
-    external_data_helper.load_external_data_for_model(proto, str(directory))
+    found: dict[Path, None] = {}
+    for t in external_data_helper._get_all_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    found[base / entry.value] = None
+    return list(found)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _restore_inline(proto: onnx.ModelProto, location: str, directory: Path) -> None:
+    """onnx.save_model with external data rewrites the proto in place (tensors become references
+    to the data file); read the saved data back so the caller's proto is whole again."""
+    from onnx import external_data_helper
+
+    if any(t.external_data for t in external_data_helper._get_all_tensors(proto)):
+        external_data_helper.load_external_data_for_model(proto, str(directory))
 
 
 def _fits(proto: onnx.ModelProto) -> bool:

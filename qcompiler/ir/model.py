@@ -41,6 +41,7 @@ class Model:
 
     def __init__(self, proto: onnx.ModelProto, source: str = "<model>", *, owned: bool = False) -> None:
         self.source = source
+        self.files: list[Path] = []  # the files it was loaded from (model, external data), if any
         self.ir_version = int(proto.ir_version)
         self.opsets: dict[str, int] = {}
         for imp in proto.opset_import:

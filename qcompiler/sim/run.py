@@ -189,9 +189,11 @@ def _host_warnings(proto: onnx.ModelProto, target: Any) -> list[str]:
     return [line] if line else []
 
 
-def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, limit: int | None = None) -> SimResult:
+def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, limit: int | None = None,
+             image_spec: Any = None) -> SimResult:
     """Run the quantized ``model`` (path or ModelProto) on ``inputs`` (any calibration source:
-    path, ``random:N``, dict of stacked arrays, iterable of feed dicts) with ``target``'s integer
+    path, ``random:N``, dict of stacked arrays, iterable of feed dicts, a directory of images
+    preprocessed by ``image_spec`` as in ``compile``) with ``target``'s integer
     arithmetic. With ``reference`` (the float model), also report per-tensor and output SQNR
     and cosine. Deterministic: the same inputs give the same bytes."""
     from onnx.reference import ReferenceEvaluator
@@ -210,7 +212,7 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
         ev = ReferenceEvaluator(sim_model, new_ops=make_kernels(arith, stats))
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"{src}: cannot simulate: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    data = load_calibration(inputs, _input_specs(proto), limit=limit)
+    data = load_calibration(inputs, _input_specs(proto), limit=limit, image_spec=image_spec)
     out_names = [o.name for o in proto.graph.output]
     qinfo = quantized_tensors(sim_model, tgt.passthrough)
     ref_proto = _load(reference, "the reference model") if reference is not None else None
