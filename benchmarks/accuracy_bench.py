@@ -50,6 +50,10 @@ _ORT_CPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn
             "fuse-gelu{domain=com.microsoft},fuse-pad-conv,group-activations,calibrate,insert-qdq,lower-qoperator,"
             "cleanup-qdq,convert-float16,compress-weights,compact-qparams")  # ort-cpu's static pipeline
 
+_NPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn,fold-conv-affine,fuse-hardswish,"
+        "fuse-pad-conv,group-activations,calibrate,insert-qdq,cleanup-qdq,convert-float16,compress-weights,"
+        "compact-qparams")  # npu-int8's static pipeline
+
 ROWS: dict[str, tuple[Row, ...]] = {
     "default": (
         Row("minilm_l6"),
@@ -69,6 +73,10 @@ ROWS: dict[str, tuple[Row, ...]] = {
         (("pipeline", _ORT_CPU.replace("calibrate,", "calibrate{saturation=true},")),),
         (("pipeline", _ORT_CPU.replace("calibrate,", "calibrate{saturation=true},")),
          ("calibration_statistics", "ranges")))),
+    # equalize-layers through Clip(0, 6), scales bounded by calibration maxima (not in the default)
+    "npu-cle": (Row("effnet_lite0", target="npu-int8"),) + tuple(
+        Row("effnet_lite0", target="npu-int8", options=(("pipeline", _NPU.replace(
+            "group-activations", f"equalize-layers{{clip=data{m}}},group-activations")),)) for m in ("", ",margin=1")),
     "ppocr-insert": tuple(Row("ppocrv4_det", calib=80, options=(("pipeline", _ORT_CPU.replace("insert-qdq", o)),))
                           for o in ("insert-qdq{rounding=nearest}", "insert-qdq{bias-correction=false}")),
 }
