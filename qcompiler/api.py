@@ -16,6 +16,7 @@ import onnx
 from .calibration import input_specs, load_calibration
 from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
+from .ir.io import save_bytes
 from .ir.validate import check_runnable_domains
 from .kernels import INTEGER_OPS
 from .ir.io import proto_size
@@ -40,15 +41,27 @@ def op_histogram(model: Model) -> dict[str, int]:
 
 @dataclass
 class CompileResult:
-    """A compiled model and its report (the same dict ``--report`` writes as JSON)."""
+    """A compiled model and its report (the same dict ``--report`` writes as JSON).
 
-    model: Model
+    A build served by the whole-build cache (:mod:`qcompiler.build_cache`) holds the stored
+    bytes: ``save`` writes them as they are, ``proto`` and ``model`` are parsed on first use."""
+
+    _model: Model | None
     report: dict[str, Any]
     _proto: onnx.ModelProto | None = field(default=None, repr=False)
+    _bytes: bytes | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> Model:
+        if self._model is None:
+            self._model = load_model(self.proto, check=False)
+        return self._model
 
     @property
     def proto(self) -> onnx.ModelProto:
-        if self._proto is None:
+        if self._proto is None and self._bytes is not None:
+            self._proto = onnx.ModelProto.FromString(self._bytes)
+        elif self._proto is None:
             proto = self.model.to_proto()
             # intermediate shape annotations are for passes; onnxruntime infers its own, and on
             # small models they are the largest part of the file after the weights
@@ -56,36 +69,54 @@ class CompileResult:
             self._proto = proto
         return self._proto
 
+    def serialized(self) -> bytes | None:
+        """The model file's bytes (what ``save`` writes); None above 2 GB (external data)."""
+        if self._bytes is None and proto_size(self.proto) is not None:
+            self._bytes = self.proto.SerializeToString(deterministic=True)
+        return self._bytes
+
     def save(self, path: str | os.PathLike[str]) -> int:
         """Write the model atomically; returns its size in bytes and records it in the report."""
-        size = save_proto(self.proto, path)
+        data = self.serialized()
+        size = save_bytes(data, path) if data is not None else save_proto(self.proto, path)
         self.report["size_bytes"]["output"] = size
         return size
 
 
-def _export_ranges(ctx: PassContext, calib: Any, export_ranges: Any, trt_table: Any, imported: Any) -> None:
+def _export_ranges(ctx: PassContext, calib: Any, export_ranges: Any, trt_table: Any, imported: Any) -> dict[str, bytes]:
     """Mark the report when ranges did not come from real data, and write the range files
-    (qcompiler.rangefile) once every pass has succeeded."""
+    (qcompiler.rangefile) once every pass has succeeded; returns what was written, by kind."""
     info = ctx.report.get("calibration")
     if isinstance(info, dict):
         info["real_data"] = bool(getattr(calib, "real_data", calib is not None))
         if imported is not None:
             info["ranges_file"] = str(imported)
     if export_ranges is None and trt_table is None:
-        return
+        return {}
     ranges = ctx.analysis.get("ranges")
     if ranges is None:
         flag = "--export-ranges" if export_ranges is not None else "--export-tensorrt-table"
         raise UserError(f"{export_ranges or trt_table}: {flag}: no ranges to export (the 'calibrate' pass did not "
                         "run: dynamic mode, disabled, or a pipeline without it)")
-    from .rangefile import write_ranges, write_tensorrt_table
+    from .rangefile import ranges_to_json, tensorrt_table
 
+    written = {}
     if export_ranges is not None:
         info = info if isinstance(info, dict) else {}
-        write_ranges(export_ranges, ranges, method=info.get("method"), samples=info.get("samples"),
-                     real_data=info.get("real_data"))
+        written["ranges"] = ranges_to_json(ranges, method=info.get("method"), samples=info.get("samples"),
+                                           real_data=info.get("real_data")).encode()
     if trt_table is not None:
-        write_tensorrt_table(trt_table, ranges)
+        written["tensorrt"] = tensorrt_table(ranges).encode()
+    _write_extras(written, export_ranges, trt_table)
+    return written
+
+
+def _write_extras(extras: dict[str, bytes], export_ranges: Any, trt_table: Any) -> None:
+    from . import files
+
+    for kind, path in (("ranges", export_ranges), ("tensorrt", trt_table)):
+        if path is not None and kind in extras:
+            files.write_bytes(path, extras[kind])
 
 
 def build_pipeline(text: str, registry: PassRegistry) -> list[Pass]:
@@ -152,6 +183,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     are the ``quantize-weights`` pass's options. Calibration data is optional.
     """
     start = time.perf_counter()
+    print_ir_after, disable_passes = set(print_ir_after), tuple(disable_passes)
     tgt = load_target(target)
     reg = registry or default_registry()
     for plugin in plugins:
@@ -239,6 +271,30 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             eval_samples, fidelity = hold_out(calib)
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
+    cache_key, cache_status = None, None
+    if calibration_cache is not None:
+        from .build_cache import disabled_reason, load_build
+
+        why = disabled_reason(plugins=plugins, registry=registry, print_ir_after=print_ir_after,
+                              time_passes=time_passes, analysis=analysis)
+        if why is not None:
+            cache_status = {"status": f"disabled: {why}"}
+        else:
+            cache_key = _build_key(model, m, tgt, calib, eval_samples if eval_data is not None else None, fidelity, {
+                "mode": mode, "mode_reason": mode_reason, "format": fmt, "pipeline": text,
+                "passes": [repr(p) for p in passes], "disabled": sorted(disable_passes), "stop_after": stop_after,
+                "verify_each": verify_each, "check": check, "import_ranges": import_ranges,
+                "plan_overrides": sorted((plan_overrides or {}).items()),
+                "export": [export_ranges is not None, export_tensorrt_table is not None]})
+            hit = load_build(calibration_cache, cache_key)
+            if hit is not None:
+                data, report, extras = hit
+                _write_extras(extras, export_ranges, export_tensorrt_table)
+                report["seconds"] = round(time.perf_counter() - start, 4)
+                report["build_cache"] = {"status": "hit", "key": cache_key}
+                log(f"build cache hit: {cache_key[:16]} (no pass ran)")
+                return CompileResult(None, report, _bytes=data)
+            cache_status = {"status": "miss", "key": cache_key}
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose,
                       log=log, status=status)
     if plan_overrides:
@@ -256,7 +312,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     if check:
         with status.phase("checking the compiled model", log, verbose):
             check_report = _check_output(m, tgt, plan_overrides, ctx.analysis.get("float_nodes"))
-    _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
+    extras = _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
@@ -283,7 +339,51 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     report["fidelity"] = _fidelity(float_proto, result, fidelity, eval_samples, stop_after, tgt, analysis, report)
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
+    if cache_key is not None:
+        _store_build(calibration_cache, cache_key, result, extras)
+    if cache_status is not None:
+        result.report["build_cache"] = cache_status
     return result
+
+
+def _build_key(model: Any, m: Model, tgt: Target, calib: Any, eval_samples: list[Any] | None,
+               fidelity: dict[str, Any], options: dict[str, Any]) -> str:
+    """The whole-build cache key (``qcompiler.build_cache``): the input model's bytes, the
+    resolved target, the samples' content and ``options`` (everything else that decides the
+    outputs; the environment is added by ``build_key``)."""
+    import hashlib
+    from pathlib import Path
+
+    from .build_cache import build_key, file_digest
+    from .calib_cache import data_digest
+
+    if m.files:
+        model_digest = file_digest(list(m.files))
+    else:
+        model_digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    ranges = options["import_ranges"]
+    return build_key({
+        **options, "model": [m.source, model_digest], "target": [str(tgt.path) if tgt.path else None, tgt.data],
+        "calibration": None if calib is None else [*data_digest(calib), calib.description, calib.real_data],
+        "eval": None if eval_samples is None else [*data_digest(eval_samples), fidelity.get("source")],
+        "import_ranges": None if ranges is None else [str(ranges), file_digest([Path(ranges)])]})
+
+
+def _store_build(directory: Any, key: str, result: CompileResult, extras: dict[str, bytes]) -> None:
+    """Store a finished build; the result's report becomes the stored JSON form (what a hit
+    returns). Models above 2 GB and reports JSON cannot hold are not stored."""
+    import json
+
+    from .build_cache import store_build
+
+    data = result.serialized()
+    try:
+        text = json.dumps(result.report, sort_keys=True)
+    except (TypeError, ValueError):
+        return
+    if data is not None:
+        result.report = json.loads(text)
+        store_build(directory, key, data, result.report, extras)
 
 
 def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any],
