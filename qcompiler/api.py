@@ -195,6 +195,35 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         with status.phase("loading the model", log, verbose):
             return load_model(model)
 
+    cache_key, cache_status, early_calib, early_eval = None, None, None, None
+    if calibration_cache is not None:  # the whole-build cache (qcompiler.build_cache)
+        from .build_cache import disabled_reason, load_build
+
+        why = disabled_reason(plugins=plugins, registry=registry, print_ir_after=print_ir_after,
+                              time_passes=time_passes, analysis=analysis)
+        keyed = None if why else _build_key(model, tgt, calibration, eval_data, calibration_limit, image_spec, {
+            "mode": mode, "format": format, "pipeline": pipeline, "disabled": sorted(disable_passes),
+            "stop_after": stop_after, "verify_each": verify_each, "check": check, "import_ranges": import_ranges,
+            "calibration_limit": calibration_limit, "image_spec": image_spec,
+            "calibration_method": calibration_method, "calibration_overrides": sorted((calibration_overrides or {}).items()),
+            "calibration_memory": calibration_memory, "workers": workers, "scheduler": scheduler,
+            "calibration_observe": calibration_observe, "calibration_statistics": calibration_statistics,
+            "plan_overrides": sorted((plan_overrides or {}).items()),
+            "weight_only": [weight_bits, block_size, weight_symmetric, weight_algorithm],
+            "export": [export_ranges is not None, export_tensorrt_table is not None]})
+        if keyed is None:
+            cache_status = {"status": f"disabled: {why or 'the inputs could not be read for the key'}"}
+        else:
+            cache_key, early_calib, early_eval = keyed
+            hit = load_build(calibration_cache, cache_key)
+            if hit is not None:
+                data, report, extras = hit
+                _write_extras(extras, export_ranges, export_tensorrt_table)
+                report["seconds"] = round(time.perf_counter() - start, 4)
+                report["build_cache"] = {"status": "hit", "key": cache_key}
+                log(f"build cache hit {cache_key[:16]}: no pass ran")
+                return CompileResult(None, report, _bytes=data)
+            cache_status = {"status": "miss", "key": cache_key}
     m = None
     if mode:
         mode_reason = "--mode"
@@ -261,40 +290,17 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     eval_samples: list[Any] = []
     fidelity: dict[str, Any] = {}
     if eval_data is not None:
-        ev = load_calibration(eval_data, specs, image_spec=image_spec)
+        ev = load_calibration(_early(early_eval, specs, eval_data), specs, image_spec=image_spec)
         eval_samples, fidelity = list(ev), {"source": ev.description, "samples": len(ev)}
     if calibration is not None:
-        calib = load_calibration(calibration, specs, limit=calibration_limit, image_spec=image_spec)
+        calib = load_calibration(_early(early_calib, specs, calibration), specs, limit=calibration_limit,
+                                 image_spec=image_spec)
         if eval_data is None:
             from .fidelity import hold_out
 
             eval_samples, fidelity = hold_out(calib)
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
-    cache_key, cache_status = None, None
-    if calibration_cache is not None:
-        from .build_cache import disabled_reason, load_build
-
-        why = disabled_reason(plugins=plugins, registry=registry, print_ir_after=print_ir_after,
-                              time_passes=time_passes, analysis=analysis)
-        if why is not None:
-            cache_status = {"status": f"disabled: {why}"}
-        else:
-            cache_key = _build_key(model, m, tgt, calib, eval_samples if eval_data is not None else None, fidelity, {
-                "mode": mode, "mode_reason": mode_reason, "format": fmt, "pipeline": text,
-                "passes": [repr(p) for p in passes], "disabled": sorted(disable_passes), "stop_after": stop_after,
-                "verify_each": verify_each, "check": check, "import_ranges": import_ranges,
-                "plan_overrides": sorted((plan_overrides or {}).items()),
-                "export": [export_ranges is not None, export_tensorrt_table is not None]})
-            hit = load_build(calibration_cache, cache_key)
-            if hit is not None:
-                data, report, extras = hit
-                _write_extras(extras, export_ranges, export_tensorrt_table)
-                report["seconds"] = round(time.perf_counter() - start, 4)
-                report["build_cache"] = {"status": "hit", "key": cache_key}
-                log(f"build cache hit: {cache_key[:16]} (no pass ran)")
-                return CompileResult(None, report, _bytes=data)
-            cache_status = {"status": "miss", "key": cache_key}
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose,
                       log=log, status=status)
     if plan_overrides:
@@ -346,27 +352,56 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     return result
 
 
-def _build_key(model: Any, m: Model, tgt: Target, calib: Any, eval_samples: list[Any] | None,
-               fidelity: dict[str, Any], options: dict[str, Any]) -> str:
-    """The whole-build cache key (``qcompiler.build_cache``): the input model's bytes, the
-    resolved target, the samples' content and ``options`` (everything else that decides the
-    outputs; the environment is added by ``build_key``)."""
+def _build_key(model: Any, tgt: Target, calibration: Any, eval_data: Any, limit: int | None, image_spec: Any,
+               options: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The whole-build cache key (``qcompiler.build_cache``) from the raw inputs, before the model
+    is loaded: the model file's bytes and its external data, the resolved target, the samples'
+    content and ``options`` (the environment is added by ``build_key``). Also returns the
+    calibration and eval data it read (validated; the compile goes on with them on a miss, so a
+    one-shot iterator is read once). None when an input cannot be read safely here (the compile
+    then reports it): a missing or special file, external data outside the model's folder."""
     import hashlib
     from pathlib import Path
 
     from .build_cache import build_key, file_digest
     from .calib_cache import data_digest
+    from .calib_data import input_specs
+    from .ir.io import external_data_files
 
-    if m.files:
-        model_digest = file_digest(list(m.files))
-    else:
-        model_digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
-    ranges = options["import_ranges"]
-    return build_key({
-        **options, "model": [m.source, model_digest], "target": [str(tgt.path) if tgt.path else None, tgt.data],
+    try:
+        if isinstance(model, onnx.ModelProto):
+            proto, source = model, "<ModelProto>"
+            model_digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        else:
+            path = Path(model)
+            source = str(path)
+            if not path.is_file():
+                return None
+            proto = onnx.load(source, load_external_data=False)
+            folder = path.parent.resolve()
+            files = [path, *external_data_files(proto, path.parent)]
+            if not all(f.is_file() and f.resolve().is_relative_to(folder) for f in files[1:]):
+                return None
+            model_digest = file_digest(files)
+        ranges = options["import_ranges"]
+        if ranges is not None and not Path(ranges).is_file():
+            return None
+        specs = input_specs(proto, source)
+    except Exception:  # noqa: BLE001 - unreadable model: loading it reports the error
+        return None
+    calib = None if calibration is None else load_calibration(calibration, specs, limit=limit, image_spec=image_spec)
+    ev = None if eval_data is None else load_calibration(eval_data, specs, image_spec=image_spec)
+    key = build_key({
+        **options, "model": [source, model_digest], "target": [str(tgt.path) if tgt.path else None, tgt.data],
         "calibration": None if calib is None else [*data_digest(calib), calib.description, calib.real_data],
-        "eval": None if eval_samples is None else [*data_digest(eval_samples), fidelity.get("source")],
+        "eval": None if ev is None else [*data_digest(ev), ev.description],
         "import_ranges": None if ranges is None else [str(ranges), file_digest([Path(ranges)])]})
+    return key, calib, ev
+
+
+def _early(data: Any, specs: list[Any], source: Any) -> Any:
+    """The data read for the cache key if it was validated against these input specs, else ``source``."""
+    return data if data is not None and data.specs == specs else source
 
 
 def _store_build(directory: Any, key: str, result: CompileResult, extras: dict[str, bytes]) -> None:

@@ -165,3 +165,60 @@ def test_cli_rebuild_writes_identical_files(inputs: dict[str, Path], tmp_path: P
     for name in ("q.onnx", "trt.txt"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     assert sorted(p.name for p in inputs["cache"].iterdir() if p.name.startswith(".tmp")) == []
+
+
+def test_proto_specs_equal_model_specs() -> None:
+    """The key reads the samples against specs taken from the proto (the model is not loaded
+    on a hit); they must be the specs the imported Model gives, for a compile to reuse them."""
+    from onnx import TensorProto, helper
+
+    from qcompiler.calib_data import input_specs
+    from qcompiler.ir import load_model
+
+    x = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", None, 7])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [7])  # an initializer listed as input
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", None, 7])
+    graph = helper.make_graph([helper.make_node("Cast", ["ids"], ["c"], to=TensorProto.FLOAT),
+                               helper.make_node("Mul", ["c", "w"], ["y"])], "g", [x, w], [y],
+                              [onnx.numpy_helper.from_array(np.ones(7, np.float32), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for model in (proto, tiny_model()):
+        assert input_specs(model) == input_specs(load_model(model))
+    assert [s.name for s in input_specs(proto)] == ["ids"]
+
+
+def test_one_shot_iterator_is_read_once_and_cached(inputs: dict[str, Path], passes_run: list[int]) -> None:
+    data = tiny_calibration(12)[TINY_INPUT]
+
+    def samples() -> Any:
+        return ({TINY_INPUT: data[i:i + 1]} for i in range(len(data)))
+
+    first = qcompiler.compile(str(inputs["model"]), calibration=samples(), calibration_cache=str(inputs["cache"]))
+    second = qcompiler.compile(str(inputs["model"]), calibration=samples(), calibration_cache=str(inputs["cache"]))
+    assert [r.report["build_cache"]["status"] for r in (first, second)] == ["miss", "hit"]
+    assert first.report["calibration"]["samples"] > 0 and passes_run[0] == 1
+    assert first.serialized() == second.serialized()
+
+
+def test_external_data_outside_the_folder_is_not_read_for_the_key(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key never reads a file the loader's sandbox refuses; the compile reports it."""
+    hashed: list[Path] = []
+    real = qcompiler.build_cache.file_digest
+    monkeypatch.setattr(qcompiler.build_cache, "file_digest", lambda paths: hashed.extend(paths) or real(paths))
+    proto = tiny_model()
+    onnx.save_model(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    bad = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    for t in bad.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../outside.data"
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (tmp_path / "outside.data").write_bytes((tmp_path / "m.data").read_bytes())
+    onnx.save_model(bad, str(sub / "m.onnx"))
+    with pytest.raises(qcompiler.UserError):
+        qcompiler.compile(str(sub / "m.onnx"), calibration=tiny_calibration(4), calibration_cache=str(tmp_path / "c"))
+    assert not list(tmp_path.glob("c/*.qcbuild"))
+    assert not any("outside" in str(p) for p in hashed)
