@@ -56,16 +56,26 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def _environment() -> dict[str, Any]:
-    import numpy
-    import onnx
-    import onnxruntime
+def _version(module: str) -> str:
+    """A library's version without importing it (importing onnxruntime costs more than a hit)."""
+    import sys
+    from importlib import metadata
 
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return str(getattr(loaded, "__version__", ""))
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:  # another distribution name (onnxruntime-gpu, ...)
+        return str(__import__(module).__version__)
+
+
+def _environment() -> dict[str, Any]:
     from .host import cpu_flags, host_description
     from .version import __version__
 
-    return {"format": BUILD_FORMAT, "qcompiler": __version__, "code": code_digest(), "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "machine": platform.machine(),
+    return {"format": BUILD_FORMAT, "qcompiler": __version__, "code": code_digest(), "onnx": _version("onnx"),
+            "onnxruntime": _version("onnxruntime"), "numpy": _version("numpy"), "machine": platform.machine(),
             "host": host_description(),
             "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()}
 
