@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-override", action="append", default=[], metavar="KEY=METHOD",
                    help="method for one producer node name or op type (node names win); repeatable")
     c.add_argument("--calibration-memory", metavar="SIZE", help="memory budget for observed tensors, e.g. 512MB (default 1GB)")
-    c.add_argument("--calibration-cache", metavar="DIR", help="reuse calibration statistics stored in DIR")
+    c.add_argument("--calibration-cache", metavar="DIR", help="build cache: reuse whole builds, calibration statistics and GPTQ rounding "
+                   "stored in DIR")
     c.add_argument("--workers", type=int, help="shard calibration samples over N local processes")
     c.add_argument("--calibration-observe", choices=("quantized", "all"),
                    help="observe only the tensors the target quantizes (default) or every float tensor "
