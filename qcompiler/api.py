@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -267,7 +267,9 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     if image_spec is not None and calibration is None:
         raise UserError(f"--image-spec {image_spec}: needs --calibration DIR (a directory of images)")
     specs = input_specs(m)
-    float_proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+    # the float model for the fidelity section, read only when there are samples to measure on
+    # (a billion-parameter weight-only compile must not hold a second full-precision copy)
+    float_proto = lambda: model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))  # noqa: E731
     eval_samples: list[Any] = []
     fidelity: dict[str, Any] = {}
     if eval_data is not None:
@@ -329,8 +331,8 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     return result
 
 
-def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[str, Any], samples: list[Any],
-              stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
+def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any],
+              samples: list[Any], stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
     """The report's ``fidelity`` section (and the analysis page when asked)."""
     from .fidelity import measure_fidelity
 
@@ -342,6 +344,7 @@ def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[st
                             "calibration samples to hold some out)")
         return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
     as_written = report["format"] == "qdq"
+    float_proto = float_model()
     info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
                 engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
                                                        else "the model's integer kernels"))
