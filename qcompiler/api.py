@@ -45,8 +45,8 @@ class CompileResult:
     model: Model
     report: dict[str, Any]
     _proto: onnx.ModelProto | None = field(default=None, repr=False)
-    # (float model, eval samples, run as written): what report["fidelity"] was measured on
-    _eval: tuple[onnx.ModelProto, list[Any], bool] | None = field(default=None, repr=False)
+    # (float model loader, eval samples, run as written): what report["fidelity"] was measured on
+    _eval: tuple[Callable[[], onnx.ModelProto], list[Any], bool] | None = field(default=None, repr=False)
 
     @property
     def proto(self) -> onnx.ModelProto:

@@ -112,13 +112,17 @@ class _Measure:
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
+        self.float_proto: Any = None  # loaded once, for a user metric
 
     def compiled(self, result: Any) -> float | None:
         if self.budget.func is not None:
             from .fidelity import run_outputs
 
-            float_proto, samples, as_written = result._eval
-            return float(self.budget.func(*run_outputs(float_proto, result.proto, samples, as_written=as_written)))
+            load_float, samples, as_written = result._eval
+            if self.float_proto is None:
+                self.float_proto = load_float()
+            return float(self.budget.func(*run_outputs(self.float_proto, result.proto, samples,
+                                                       as_written=as_written)))
         value = _value(self.budget, result.report["fidelity"].get("outputs", {}))
         if value is None:
             raise UserError(f"--accuracy {self.budget.text}: the model has no classifier-shaped output ([N, C]) "
@@ -202,8 +206,8 @@ def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[
     and why; plus the analysis setup (for predictions) and the sensitivity rows."""
     from .analysis import layer_sensitivity, setup_analysis
 
-    float_proto, samples, _ = result._eval
-    setup = setup_analysis(float_proto, result.proto, samples, target=target, limit=SENSITIVITY_SAMPLES)
+    load_float, samples, _ = result._eval
+    setup = setup_analysis(load_float(), result.proto, samples, target=target, limit=SENSITIVITY_SAMPLES)
     sens = layer_sensitivity(setup=setup)
     rows = []
     for worst, r in enumerate(sens):
