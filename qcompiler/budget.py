@@ -222,6 +222,19 @@ def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[
         rows.append({"node": r["layer"], "layer": r["layer"], "op": r["op"], "index": r["index"], "to": to,
                      "cost": cost, "sensitivity_db": r["score"], "gain_per_cost": noise / cost, "why": why})
     rows.sort(key=lambda x: (-x["gain_per_cost"], x["index"]))
+    # integer nodes that are no analysis layer (a Concat, a node on integer data): no sensitivity
+    # of their own, so they move last, in graph order
+    ops = {n.name: n.op_type for n in setup.model.proto.graph.node}
+    have = {r["node"] for r in rows} | set(base) | {layer.name for layer in setup.layers}
+    for i, (name, how) in enumerate(setup.integer.items()):
+        fallbacks = target.fallbacks(ops.get(name, ""))
+        if name in have or how.startswith("fused into") or name not in ops or not fallbacks:
+            continue
+        cost = target.fallback_cost(ops[name], fallbacks[0])
+        rows.append({"node": name, "layer": name, "op": ops[name], "index": len(setup.layers) + i, "to": fallbacks[0],
+                     "cost": cost, "sensitivity_db": None, "gain_per_cost": 0.0,
+                     "why": f"accuracy budget: integer node without a sensitivity of its own ({how}), moved after "
+                            f"the ranked layers; fallback '{fallbacks[0]}', estimated cost {cost:g}x"})
     return rows, setup, sens
 
 
