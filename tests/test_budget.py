@@ -182,3 +182,14 @@ def test_target_fallback_keys(tmp_path: Path) -> None:
     bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[accuracy]\nfallbacks = ["gpu"]\n')
     with pytest.raises(UserError, match=r"accuracy\.fallbacks"):
         load_target(str(bad))
+
+
+def test_unmet_default_budget_keeps_the_best_with_a_warning(work: Path, tmp_path: Path) -> None:
+    """A target's default budget never fails a compile: the best model is kept, met is false."""
+    t = tmp_path / "strict.toml"
+    t.write_text(f'name = "strict"\ndescription = "x"\nextends = "{TARGET}"\n[accuracy]\ndefault = "sqnr>=400"\n')
+    res = qcompiler.compile(str(work / "float.onnx"), target=str(t), calibration=str(work / "calib.npz"),
+                            eval_data=str(work / "eval.npz"))
+    acc = res.report["accuracy"]
+    assert acc["met"] is False and "NOT met" in acc["summary"] and acc["value_after"] > acc["value_before"]
+    assert BAD in {m["node"] for m in acc["moved"]}
