@@ -61,6 +61,14 @@ ROWS: dict[str, tuple[Row, ...]] = {
         Row("effnet_lite0", target="npu-int8"),
         Row("effnet_lite0"),
     ),
+    # issue 11 section 2: the accuracy budget (the effnet rows time --accuracy against the default compile)
+    "budget": (
+        Row("minilm_l6", options=(("mode", "static"), ("accuracy", "cosine>=0.99"))),
+        Row("ppocrv4_det", calib=64, options=(("accuracy", "sqnr>=20"),)),
+        Row("effnet_lite0", options=(("accuracy", "off"),)),
+        Row("effnet_lite0"),
+        Row("effnet_lite0", options=(("accuracy", "cosine>=0.99"),)),
+    ),
     "ppocr-calib": tuple(Row("ppocrv4_det", calib=n) for n in (32, 64, 80)),
     "ppocr-32": (Row("ppocrv4_det", calib=32), Row("ppocrv4_det", calib=32, options=(("calibration_statistics", "ranges"),))),
     # calibration-set instability: which statistic moves when 16 images are added
@@ -90,6 +98,7 @@ class Result:
     ratio: float | None = None
     float_convs: int | None = None
     error: str = ""
+    accuracy: str = ""  # the report's accuracy summary line
 
 
 def effnet_eval_mirrored(bench_dir: Path, limit: int | None) -> bench.EvalSet:
@@ -141,6 +150,8 @@ def run_rows(rows: tuple[Row, ...], bench_dir: Path, work: Path, runs: int, eval
                                        **dict(row.options))
             result.save(out)
             res.compile_s = time.perf_counter() - t0
+            acc = result.report.get("accuracy") or {}
+            res.accuracy = acc.get("summary") or acc.get("status", "")
         except Exception as exc:  # noqa: BLE001 - a failed row is reported, the others still run
             res.error = f"{type(exc).__name__}: {exc}"
             bench.log(f"  FAILED {res.error}")
@@ -186,6 +197,9 @@ def render(results: list[Result], command: str) -> str:
         ratio = f"{r.ratio:.2f}x" if r.ratio else "-"
         lines.append(f"| {r.row.model} | {r.row.label} | {a} | {b} | {ratio} | "
                      f"{'-' if r.float_convs is None else r.float_convs} | {r.compile_s:.0f} |")
+    notes = [f"- {r.row.model} ({r.row.label}): {r.accuracy}" for r in results if r.accuracy]
+    if notes:
+        lines += ["", "Accuracy budget (the compile report's summary line):", *notes]
     return "\n".join(lines) + "\n"
 
 

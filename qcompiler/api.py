@@ -56,6 +56,8 @@ class CompileResult:
         if self._model is None:
             self._model = load_model(self.proto, check=False)
         return self._model
+    # (float model loader, eval samples, run as written): what report["fidelity"] was measured on
+    _eval: tuple[Callable[[], onnx.ModelProto], list[Any], bool] | None = field(default=None, repr=False)
 
     @property
     def proto(self) -> onnx.ModelProto:
@@ -138,6 +140,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             plan_overrides: dict[str, tuple[str, str]] | None = None, eval_data: Any = None,
             analysis: str | os.PathLike[str] | None = None, weight_bits: int | None = None,
             block_size: int | None = None, weight_symmetric: bool | None = None, weight_algorithm: str | None = None,
+            accuracy: str | float | None = None, metric: Any = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -181,7 +184,51 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     lowering): ``weight_bits`` (4 or 8), ``block_size`` (16, 32, 64, 128), ``weight_symmetric``
     and ``weight_algorithm`` (rtn, gptq, awq; default gptq with calibration data, else rtn)
     are the ``quantize-weights`` pass's options. Calibration data is optional.
+
+    Accuracy budget (``qcompiler.budget``): ``accuracy="cosine>=0.99"`` (``sqnr>=DB``,
+    ``top1>=F``), measured on the fidelity samples, moves the fewest, cheapest layers to their
+    target fallbacks until it holds (``report["accuracy"]``); unmet -> ``UserError``. With
+    ``metric=callable(float_outputs, quant_outputs) -> float`` (lists of output dicts),
+    ``accuracy`` is its threshold. Without ``accuracy`` the target's ``[accuracy] default``
+    applies to static compiles with fidelity samples; ``accuracy="off"`` disables it.
     """
+    opts = {k: v for k, v in locals().items() if k not in ("accuracy", "metric")}
+    if accuracy == "off" and metric is None:
+        return _compile(**opts)
+    from .budget import parse_budget, search
+
+    tgt = load_target(target)
+    if accuracy is None and metric is None:
+        if tgt.default_accuracy is None or mode == "weight-only" or stop_after is not None:
+            return _compile(**opts)
+        budget, source, explicit = parse_budget(tgt.default_accuracy, flag="accuracy.default"), \
+            f"target '{tgt.name}' default (accuracy.default)", False
+    else:
+        budget, source, explicit = parse_budget(accuracy, metric), "--accuracy", True
+    opts["target"] = tgt
+
+    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False) -> CompileResult:
+        return _compile(**dict(opts, plan_overrides=overrides or None, calibration_cache=cache,
+                               build_cache=not fresh))
+
+    return search(compile_with, budget, tgt, source=source, overrides=plan_overrides,
+                  cache=None if calibration_cache is None else os.fspath(calibration_cache), explicit=explicit)
+
+
+def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os.PathLike[str] | Target,
+             calibration: Any, mode: str | None, format: str | None, pipeline: str | None, plugins: Sequence[str],
+             registry: PassRegistry | None, print_ir_after: Iterable[str], time_passes: bool, verify_each: bool,
+             stop_after: str | None, disable_passes: Iterable[str], calibration_limit: int | None, image_spec: Any,
+             import_ranges: Any, export_ranges: Any, export_tensorrt_table: Any, calibration_method: str | None,
+             calibration_overrides: dict[str, str] | None, calibration_memory: str | int | None,
+             calibration_cache: Any, workers: int | None, scheduler: str | None, calibration_observe: str | None,
+             calibration_statistics: str | None, plan_overrides: dict[str, tuple[str, str]] | None, eval_data: Any,
+             analysis: Any, weight_bits: int | None, block_size: int | None, weight_symmetric: bool | None,
+             weight_algorithm: str | None, check: bool, quiet: bool, verbose: bool, stream: TextIO | None,
+             build_cache: bool = True) -> CompileResult:
+    """One compile (``compile`` without the accuracy budget). ``build_cache=False`` skips the
+    whole-build cache lookup (the budget search needs a compile's eval samples, which a hit
+    does not carry)."""
     start = time.perf_counter()
     print_ir_after, disable_passes = set(print_ir_after), tuple(disable_passes)
     tgt = load_target(target)
@@ -196,7 +243,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             return load_model(model)
 
     cache_key, cache_status, early_calib, early_eval = None, None, None, None
-    if calibration_cache is not None:  # the whole-build cache (qcompiler.build_cache)
+    if calibration_cache is not None and build_cache:  # the whole-build cache (qcompiler.build_cache)
         from .build_cache import disabled_reason, load_build
 
         why = disabled_reason(plugins=plugins, registry=registry, print_ir_after=print_ir_after,
@@ -349,6 +396,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         _store_build(calibration_cache, cache_key, result, extras)
     if cache_status is not None:
         result.report["build_cache"] = cache_status
+    result._eval = (float_proto, eval_samples, fmt == "qdq")
     return result
 
 
