@@ -149,6 +149,7 @@ class Job:
     pipeline: str | None = None  # qcompiler only: a pipeline other than the target's default
     method: str | None = None  # qcompiler only: calibration_method (None: the target's default)
     cache: str = ""  # qcompiler only: "cold" (calibration_cache=<work>/<model>.cache, emptied first) | "warm" (as left)
+    accuracy: str | None = None  # qcompiler only: compile(accuracy=...) (None: the target's default budget)
 
     @property
     def needs_calibration(self) -> bool:
@@ -158,11 +159,13 @@ class Job:
 QC_STATIC = Job("qcompiler-static", "qcompiler (static)", "qcompiler", "static",
                 settings='`qcompiler.compile(model, target="ort-cpu", calibration=<feed dicts>)`')
 QC_MINMAX = Job("qcompiler-minmax", "qcompiler (static, minmax)", "qcompiler", "static", method="minmax", cache="cold",
+                accuracy="off",
                 settings='`qcompiler.compile(model, target="ort-cpu", calibration=<feed dicts>, '
-                         'calibration_method="minmax", calibration_cache=<empty dir>)`: the calibration method '
-                         'of ort static, for the compile-time ratio; it fills the cache')
+                         'calibration_method="minmax", calibration_cache=<empty dir>, accuracy="off")`: the '
+                         'calibration method of ort static and no accuracy-budget search (the work quantize_static '
+                         'does), for the compile-time ratio; it fills the cache')
 QC_MINMAX_CACHED = Job("qcompiler-minmax-cached", "qcompiler (static, minmax, cached rebuild)", "qcompiler", "static",
-                       method="minmax", cache="warm",
+                       method="minmax", cache="warm", accuracy="off",
                        settings="as qcompiler (static, minmax), again, with the cache the previous row filled")
 QC_DYNAMIC_MAXK = Job("qcompiler-dynamic-maxk", "qcompiler (dynamic, max-k=1024)", "qcompiler", "dynamic",
                       pipeline="upgrade-opset,canonicalize,fold-constants,infer-shapes,"
@@ -204,7 +207,7 @@ def _run_qcompiler(job: Job, model_path: Path, out_path: Path, feeds: list[Feed]
     import qcompiler
 
     result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, mode=job.mode,
-                               pipeline=job.pipeline, calibration_method=job.method,
+                               pipeline=job.pipeline, calibration_method=job.method, accuracy=job.accuracy,
                                calibration_cache=str(cache_dir(out_path, model_path.stem)) if job.cache else None)
     result.save(out_path)
     cal = result.report.get("calibration", {})

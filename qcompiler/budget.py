@@ -42,6 +42,10 @@ __all__ = ["Budget", "parse_budget", "METRICS", "search", "SENSITIVITY_SAMPLES"]
 METRICS = ("cosine", "sqnr", "top1")
 #: eval samples the sensitivity ranking and the prediction run on (the real check uses all)
 SENSITIVITY_SAMPLES = 16
+# a target's default budget may move at most this share of the movable layers: it keeps a
+# quantized model quantized (PP-OCR's default cosine>=0.99 would otherwise move every layer to
+# float); an explicit --accuracy has no cap
+DEFAULT_MAX_MOVED = 0.25
 
 Outputs = list[dict[str, np.ndarray]]
 
@@ -173,6 +177,8 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
         if first._eval is None:  # a build-cache hit: recompile (from cached statistics) for the samples
             first = compile_with(base, cache_dir if explicit else cache, True)
         ranked, setup, sens = _rank(first, target, base)
+        if not explicit:
+            ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
         moved = _predict(ranked, setup, measure)
         best = (v0, first, [])
         while True:
