@@ -99,20 +99,29 @@ def test_matmul_nbits_equals_numpy_and_onnxruntime(decoder: Path, exact_target: 
 
 
 def test_dequantized_weight_error_bounds() -> None:
-    """RTN: asymmetric weights within half a step; symmetric ones map each block's extreme
-    exactly (signed scale) and clip at most one step on the other side."""
-    from qcompiler.weight_only import WeightOnlyOptions, block_quantize
+    """RTN with the clipping search: every block's squared error is at most that of the
+    block's full range (ratio 1.0, the search's first candidate), strictly less in total on
+    heavy-tailed weights, and values inside the chosen range are within half a step."""
+    from qcompiler.weight_only import WeightOnlyOptions, _blocks, _range_params, block_quantize
 
     w = np.random.default_rng(1).standard_t(4, size=(100, 24)).astype(np.float32)
     for sym in (True, False):
-        q = block_quantize(w, WeightOnlyOptions(4, 32, sym))
-        step = np.abs(np.repeat(q.scale, 32, axis=1)[:, :100].T)
-        err = np.abs(q.dequantized() - w)
-        assert np.all(err <= (step if sym else step / 2) * (1 + 1e-5) + 1e-7)
-        if sym:
-            blocks = np.abs(w).reshape(-1, 1, 24)[:96].reshape(3, 32, 24)
-            rows = blocks.argmax(axis=1) + np.arange(3)[:, None] * 32
-            np.testing.assert_allclose(q.dequantized()[rows, np.arange(24)], w[rows, np.arange(24)], rtol=1e-6)
+        opts = WeightOnlyOptions(4, 32, sym)
+        q = block_quantize(w, opts)
+        b = _blocks(np.ascontiguousarray(w.T), 32)  # [N, blocks, 32], zero-padded
+        deq = _blocks(np.ascontiguousarray(q.dequantized().T), 32)
+        err = np.square(deq - b).sum(axis=2)
+        s1, z1 = _range_params(b, opts, 1.0)
+        full = np.square((np.clip(np.rint(b / s1[..., None]) + z1[..., None], 0, 15) - z1[..., None])
+                         * s1[..., None] - b).sum(axis=2)
+        assert np.all(err <= full * (1 + 1e-5) + 1e-9)  # float32 rounding of the two sums
+        assert err.sum() < full.sum() * (1 - 1e-3)
+        scale, zp = q.scale[..., None], q.zero_point.astype(np.float32)[..., None]
+        lo, hi = np.minimum(-zp * scale, (15 - zp) * scale), np.maximum(-zp * scale, (15 - zp) * scale)
+        inside = (b >= lo) & (b <= hi)
+        bound = np.broadcast_to(np.abs(scale) / 2 * (1 + 1e-5) + 1e-7, b.shape)
+        assert np.all(np.abs(deq - b)[inside] <= bound[inside])
+        assert (~inside).any()  # the search did clip some extremes
 
 
 def test_blocked_qdq_form_matches_onnx_reference(decoder: Path) -> None:
