@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -223,7 +223,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     if image_spec is not None and calibration is None:
         raise UserError(f"--image-spec {image_spec}: needs --calibration DIR (a directory of images)")
     specs = input_specs(m)
-    float_proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+    # the float model with its weights is read only to measure fidelity (after the compile, and
+    # only with samples): a 4.4 GB decoder's weights are otherwise memory-mapped, one at a time
+    def float_proto() -> onnx.ModelProto:
+        return model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+
     eval_samples: list[Any] = []
     fidelity: dict[str, Any] = {}
     if eval_data is not None:
@@ -284,7 +288,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     return result
 
 
-def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[str, Any], samples: list[Any],
+def _fidelity(float_proto: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any], samples: list[Any],
               stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
     """The report's ``fidelity`` section (and the analysis page when asked)."""
     from .fidelity import measure_fidelity
@@ -297,13 +301,14 @@ def _fidelity(float_proto: onnx.ModelProto, result: CompileResult, info: dict[st
                             "calibration samples to hold some out)")
         return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
     as_written = report["format"] == "qdq"
-    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
+    float_model = float_proto()
+    info = dict(info, outputs=measure_fidelity(float_model, result.proto, samples, as_written=as_written),
                 engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
                                                        else "the model's integer kernels"))
     if analysis is not None:
         from .analysis import analyze
 
-        rep = analyze(float_proto, result.proto, samples, target=tgt, html=analysis)
+        rep = analyze(float_model, result.proto, samples, target=tgt, html=analysis)
         report["analysis"] = {"html": str(analysis), "summary": rep["summary"], "ranking": rep["ranking"]}
     return info
 
