@@ -56,23 +56,26 @@ class QuantizeWeights(Pass):
     quant.gptq_round) or `awq` (per-input-channel scale search, see qcompiler.weight_only;
     the scale is folded into a preceding constant Mul / LayerNormalization when every reader
     of the activation shares it, else a Mul on the activation is inserted); empty: `gptq`
-    with calibration data, `rtn` without. Weights are read and replaced one at a time, so a
+    with calibration data, `rtn` without. `moment-samples`: calibration samples whose input
+    second moments gptq/awq read (MiniLM int4: 16 -> 64 samples raised gptq's cosine from
+    0.9847 to 0.9886). `symmetric` unset: the target's first listed choice. Weights are read and replaced one at a time, so a
     memory-mapped input never has two float copies of a weight in memory. Edits in place.
     """
 
     name = "quantize-weights"
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool | None = None  # None: the first value the target's weight_only.symmetric lists
     algorithm: str = ""
     gather: bool = True
-    moment_samples: int = 16
+    moment_samples: int = 256
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         rule = ctx.target.weight_only
         if rule is None:
             raise UserError(f"target '{ctx.target.name}' has no [weight_only] table: it cannot run weight-only models")
-        opts = WeightOnlyOptions(self.bits, self.block_size, self.symmetric, self.algorithm).validate(
+        symmetric = rule.symmetric[0] if self.symmetric is None else self.symmetric
+        opts = WeightOnlyOptions(self.bits, self.block_size, symmetric, self.algorithm).validate(
             has_data=ctx.calibration is not None)
         for key, value, allowed in (("bits", opts.bits, rule.bits), ("block_sizes", opts.block_size, rule.block_sizes),
                                     ("symmetric", opts.symmetric, rule.symmetric)):

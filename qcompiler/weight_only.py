@@ -226,8 +226,14 @@ def _gptq(wt: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zp: np.ndarray
     qt = opts.qtype()
     per_col = np.repeat(scale, opts.block_size, axis=1)[:, :k]
     per_zp = np.repeat(zp, opts.block_size, axis=1)[:, :k]
-    h = np.asarray(hessian, dtype=np.float64).reshape(1, k, k)
-    codes = gptq_round(wt[None], h, per_col[None], per_zp[None], qt.qmin, qt.qmax)[0]
+    h = np.asarray(hessian, dtype=np.float64).reshape(k, k)
+    # act order: the inputs with the largest second moment are rounded first, so that the
+    # error they leave is spread over the most columns still free (the block qparams stay
+    # those of the original blocks: each column keeps its own scale wherever it goes)
+    order = np.argsort(-np.diag(h), kind="stable")
+    inv = np.argsort(order)
+    codes = gptq_round(wt[None, :, order], h[order][:, order][None], per_col[None, :, order],
+                       per_zp[None, :, order], qt.qmin, qt.qmax)[0][:, inv]
     pad = scale.shape[1] * opts.block_size - k
     if pad:
         codes = np.concatenate([codes, np.broadcast_to(zp[:, -1:], (n, pad))], axis=1)
@@ -255,7 +261,9 @@ def awq_search(weights: list[np.ndarray], hessian: np.ndarray, opts: WeightOnlyO
         for w in weights:
             ws = w * s[:, None]
             wt = np.ascontiguousarray(ws.T)
-            scale, zp = _block_params(wt, opts)
+            # candidates compared with full-range blocks (the clipping search would cost
+            # len(CLIP_RATIOS) times more for a ranking it rarely changes)
+            scale, zp = _range_params(_blocks(wt, opts.block_size), opts, 1.0)
             codes = _rtn(wt, scale, zp, opts)
             deq = dequantize_blocks(codes, scale, zp, k, opts.block_size) / s[:, None]
             err += float(np.square(proj @ (w - deq)).sum())
