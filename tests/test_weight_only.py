@@ -197,6 +197,24 @@ def test_default_algorithm_rtn_without_data_gptq_with(decoder: Path) -> None:
     assert qcompiler.compile(decoder, mode="weight-only", calibration=calib).report["weight_only"]["algorithm"] == "gptq"
 
 
+def test_compile_reads_float_weights_only_through_the_map(decoder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without samples to measure fidelity on, compile never loads the float model whole
+    (onnx.load pulls every external tensor into memory: 4.4 GB for the 1.1B decoder)."""
+    import importlib
+
+    real = onnx.load
+
+    def load(f: object, *a: object, **k: object) -> onnx.ModelProto:
+        if k.get("load_external_data", True):
+            raise AssertionError(f"onnx.load({f}) with all external data")
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(importlib.import_module("qcompiler.api").onnx, "load", load)
+    res = qcompiler.compile(decoder, mode="weight-only")
+    assert res.report["weight_only"]["matmuls"] > 0
+    assert res.report["weight_only"]["symmetric"] is False  # ort-cpu lists false first
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--weight-bits", "3"], "--weight-bits 3"),
     (["--block-size", "10"], "--block-size 10"),
