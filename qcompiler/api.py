@@ -148,8 +148,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
 
     Weight-only mode (``mode="weight-only"``, the target's ``[weight_only]`` table decides the
     lowering): ``weight_bits`` (4 or 8), ``block_size`` (16, 32, 64, 128), ``weight_symmetric``
-    (unset: the target's first ``weight_only.symmetric`` entry) and ``weight_algorithm`` (rtn, gptq, awq; default gptq with calibration data, else rtn)
-    are the ``quantize-weights`` pass's options. Calibration data is optional.
+    (unset: the target's first ``weight_only.symmetric`` entry) and ``weight_algorithm`` (rtn,
+    gptq, awq; default gptq with calibration data, else rtn) are the ``quantize-weights`` pass's options. Calibration data is optional.
     """
     start = time.perf_counter()
     tgt = load_target(target)
@@ -223,11 +223,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     if image_spec is not None and calibration is None:
         raise UserError(f"--image-spec {image_spec}: needs --calibration DIR (a directory of images)")
     specs = input_specs(m)
-    # the float model with its weights is read only to measure fidelity (after the compile, and
-    # only with samples): a 4.4 GB decoder's weights are otherwise memory-mapped, one at a time
-    def float_proto() -> onnx.ModelProto:
-        return model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
-
+    # the float model for the fidelity section, read only when there are samples to measure on
+    # (a billion-parameter weight-only compile must not hold a second full-precision copy)
+    float_proto = lambda: model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))  # noqa: E731
     eval_samples: list[Any] = []
     fidelity: dict[str, Any] = {}
     if eval_data is not None:
@@ -288,8 +286,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     return result
 
 
-def _fidelity(float_proto: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any], samples: list[Any],
-              stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
+def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any],
+              samples: list[Any], stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
     """The report's ``fidelity`` section (and the analysis page when asked)."""
     from .fidelity import measure_fidelity
 
@@ -301,14 +299,14 @@ def _fidelity(float_proto: Callable[[], onnx.ModelProto], result: CompileResult,
                             "calibration samples to hold some out)")
         return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
     as_written = report["format"] == "qdq"
-    float_model = float_proto()
-    info = dict(info, outputs=measure_fidelity(float_model, result.proto, samples, as_written=as_written),
+    float_proto = float_model()
+    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
                 engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
                                                        else "the model's integer kernels"))
     if analysis is not None:
         from .analysis import analyze
 
-        rep = analyze(float_model, result.proto, samples, target=tgt, html=analysis)
+        rep = analyze(float_proto, result.proto, samples, target=tgt, html=analysis)
         report["analysis"] = {"html": str(analysis), "summary": rep["summary"], "ranking": rep["ranking"]}
     return info
 

@@ -23,7 +23,7 @@ from .target import OpConfig, Target, TensorRule
 
 __all__ = ["Operand", "NodeView", "Finding", "RULES", "check_node", "target_key"]
 
-# rule id -> one-line meaning (documented in docs/design.md and printed by nothing else)
+# rule id -> one-line meaning (the one place rule meanings are written; docs/design.md lists the ids)
 RULES: dict[str, str] = {
     "kernel": "an integer op the target has no kernel for",
     "dtype": "an operand's integer type differs from the target's dtype for its role",
