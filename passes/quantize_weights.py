@@ -10,7 +10,7 @@ import numpy as np
 
 from qcompiler import Model, Node, Pass, PassContext, PassResult, UserError, Value, is_constant, producer, users
 from qcompiler.weight_only import (WEIGHT_ONLY_KERNELS, BlockQuantized, WeightOnlyOptions, awq_search, block_quantize,
-                                   pack_codes)
+                                   pack_codes, release_pages)
 
 from .calibrate import collect_input_moments
 
@@ -99,7 +99,9 @@ class QuantizeWeights(Pass):
         for node in nodes:
             w = node.inputs[1]
             hessian = moments.get(node.name) if algorithm == "gptq" else None
-            q = block_quantize(w.values, opts, "gptq" if hessian is not None else "rtn", hessian)
+            values = w.values
+            q = block_quantize(values, opts, "gptq" if hessian is not None else "rtn", hessian)
+            release_pages(values)
             if qdq:
                 self._lower_dq(rw, graph, node, q)
             else:
@@ -216,7 +218,9 @@ class QuantizeWeights(Pass):
         domain, op = kernel.rsplit(".", 1)
         facts = WEIGHT_ONLY_KERNELS[op]
         table = node.inputs[0]
-        q = block_quantize(np.asarray(table.values, dtype=np.float32).T, opts)  # blocks along the row
+        values = table.values
+        q = block_quantize(np.asarray(values, dtype=np.float32).T, opts)  # blocks along the row
+        release_pages(values)
         d = q.k
         inputs = [rw.constant(table.name + "_quantized", pack_codes(q.codes[:, :d], opts.bits)), node.inputs[1],
                   rw.constant(table.name + "_scales", q.scale)]

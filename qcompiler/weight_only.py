@@ -25,7 +25,7 @@ from .quant import QType, compute_qparams, gptq_round
 
 __all__ = ["WeightOnlyKernel", "WEIGHT_ONLY_KERNELS", "WeightOnlyOptions", "BlockQuantized", "BITS", "BLOCK_SIZES",
            "ALGORITHMS", "block_quantize", "pack_codes", "unpack_codes", "dequantize_blocks", "matmul_nbits",
-           "gather_block_quantized", "awq_search", "AWQ_ALPHAS"]
+           "gather_block_quantized", "awq_search", "AWQ_ALPHAS", "release_pages"]
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -147,13 +147,25 @@ def _blocks(wt: np.ndarray, block: int) -> np.ndarray:
 
 def _block_params(wt: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray]:
     """Per-block scale and zero point [N, k_blocks]: the block's range shrunk by the factor in
-    CLIP_RATIOS whose round-to-nearest error (sum of squares over the block) is smallest."""
+    CLIP_RATIOS whose round-to-nearest error (sum of squares over the block) is smallest.
+    The block extremes are found once; each candidate's error is computed in place in float32
+    (the search is most of an rtn compile: 1.1B decoder)."""
     b = _blocks(wt, opts.block_size)
+    ext = _extremes(b, opts)
     best_s = best_z = best_e = None
+    q = np.empty_like(b, dtype=np.float32)
     for ratio in CLIP_RATIOS:
-        scale, zp = _range_params(b, opts, ratio)
-        q = np.clip(np.rint(b / scale[..., None]) + zp[..., None], 0, 2**opts.bits - 1)
-        err = np.square((q - zp[..., None]) * scale[..., None] - b).sum(axis=2)
+        scale, zp = _range_params(ext, opts, ratio)
+        s3, z3 = scale[..., None], zp.astype(np.float32)[..., None]
+        np.divide(b, s3, out=q)
+        np.rint(q, out=q)
+        q += z3
+        np.clip(q, 0, 2**opts.bits - 1, out=q)
+        q -= z3
+        q *= s3
+        q -= b
+        np.square(q, out=q)
+        err = q.sum(axis=2)
         if best_e is None:
             best_s, best_z, best_e = scale, zp, err
         else:
@@ -163,19 +175,26 @@ def _block_params(wt: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, 
     return best_s, best_z
 
 
-def _range_params(b: np.ndarray, opts: WeightOnlyOptions, ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Block qparams covering ``ratio`` times each block's range (1.0: the whole range)."""
+def _extremes(b: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, ...]:
+    """What the block qparams are made from: the signed largest-magnitude value (symmetric),
+    or the minimum and maximum, of each block of ``b`` [N, k_blocks, block]."""
+    if opts.symmetric:
+        idx = np.abs(b).argmax(axis=2)[..., None]
+        return (np.take_along_axis(b, idx, axis=2)[..., 0].astype(np.float64),)
+    return b.min(axis=2), b.max(axis=2)
+
+
+def _range_params(ext: tuple[np.ndarray, ...], opts: WeightOnlyOptions, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Block qparams covering ``ratio`` times the range of :func:`_extremes` (1.0: all of it)."""
     if opts.symmetric:
         # the block's largest-magnitude value maps exactly onto code 0 (-2^(b-1) steps): the
         # scale carries its sign, so all 2^b levels are used whichever sign the extreme has
         # (an absmax / (2^(b-1)-1) scale wastes one level, absmax / 2^(b-1) clips the extreme)
         half = 2 ** (opts.bits - 1)
-        idx = np.abs(b).argmax(axis=2)[..., None]
-        extreme = np.take_along_axis(b, idx, axis=2)[..., 0].astype(np.float64) * ratio
-        scale = (extreme / -half).astype(np.float32)
+        scale = (ext[0] * ratio / -half).astype(np.float32)
         scale = np.where(np.abs(scale) > np.finfo(np.float32).tiny, scale, np.float32(1.0))
         return scale, np.full(scale.shape, half, dtype=np.int64)
-    qp = compute_qparams(b.min(axis=2) * ratio, b.max(axis=2) * ratio, opts.qtype())
+    qp = compute_qparams(ext[0] * ratio, ext[1] * ratio, opts.qtype())
     return qp.scale.astype(np.float32), qp.zero_point.astype(np.int64)
 
 
@@ -263,7 +282,7 @@ def awq_search(weights: list[np.ndarray], hessian: np.ndarray, opts: WeightOnlyO
             wt = np.ascontiguousarray(ws.T)
             # candidates compared with full-range blocks (the clipping search would cost
             # len(CLIP_RATIOS) times more for a ranking it rarely changes)
-            scale, zp = _range_params(_blocks(wt, opts.block_size), opts, 1.0)
+            scale, zp = _range_params(_extremes(_blocks(wt, opts.block_size), opts), opts, 1.0)
             codes = _rtn(wt, scale, zp, opts)
             deq = dequantize_blocks(codes, scale, zp, k, opts.block_size) / s[:, None]
             err += float(np.square(proj @ (w - deq)).sum())
@@ -289,6 +308,23 @@ def _top_directions(h: np.ndarray, rank: int) -> np.ndarray:
         vecs = basis @ small
     top = np.argsort(vals)[::-1][:rank]
     return (vecs[:, top] * np.sqrt(np.maximum(vals[top], 0.0))).T.astype(np.float32)
+
+
+def release_pages(a: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped weight from the process once it has been read.
+
+    Read-only file pages stay mapped (and counted in RSS) while anything references the map:
+    on the 1.1B decoder, RSS grew past 3.5 GB of file pages for 0.6 GB of anonymous memory.
+    MADV_DONTNEED gives them back; a later read refetches them from the page cache, so this
+    only changes memory, never values. Arrays not backed by a map are left alone."""
+    import mmap
+
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    m = getattr(base, "_mmap", None)
+    if isinstance(m, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -102,7 +102,7 @@ def test_dequantized_weight_error_bounds() -> None:
     """RTN with the clipping search: every block's squared error is at most that of the
     block's full range (ratio 1.0, the search's first candidate), strictly less in total on
     heavy-tailed weights, and values inside the chosen range are within half a step."""
-    from qcompiler.weight_only import WeightOnlyOptions, _blocks, _range_params, block_quantize
+    from qcompiler.weight_only import WeightOnlyOptions, _blocks, _extremes, _range_params, block_quantize
 
     w = np.random.default_rng(1).standard_t(4, size=(100, 24)).astype(np.float32)
     for sym in (True, False):
@@ -111,7 +111,7 @@ def test_dequantized_weight_error_bounds() -> None:
         b = _blocks(np.ascontiguousarray(w.T), 32)  # [N, blocks, 32], zero-padded
         deq = _blocks(np.ascontiguousarray(q.dequantized().T), 32)
         err = np.square(deq - b).sum(axis=2)
-        s1, z1 = _range_params(b, opts, 1.0)
+        s1, z1 = _range_params(_extremes(b, opts), opts, 1.0)
         full = np.square((np.clip(np.rint(b / s1[..., None]) + z1[..., None], 0, 15) - z1[..., None])
                          * s1[..., None] - b).sum(axis=2)
         assert np.all(err <= full * (1 + 1e-5) + 1e-9)  # float32 rounding of the two sums
@@ -213,6 +213,31 @@ def test_compile_reads_float_weights_only_through_the_map(decoder: Path, monkeyp
     res = qcompiler.compile(decoder, mode="weight-only")
     assert res.report["weight_only"]["matmuls"] > 0
     assert res.report["weight_only"]["symmetric"] is False  # ort-cpu lists false first
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from Linux /proc")
+def test_release_pages_gives_mapped_weight_back_values_unchanged(tmp_path: Path) -> None:
+    """A read memory-mapped weight leaves RSS (file pages) once released; reading it again
+    gives the same values (the pages come back from the file)."""
+    from qcompiler.weight_only import release_pages
+
+    want = np.random.default_rng(0).standard_normal((4096, 2048)).astype(np.float32)  # 32 MB
+    path = tmp_path / "w.bin"
+    want.tofile(path)
+    w = np.memmap(path, dtype=np.float32, mode="r", shape=want.shape)
+    before = _rss_file_kb()
+    assert float(np.asarray(w, dtype=np.float64).sum()) == pytest.approx(float(want.sum(dtype=np.float64)))
+    touched = _rss_file_kb()
+    release_pages(w[:, :16])  # a view: its map is found through .base
+    released = _rss_file_kb()
+    assert touched - before > 24 * 1024 and touched - released > 24 * 1024
+    np.testing.assert_array_equal(w, want)
+    release_pages(want)  # not a map: nothing happens
 
 
 @pytest.mark.parametrize("args,needle", [
