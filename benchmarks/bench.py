@@ -209,7 +209,8 @@ def _run_qcompiler(job: Job, model_path: Path, out_path: Path, feeds: list[Feed]
     result.save(out_path)
     cal = result.report.get("calibration", {})
     return {"note": "", "model_runs": cal.get("model_runs"), "cache": cal.get("cache"),
-            "weight_rounding": result.report.get("weight_rounding")}
+            "weight_rounding": result.report.get("weight_rounding"),
+            "build_cache": (result.report.get("build_cache") or {}).get("status")}
 
 
 def _run_ort(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | None) -> dict[str, Any]:
@@ -590,7 +591,7 @@ def build_variants(spec: ModelSpec, model_path: Path, args: argparse.Namespace, 
             v.compile_s = statistics.median(x["seconds"] for x in results[job.slug])
             v.rss_delta_mb = res["peak_rss_mb"] - res["rss_before_mb"]
             v.note = res.get("note", "")
-            v.extra = {k: res[k] for k in ("model_runs", "cache", "weight_rounding") if k in res}
+            v.extra = {k: res[k] for k in ("model_runs", "cache", "weight_rounding", "build_cache") if k in res}
             for k in ("quantize_s", "cpu_s", "quantize_cpu_s"):
                 if k in res:
                     v.extra[k] = statistics.median(x[k] for x in results[job.slug])
@@ -703,12 +704,10 @@ def compile_summary(variants: list[Variant]) -> list[str]:
                         if ort_v.extra.get("quantize_cpu_s") else ""))
     if qc and warm and qc.compile_s and warm.compile_s:
         same = qc.path.exists() and warm.path.exists() and qc.path.read_bytes() == warm.path.read_bytes()
-        rounding = warm.extra.get("weight_rounding") or {}
         lines.append(f"- **cached rebuild: {warm.compile_s:.1f} s, {qc.compile_s / warm.compile_s:.1f}x faster than "
-                     f"the first build** (CPU time {warm.extra['cpu_s']:.1f} s vs {qc.extra['cpu_s']:.1f} s: "
-                     f"{qc.extra['cpu_s'] / warm.extra['cpu_s']:.1f}x); output byte-identical: {'yes' if same else 'NO'}; model runs "
-                     f"{warm.extra.get('model_runs')}, GPTQ layers rounded {rounding.get('gptq_layers')} "
-                     f"(cache hits {rounding.get('gptq_cache_hits')})")
+                     f"the first build** (CPU time {warm.extra['cpu_s']:.2f} s vs {qc.extra['cpu_s']:.1f} s: "
+                     f"{qc.extra['cpu_s'] / warm.extra['cpu_s']:.1f}x); output byte-identical: {'yes' if same else 'NO'}; "
+                     f"whole-build cache: {warm.extra.get('build_cache')}")
     return lines
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from qcompiler import Model, Pass, PassContext, PassResult, PatchSpec, QType, UserError
-from qcompiler import Constant, is_constant
+from qcompiler import Constant, const_value, is_constant
 from qcompiler.calib_cache import cache_key, data_digest, load_cached, store_cached
 from qcompiler.calib_dist import run_sharded
 from qcompiler.calib_engine import (DEFAULT_MEMORY, Job, Progress, lane_threads, make_groups, parse_memory, peak_rss_mb,
@@ -27,7 +27,58 @@ from qcompiler.plan import Plan, plan_for, ranges_read, value_qtypes
 from qcompiler.quant import range_fits_float32
 from qcompiler.rangefile import check_pinned, read_ranges
 
-__all__ = ["collect_input_moments", "Calibrate"]
+__all__ = ["collect_input_moments", "Calibrate", "saturation_bounds"]
+
+
+def _saturation(node: Any) -> tuple[float, float] | None:
+    """The input interval outside which the elementwise activation ``node`` is constant
+    (its output saturates), or None: values beyond it give the same output as the bound."""
+    inf = float("inf")
+    if node.op == "Relu":
+        return 0.0, inf
+    if node.op == "HardSwish":  # x * relu6(x + 3) / 6: 0 for x <= -3, linear above
+        return -3.0, inf
+    if node.op == "HardSigmoid":  # max(0, min(1, alpha * x + beta))
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        if alpha <= 0:
+            return None
+        return -beta / alpha, (1.0 - beta) / alpha
+    if node.op == "Clip":
+        bounds = [-inf, inf]
+        for i in (1, 2):
+            if len(node.inputs) > i and node.inputs[i].name:
+                if not is_constant(node.inputs[i]):
+                    return None
+                bounds[i - 1] = float(np.asarray(const_value(node.inputs[i])).reshape(-1)[0])
+        return bounds[0], bounds[1]
+    return None
+
+
+def saturation_bounds(model: Model) -> dict[str, tuple[float, float]]:
+    """Values of the main graph read only by saturating activations (Relu, HardSwish,
+    HardSigmoid, constant Clip), with the interval beyond which every reader's output stops
+    changing. Quantizing such a value on a range clamped to that interval is exact where the
+    clamp bites, so its integer steps go to the values that matter (PP-OCRv4's depthwise
+    outputs reach -195 before a HardSwish that maps everything below -3 to 0)."""
+    outputs = {v.name for v in model.graph.outputs}
+    out: dict[str, tuple[float, float]] = {}
+    for node in model.graph.nodes:
+        for value in node.outputs:
+            if not value.name or value.name in outputs or not value.outputs:
+                continue
+            sats = [_saturation(c) if c.inputs and c.inputs[0] is value else None for c in value.outputs]
+            if any(s is None for s in sats):
+                continue
+            out[value.name] = (min(s[0] for s in sats), max(s[1] for s in sats))  # type: ignore[index]
+    return out
+
+
+def _clamp(rng: tuple[float, float], bound: tuple[float, float] | None) -> tuple[float, float]:
+    """``rng`` limited to ``bound`` (kept as is where that would leave no interval)."""
+    if bound is None:
+        return rng
+    lo, hi = max(rng[0], bound[0]), min(rng[1], bound[1])
+    return (lo, hi) if lo < hi else rng
 
 
 def _weighted_inputs(model: Model, only: set[str] | None = None) -> dict[str, int]:
@@ -285,7 +336,9 @@ class Calibrate(Pass):
     fused group (a Conv's output read only by its fused Relu, never quantized) are never
     observed. Requires calibration data, unless `ranges-file` (a range JSON, see
     docs/calibration.md) pins every observed tensor; its ranges override calibrated ones.
-    Does not change the graph.
+    `saturation=true` clamps the range of a value read only by saturating activations to
+    where their output still moves (`saturation_bounds`; off by default: on PP-OCRv4 it raised
+    cosine but not SQNR, docs/benchmarks.md). Does not change the graph.
     """
 
     name = "calibrate"
@@ -307,6 +360,7 @@ class Calibrate(Pass):
     lanes: int = 2
     observe: str = "quantized"  # quantized: the tensors insert-qdq reads a range of | all: every float tensor
     statistics: str = "all"  # all: ranges + bias-correction means + GPTQ moments | ranges: ranges only
+    saturation: bool = False  # clamp a range to where its readers (Relu, HardSwish, Clip...) do not saturate
     ranges_file: str = ""  # range JSON whose ranges override calibrated ones (qcompiler.rangefile; H2)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -393,6 +447,9 @@ class Calibrate(Pass):
                    "limit": self.limit, "moments": sorted(specs), "moment_samples": self.moment_samples,
                    "grouped_moment_samples": self.grouped_moment_samples,
                    "means": sorted(axes), "observe": self.observe}
+        bounds = saturation_bounds(model) if self.saturation else {}
+        if self.saturation:  # (absent when off: cache keys of earlier compiles stay valid)
+            options["saturation"] = True
         stats: Statistics | None = None
         cache_state = "off"
         key = ""
@@ -405,11 +462,11 @@ class Calibrate(Pass):
         if stats is None:
             with reuse_sessions():  # the size probe, phase 1 and phase 2 share one session
                 stats = self._collect(model, ctx, proto, shared, names, inputs, track, plan, per_sample, specs, axes,
-                                      budget, info)
+                                      budget, info, bounds)
             if self.cache:
                 store_cached(self.cache, key, stats)
 
-        ranges = stats.ranges()
+        ranges = {n: _clamp(r, bounds.get(n)) for n, r in stats.ranges().items()}
         for i, (n, (m, grid, kind)) in enumerate(plan.items()):
             ctx.progress("choosing ranges", i, len(plan))
             if n not in ranges:
@@ -464,7 +521,7 @@ class Calibrate(Pass):
                  names: list[str], inputs: list[str], track: frozenset[str],
                  plan: dict[str, tuple[str, RangeTarget, str | None]], per_sample: frozenset[str],
                  specs: dict[str, list[tuple[str, PatchSpec]]], axes: dict[str, int], budget: int,
-                 info: dict[str, int]) -> Statistics:
+                 info: dict[str, int], bounds: dict[str, tuple[float, float]]) -> Statistics:
         data = ctx.calibration
         first = next(iter(data), None)
         if first is None:
@@ -487,7 +544,7 @@ class Calibrate(Pass):
         for n, (_, _, kind) in plan.items():
             if kind is None or n not in ranges:
                 continue
-            lo, hi = ranges[n]
+            lo, hi = _clamp(ranges[n], bounds.get(n))  # histogram only where the readers' output moves
             lo, hi = (0.0, max(abs(lo), abs(hi))) if kind == "abs" else (lo, hi)
             if hi > lo and range_fits_float32(lo, hi):  # else refused after pinning (_require_finite)
                 hist_spec[n] = (kind, lo, hi, self.bins)

@@ -40,6 +40,9 @@ class CompressWeights(Pass):
     run. Needs opset 13 (DequantizeLinear with `axis`); on older opsets it does nothing. Run
     after insert-qdq/lower-qoperator/cleanup-qdq, so it sees only weights that stayed float.
     Edits in place.
+
+    Nodes a plan override keeps float (``plan_overrides``: the accuracy budget, the user) keep
+    their float weights: the override asks for the float layer.
     """
 
     name = "compress-weights"
@@ -53,10 +56,13 @@ class CompressWeights(Pass):
         qtype = replace(qtype, pair_sum_max=0, symmetric=True)  # the op computes in float: no kernel limits
         if model.opsets.get("", 0) < 13:
             return PassResult(False)
+        # a node a plan override keeps float (the accuracy budget, or the user) keeps its float
+        # weights too: compressing them would put back part of the error it was moved for
+        kept = set(ctx.analysis.get("plan_overrides") or {})
         for graph in list(model.graph.walk()):
             for node in list(graph.nodes):
                 axis = _weight_axis(node)
-                if axis is None or len(node.inputs) < 2:
+                if axis is None or len(node.inputs) < 2 or node.name in kept:
                     continue
                 w = node.inputs[1]
                 if not is_constant(w) or len(w.outputs) != 1:

@@ -68,11 +68,14 @@ class _Pair:
     w1: np.ndarray
     w2: np.ndarray
     depthwise: bool  # second is depthwise: input channel c is its output channel c
+    lower: np.ndarray | None = None  # clip=data: least total scale per channel (inf: must stay 1)
+    total: np.ndarray | None = None  # clip=data: scale applied so far
 
 
-def _pairs(model: Model, clip_as_relu: bool) -> tuple[list[_Pair], list[dict[str, str]]]:
+def _pairs(model: Model, clip_as_relu: bool | None) -> tuple[list[_Pair], list[dict[str, str]]]:
     """Conv -> [activation] -> Conv chains whose intermediate values have one reader each
-    (with ``clip_as_relu``, Clip(0, b) counts as a Relu: the caller drops its bound)."""
+    (with ``clip_as_relu`` True, Clip(0, b) counts as a Relu: the caller drops its bound; None:
+    Clip(0, b) pairs are kept, the caller bounds their scales)."""
     pairs, skipped = [], []
     outputs = {v.name for v in model.graph.outputs}
     for node in model.graph.nodes:
@@ -98,7 +101,7 @@ def _pairs(model: Model, clip_as_relu: bool) -> tuple[list[_Pair], list[dict[str
             why = ("Clip needs a per-channel bound after scaling; no integer Clip has one"
                    if act.op == "Clip" else f"{act.op} is not positively homogeneous")
             bounds = _clip_bounds(act) if act.op == "Clip" else None
-            if bounds is not None and bounds[0] == 0.0 and (bounds[1] == np.inf or clip_as_relu):
+            if bounds is not None and bounds[0] == 0.0 and (bounds[1] == np.inf or clip_as_relu is not False):
                 why = ""  # Clip(0, inf) is a Relu; Clip(0, b) becomes one with clip=relu
             if why:
                 skipped.append({"first": node.name, "activation": act.name, "second": nxt.name, "reason": why})
@@ -124,11 +127,16 @@ class EqualizeLayers(Pass):
     weights are per tensor, where equalization pays off. `clip=relu` (inexact, as AIMET does
     for ReLU6): a Clip(0, b) between the pair becomes a Relu and the pair is equalized; the
     float model then differs wherever the pre-activation exceeded b (the report counts them).
+    `clip=data` (needs calibration data) keeps Clip(0, b) and bounds each channel's scale so
+    that the Clip stays exact for pre-activations up to `margin` (default 2) times their
+    calibration maxima m_c: a channel with margin * m_c >= b keeps s = 1, others take
+    s >= margin * m_c / b (inputs beyond that may clip where the float model did not).
     """
 
     name = "equalize-layers"
-    clip: str = "skip"  # skip: Clip(0, b) pairs are left alone | relu: its bound is dropped (inexact)
+    clip: str = "skip"  # skip: Clip(0, b) pairs left alone | relu: bound dropped (inexact) | data: scales kept exact on calibration data
     iterations: int = 4
+    margin: float = 2.0  # clip=data: headroom over the calibration maxima (see _clip_limits)
     absorb_bias: bool = False
     sigmas: float = 3.0
     only_per_tensor: bool = True
@@ -139,13 +147,20 @@ class EqualizeLayers(Pass):
         if self.only_per_tensor and ctx.target.weight_rule().per_channel:
             ctx.report["equalize_layers"] = {"pairs": 0, "skipped": [], "note": "target weights are per channel"}
             return PassResult(False)
-        if self.clip not in ("skip", "relu"):
-            raise UserError(f"pass 'equalize-layers': option 'clip={self.clip}' must be 'skip' or 'relu'")
-        pairs, skipped = _pairs(model, self.clip == "relu")
+        if self.clip not in ("skip", "relu", "data"):
+            raise UserError(f"pass 'equalize-layers': option 'clip={self.clip}' must be 'skip', 'relu' or 'data'")
+        if self.clip == "data" and ctx.calibration is None:
+            raise UserError("pass 'equalize-layers': option 'clip=data' needs calibration data (--calibration PATH)")
+        pairs, skipped = _pairs(model, {"skip": False, "relu": True, "data": None}[self.clip])
         rw = ctx.rewriter(model)
         unbounded = 0
+        if self.clip == "data":
+            if self.margin < 1.0:
+                raise UserError(f"pass 'equalize-layers': option 'margin={self.margin}' must be at least 1")
+            _clip_limits(model, ctx, [p for p in pairs if p.act is not None and p.act.op == "Clip"], self.name,
+                         self.margin)
         for p in pairs:
-            if p.act is not None and p.act.op == "Clip" and _clip_bounds(p.act) != (0.0, np.inf):
+            if self.clip == "relu" and p.act is not None and p.act.op == "Clip" and _clip_bounds(p.act) != (0.0, np.inf):
                 relu = rw.value(p.act.outputs[0].name + "_relu", dtype=p.act.outputs[0].dtype,
                                 shape=p.act.outputs[0].shape)
                 new = rw.create_node(model.graph, "Relu", [p.act.inputs[0]], [relu], name=p.act.name + "_relu",
@@ -175,6 +190,9 @@ class EqualizeLayers(Pass):
         r2 = np.abs(p.w2).max(axis=tuple(range(1, p.w2.ndim))) if p.depthwise else \
             np.abs(p.w2).max(axis=(0,) + tuple(range(2, p.w2.ndim)))
         s = equalization_scale(r1, r2)
+        if p.lower is not None and p.total is not None:  # Clip(0, b) kept exact on the calibration data
+            total = np.where(np.isinf(p.lower), 1.0, np.maximum(p.total * s, p.lower))
+            s, p.total = total / p.total, total
         if np.allclose(s, 1.0, rtol=1e-6):
             return
         shape1 = (-1,) + (1,) * (p.w1.ndim - 1)
@@ -188,7 +206,7 @@ class EqualizeLayers(Pass):
             rw.set_input(p.first, 2, rw.constant(p.first.inputs[2].name + "_eq", b1.astype(np.float32)))
 
     def _absorb(self, model: Model, ctx: PassContext, rw: Rewriter, pairs: list[_Pair]) -> int:
-        relu = [p for p in pairs if p.act is not None]
+        relu = [p for p in pairs if p.act is not None and p.lower is None]  # a moved bias would move b too
         sums: dict[str, list[np.ndarray]] = {}
 
         def visit(name: str, arr: np.ndarray) -> None:
@@ -218,6 +236,28 @@ class EqualizeLayers(Pass):
             rw.set_input(p.second, 2, rw.constant(p.second.name + "_bias_abs", b2.astype(np.float32)))
             absorbed += int((c > 0).sum())
         return absorbed
+
+
+def _clip_limits(model: Model, ctx: PassContext, pairs: list[_Pair], who: str, margin: float) -> None:
+    """For Conv1 -> Clip(0, b) -> Conv2 pairs: dividing Conv1's channel c by s keeps the Clip
+    exact iff no value crosses b because of it. Taking inputs to reach ``margin`` times the
+    calibration maximum m_c of the pre-activation: a channel with 0 < margin * m_c < b takes
+    any s >= margin * m_c / b; one that may reach b (saturate), or never went above 0 (no
+    bound known), keeps s = 1 (its clipped values
+    would need the bound b / s)."""
+    peaks: dict[str, np.ndarray] = {}
+
+    def visit(name: str, arr: np.ndarray) -> None:
+        m = arr.max(axis=(0,) + tuple(range(2, arr.ndim))).astype(np.float64)
+        peaks[name] = np.maximum(peaks[name], m) if name in peaks else m
+
+    observe_values(model, ctx.calibration, [p.first.outputs[0].name for p in pairs], visit, who=who)
+    for p in pairs:
+        b = _clip_bounds(p.act)[1]  # type: ignore[index]  # _pairs kept only Clip(0, b)
+        m = peaks[p.first.outputs[0].name]
+        lim = m * margin
+        p.lower = np.where((m > 0) & (lim < b), lim / b, np.inf)  # never positive on the data: no bound known
+        p.total = np.ones_like(m)
 
 
 def _spread(p: _Pair) -> float:

@@ -16,6 +16,7 @@ import onnx
 from .calibration import input_specs, load_calibration
 from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
+from .ir.io import save_bytes
 from .ir.validate import check_runnable_domains
 from .kernels import INTEGER_OPS
 from .ir.io import proto_size
@@ -40,15 +41,29 @@ def op_histogram(model: Model) -> dict[str, int]:
 
 @dataclass
 class CompileResult:
-    """A compiled model and its report (the same dict ``--report`` writes as JSON)."""
+    """A compiled model and its report (the same dict ``--report`` writes as JSON).
 
-    model: Model
+    A build served by the whole-build cache (:mod:`qcompiler.build_cache`) holds the stored
+    bytes: ``save`` writes them as they are, ``proto`` and ``model`` are parsed on first use."""
+
+    _model: Model | None
     report: dict[str, Any]
     _proto: onnx.ModelProto | None = field(default=None, repr=False)
+    _bytes: bytes | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> Model:
+        if self._model is None:
+            self._model = load_model(self.proto, check=False)
+        return self._model
+    # (float model loader, eval samples, run as written): what report["fidelity"] was measured on
+    _eval: tuple[Callable[[], onnx.ModelProto], list[Any], bool] | None = field(default=None, repr=False)
 
     @property
     def proto(self) -> onnx.ModelProto:
-        if self._proto is None:
+        if self._proto is None and self._bytes is not None:
+            self._proto = onnx.ModelProto.FromString(self._bytes)
+        elif self._proto is None:
             proto = self.model.to_proto()
             # intermediate shape annotations are for passes; onnxruntime infers its own, and on
             # small models they are the largest part of the file after the weights
@@ -56,36 +71,54 @@ class CompileResult:
             self._proto = proto
         return self._proto
 
+    def serialized(self) -> bytes | None:
+        """The model file's bytes (what ``save`` writes); None above 2 GB (external data)."""
+        if self._bytes is None and proto_size(self.proto) is not None:
+            self._bytes = self.proto.SerializeToString(deterministic=True)
+        return self._bytes
+
     def save(self, path: str | os.PathLike[str]) -> int:
         """Write the model atomically; returns its size in bytes and records it in the report."""
-        size = save_proto(self.proto, path)
+        data = self.serialized()
+        size = save_bytes(data, path) if data is not None else save_proto(self.proto, path)
         self.report["size_bytes"]["output"] = size
         return size
 
 
-def _export_ranges(ctx: PassContext, calib: Any, export_ranges: Any, trt_table: Any, imported: Any) -> None:
+def _export_ranges(ctx: PassContext, calib: Any, export_ranges: Any, trt_table: Any, imported: Any) -> dict[str, bytes]:
     """Mark the report when ranges did not come from real data, and write the range files
-    (qcompiler.rangefile) once every pass has succeeded."""
+    (qcompiler.rangefile) once every pass has succeeded; returns what was written, by kind."""
     info = ctx.report.get("calibration")
     if isinstance(info, dict):
         info["real_data"] = bool(getattr(calib, "real_data", calib is not None))
         if imported is not None:
             info["ranges_file"] = str(imported)
     if export_ranges is None and trt_table is None:
-        return
+        return {}
     ranges = ctx.analysis.get("ranges")
     if ranges is None:
         flag = "--export-ranges" if export_ranges is not None else "--export-tensorrt-table"
         raise UserError(f"{export_ranges or trt_table}: {flag}: no ranges to export (the 'calibrate' pass did not "
                         "run: dynamic mode, disabled, or a pipeline without it)")
-    from .rangefile import write_ranges, write_tensorrt_table
+    from .rangefile import ranges_to_json, tensorrt_table
 
+    written = {}
     if export_ranges is not None:
         info = info if isinstance(info, dict) else {}
-        write_ranges(export_ranges, ranges, method=info.get("method"), samples=info.get("samples"),
-                     real_data=info.get("real_data"))
+        written["ranges"] = ranges_to_json(ranges, method=info.get("method"), samples=info.get("samples"),
+                                           real_data=info.get("real_data")).encode()
     if trt_table is not None:
-        write_tensorrt_table(trt_table, ranges)
+        written["tensorrt"] = tensorrt_table(ranges).encode()
+    _write_extras(written, export_ranges, trt_table)
+    return written
+
+
+def _write_extras(extras: dict[str, bytes], export_ranges: Any, trt_table: Any) -> None:
+    from . import files
+
+    for kind, path in (("ranges", export_ranges), ("tensorrt", trt_table)):
+        if path is not None and kind in extras:
+            files.write_bytes(path, extras[kind])
 
 
 def build_pipeline(text: str, registry: PassRegistry) -> list[Pass]:
@@ -107,6 +140,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             plan_overrides: dict[str, tuple[str, str]] | None = None, eval_data: Any = None,
             analysis: str | os.PathLike[str] | None = None, weight_bits: int | None = None,
             block_size: int | None = None, weight_symmetric: bool | None = None, weight_algorithm: str | None = None,
+            accuracy: str | float | None = None, metric: Any = None,
             check: bool = True, quiet: bool = True, verbose: bool = False, stream: TextIO | None = None
             ) -> CompileResult:
     """Compile ``model`` for ``target``; never modifies the input file or proto.
@@ -149,9 +183,55 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     Weight-only mode (``mode="weight-only"``, the target's ``[weight_only]`` table decides the
     lowering): ``weight_bits`` (4 or 8), ``block_size`` (16, 32, 64, 128), ``weight_symmetric``
     (unset: the target's first ``weight_only.symmetric`` entry) and ``weight_algorithm`` (rtn,
-    gptq, awq; default gptq with calibration data, else rtn) are the ``quantize-weights`` pass's options. Calibration data is optional.
+    gptq, awq; default gptq with calibration data, else rtn) are the ``quantize-weights`` pass's
+    options. Calibration data is optional.
+
+    Accuracy budget (``qcompiler.budget``): ``accuracy="cosine>=0.99"`` (``sqnr>=DB``,
+    ``top1>=F``), measured on the fidelity samples, moves the fewest, cheapest layers to their
+    target fallbacks until it holds (``report["accuracy"]``); unmet -> ``UserError``. With
+    ``metric=callable(float_outputs, quant_outputs) -> float`` (lists of output dicts),
+    ``accuracy`` is its threshold. Without ``accuracy`` the target's ``[accuracy] default``
+    applies to static compiles with fidelity samples; ``accuracy="off"`` disables it.
     """
+    opts = {k: v for k, v in locals().items() if k not in ("accuracy", "metric")}
+    if accuracy == "off" and metric is None:
+        return _compile(**opts)
+    from .budget import parse_budget, search
+
+    tgt = load_target(target)
+    if accuracy is None and metric is None:
+        if tgt.default_accuracy is None or mode == "weight-only" or stop_after is not None:
+            return _compile(**opts)
+        budget, source, explicit = parse_budget(tgt.default_accuracy, flag="accuracy.default"), \
+            f"target '{tgt.name}' default (accuracy.default)", False
+    else:
+        budget, source, explicit = parse_budget(accuracy, metric), "--accuracy", True
+    opts["target"] = tgt
+
+    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False) -> CompileResult:
+        return _compile(**dict(opts, plan_overrides=overrides or None, calibration_cache=cache,
+                               build_cache=not fresh))
+
+    return search(compile_with, budget, tgt, source=source, overrides=plan_overrides,
+                  cache=None if calibration_cache is None else os.fspath(calibration_cache), explicit=explicit)
+
+
+def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os.PathLike[str] | Target,
+             calibration: Any, mode: str | None, format: str | None, pipeline: str | None, plugins: Sequence[str],
+             registry: PassRegistry | None, print_ir_after: Iterable[str], time_passes: bool, verify_each: bool,
+             stop_after: str | None, disable_passes: Iterable[str], calibration_limit: int | None, image_spec: Any,
+             import_ranges: Any, export_ranges: Any, export_tensorrt_table: Any, calibration_method: str | None,
+             calibration_overrides: dict[str, str] | None, calibration_memory: str | int | None,
+             calibration_cache: Any, workers: int | None, scheduler: str | None, calibration_observe: str | None,
+             calibration_statistics: str | None, plan_overrides: dict[str, tuple[str, str]] | None, eval_data: Any,
+             analysis: Any, weight_bits: int | None, block_size: int | None, weight_symmetric: bool | None,
+             weight_algorithm: str | None, check: bool, quiet: bool, verbose: bool, stream: TextIO | None,
+             build_cache: bool = True) -> CompileResult:
+    """One compile (``compile`` without the accuracy budget). ``build_cache=False`` skips the
+    whole-build cache lookup (the budget search needs a compile's eval samples, which a hit
+    does not carry)."""
     start = time.perf_counter()
+    print_ir_after, disable_passes = set(print_ir_after), tuple(disable_passes)
     tgt = load_target(target)
     reg = registry or default_registry()
     for plugin in plugins:
@@ -163,6 +243,35 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         with status.phase("loading the model", log, verbose):
             return load_model(model)
 
+    cache_key, cache_status, early_calib, early_eval = None, None, None, None
+    if calibration_cache is not None and build_cache:  # the whole-build cache (qcompiler.build_cache)
+        from .build_cache import disabled_reason, load_build
+
+        why = disabled_reason(plugins=plugins, registry=registry, print_ir_after=print_ir_after,
+                              time_passes=time_passes, analysis=analysis)
+        keyed = None if why else _build_key(model, tgt, calibration, eval_data, calibration_limit, image_spec, {
+            "mode": mode, "format": format, "pipeline": pipeline, "disabled": sorted(disable_passes),
+            "stop_after": stop_after, "verify_each": verify_each, "check": check, "import_ranges": import_ranges,
+            "calibration_limit": calibration_limit, "image_spec": image_spec,
+            "calibration_method": calibration_method, "calibration_overrides": sorted((calibration_overrides or {}).items()),
+            "calibration_memory": calibration_memory, "workers": workers, "scheduler": scheduler,
+            "calibration_observe": calibration_observe, "calibration_statistics": calibration_statistics,
+            "plan_overrides": sorted((plan_overrides or {}).items()),
+            "weight_only": [weight_bits, block_size, weight_symmetric, weight_algorithm],
+            "export": [export_ranges is not None, export_tensorrt_table is not None]})
+        if keyed is None:
+            cache_status = {"status": f"disabled: {why or 'the inputs could not be read for the key'}"}
+        else:
+            cache_key, early_calib, early_eval = keyed
+            hit = load_build(calibration_cache, cache_key)
+            if hit is not None:
+                data, report, extras = hit
+                _write_extras(extras, export_ranges, export_tensorrt_table)
+                report["seconds"] = round(time.perf_counter() - start, 4)
+                report["build_cache"] = {"status": "hit", "key": cache_key}
+                log(f"build cache hit {cache_key[:16]}: no pass ran")
+                return CompileResult(None, report, _bytes=data)
+            cache_status = {"status": "miss", "key": cache_key}
     m = None
     if mode:
         mode_reason = "--mode"
@@ -229,10 +338,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     eval_samples: list[Any] = []
     fidelity: dict[str, Any] = {}
     if eval_data is not None:
-        ev = load_calibration(eval_data, specs, image_spec=image_spec)
+        ev = load_calibration(_early(early_eval, specs, eval_data), specs, image_spec=image_spec)
         eval_samples, fidelity = list(ev), {"source": ev.description, "samples": len(ev)}
     if calibration is not None:
-        calib = load_calibration(calibration, specs, limit=calibration_limit, image_spec=image_spec)
+        calib = load_calibration(_early(early_calib, specs, calibration), specs, limit=calibration_limit,
+                                 image_spec=image_spec)
         if eval_data is None:
             from .fidelity import hold_out
 
@@ -256,7 +366,7 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     if check:
         with status.phase("checking the compiled model", log, verbose):
             check_report = _check_output(m, tgt, plan_overrides, ctx.analysis.get("float_nodes"))
-    _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
+    extras = _export_ranges(ctx, calib, export_ranges, export_tensorrt_table, import_ranges)
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
@@ -283,7 +393,81 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     report["fidelity"] = _fidelity(float_proto, result, fidelity, eval_samples, stop_after, tgt, analysis, report)
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
+    if cache_key is not None:
+        _store_build(calibration_cache, cache_key, result, extras)
+    if cache_status is not None:
+        result.report["build_cache"] = cache_status
+    result._eval = (float_proto, eval_samples, fmt == "qdq")
     return result
+
+
+def _build_key(model: Any, tgt: Target, calibration: Any, eval_data: Any, limit: int | None, image_spec: Any,
+               options: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The whole-build cache key (``qcompiler.build_cache``) from the raw inputs, before the model
+    is loaded: the model file's bytes and its external data, the resolved target, the samples'
+    content and ``options`` (the environment is added by ``build_key``). Also returns the
+    calibration and eval data it read (validated; the compile goes on with them on a miss, so a
+    one-shot iterator is read once). None when an input cannot be read safely here (the compile
+    then reports it): a missing or special file, external data outside the model's folder."""
+    import hashlib
+    from pathlib import Path
+
+    from .build_cache import build_key, file_digest
+    from .calib_cache import data_digest
+    from .calib_data import input_specs
+    from .ir.io import external_data_files
+
+    try:
+        if isinstance(model, onnx.ModelProto):
+            proto, source = model, "<ModelProto>"
+            model_digest = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+        else:
+            path = Path(model)
+            source = str(path)
+            if not path.is_file():
+                return None
+            proto = onnx.load(source, load_external_data=False)
+            folder = path.parent.resolve()
+            files = [path, *external_data_files(proto, path.parent)]
+            if not all(f.is_file() and f.resolve().is_relative_to(folder) for f in files[1:]):
+                return None
+            model_digest = file_digest(files)
+        ranges = options["import_ranges"]
+        if ranges is not None and not Path(ranges).is_file():
+            return None
+        specs = input_specs(proto, source)
+    except Exception:  # noqa: BLE001 - unreadable model: loading it reports the error
+        return None
+    calib = None if calibration is None else load_calibration(calibration, specs, limit=limit, image_spec=image_spec)
+    ev = None if eval_data is None else load_calibration(eval_data, specs, image_spec=image_spec)
+    key = build_key({
+        **options, "model": [source, model_digest], "target": [str(tgt.path) if tgt.path else None, tgt.data],
+        "calibration": None if calib is None else [*data_digest(calib), calib.description, calib.real_data],
+        "eval": None if ev is None else [*data_digest(ev), ev.description],
+        "import_ranges": None if ranges is None else [str(ranges), file_digest([Path(ranges)])]})
+    return key, calib, ev
+
+
+def _early(data: Any, specs: list[Any], source: Any) -> Any:
+    """The data read for the cache key if it was validated against these input specs, else ``source``."""
+    return data if data is not None and data.specs == specs else source
+
+
+def _store_build(directory: Any, key: str, result: CompileResult, extras: dict[str, bytes]) -> None:
+    """Store a finished build; the result's report becomes the stored JSON form (what a hit
+    returns). Models above 2 GB and reports JSON cannot hold are not stored."""
+    import json
+
+    from .build_cache import store_build
+
+    data = result.serialized()
+    try:
+        text = json.dumps(result.report, sort_keys=True)
+    except (TypeError, ValueError):
+        return
+    if data is not None:
+        result.report = json.loads(text)
+        store_build(directory, key, data, result.report, extras)
 
 
 def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any],

@@ -29,7 +29,8 @@ import numpy as np
 from .calibration import Feed, Statistics
 from .errors import UserError
 
-__all__ = ["data_digest", "cache_key", "load_cached", "store_cached", "array_key", "load_array", "store_array"]
+__all__ = ["data_digest", "cache_key", "load_cached", "store_cached", "array_key", "load_array", "store_array",
+           "write_entry", "frame", "unframe"]
 
 
 def data_digest(data: Iterable[Feed], limit: int = 0) -> tuple[str, int]:
@@ -79,10 +80,10 @@ def load_cached(directory: str | os.PathLike[str], key: str) -> Statistics | Non
 
 
 def store_cached(directory: str | os.PathLike[str], key: str, stats: Statistics) -> Path:
-    return _store(directory, f"{key}.qcstats", stats.to_bytes())
+    return write_entry(directory, f"{key}.qcstats", stats.to_bytes())
 
 
-def _store(directory: str | os.PathLike[str], name: str, data: bytes) -> Path:
+def write_entry(directory: str | os.PathLike[str], name: str, data: bytes) -> Path:
     """Write ``data`` to ``directory/name`` atomically (temp file in the same folder, rename)."""
     root = Path(directory)
     try:
@@ -122,15 +123,27 @@ def load_array(directory: str | os.PathLike[str], key: str, dtype: np.dtype, sha
         data = (Path(directory) / f"{key}.qcarray").read_bytes()
     except OSError:
         return None
-    head = len(_ARRAY_MAGIC) + 32
-    body = memoryview(data)[head:]
+    body = unframe(_ARRAY_MAGIC, data)
     dtype = np.dtype(dtype)
-    if (not data.startswith(_ARRAY_MAGIC) or len(body) != dtype.itemsize * int(np.prod(shape))
-            or hashlib.sha256(body).digest() != data[len(_ARRAY_MAGIC):head]):
+    if body is None or len(body) != dtype.itemsize * int(np.prod(shape)):
         return None
     return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
 
 
 def store_array(directory: str | os.PathLike[str], key: str, array: np.ndarray) -> Path:
-    body = np.ascontiguousarray(array).tobytes()
-    return _store(directory, f"{key}.qcarray", _ARRAY_MAGIC + hashlib.sha256(body).digest() + body)
+    return write_entry(directory, f"{key}.qcarray", frame(_ARRAY_MAGIC, np.ascontiguousarray(array).tobytes()))
+
+
+def frame(magic: bytes, body: bytes) -> bytes:
+    """An entry: ``magic``, the sha256 of ``body``, ``body`` (see :func:`unframe`)."""
+    return magic + hashlib.sha256(body).digest() + body
+
+
+def unframe(magic: bytes, data: bytes) -> memoryview | None:
+    """The body of a :func:`frame` entry, or None when the magic or the digest does not match
+    (a truncated, altered or foreign file)."""
+    head = len(magic) + 32
+    body = memoryview(data)[head:]
+    if not data.startswith(magic) or hashlib.sha256(body).digest() != data[len(magic):head]:
+        return None
+    return body

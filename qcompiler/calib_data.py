@@ -59,23 +59,33 @@ class InputSpec:
     shape: tuple[int | str | None, ...]
 
 
-def input_specs(model: Any) -> list[InputSpec]:
-    """Run-time inputs of a :class:`qcompiler.ir.Model` (graph inputs that are not initializers)."""
+def input_specs(model: Any, source: str = "<ModelProto>") -> list[InputSpec]:
+    """Run-time inputs of a :class:`qcompiler.ir.Model` (graph inputs that are not initializers).
+    An ``onnx.ModelProto`` (``source`` names it in errors) is read with graphsurgeon's own type
+    and shape rules, so it gives the specs its imported Model would, without importing the graph
+    (the whole-build cache keys samples before the model is loaded)."""
     import onnx
     import onnx_graphsurgeon as gs
 
+    if isinstance(model, onnx.ModelProto):
+        from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+
+        inits = {t.name for t in model.graph.initializer}
+        values = [(v.name, get_onnx_tensor_dtype(v), get_onnx_tensor_shape(v))
+                  for v in model.graph.input if v.name not in inits]
+    else:
+        source = model.source
+        values = [(v.name, v.dtype, v.shape) for v in model.graph.inputs if not isinstance(v, gs.Constant)]
     specs = []
-    for v in model.graph.inputs:
-        if isinstance(v, gs.Constant):
-            continue
-        shape = tuple(v.shape) if v.shape is not None else ()
+    for name, dtype, shape in values:
+        shape = tuple(shape) if shape is not None else ()
         try:
-            dtype = np.dtype(v.dtype) if v.dtype is not None else np.dtype(np.float32)
+            dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
         except TypeError:  # an ONNX element type numpy has no dtype for here (undefined, ...)
-            kind = onnx.TensorProto.DataType.Name(v.dtype) if isinstance(v.dtype, int) else v.dtype
-            raise UserError(f"{model.source}: input '{v.name}' has ONNX element type {kind}, which calibration "
+            kind = onnx.TensorProto.DataType.Name(dtype) if isinstance(dtype, int) else dtype
+            raise UserError(f"{source}: input '{name}' has ONNX element type {kind}, which calibration "
                             "data cannot hold") from None
-        specs.append(InputSpec(v.name, dtype, shape))
+        specs.append(InputSpec(name, dtype, shape))
     return specs
 
 

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-override", action="append", default=[], metavar="KEY=METHOD",
                    help="method for one producer node name or op type (node names win); repeatable")
     c.add_argument("--calibration-memory", metavar="SIZE", help="memory budget for observed tensors, e.g. 512MB (default 1GB)")
-    c.add_argument("--calibration-cache", metavar="DIR", help="reuse calibration statistics stored in DIR")
+    c.add_argument("--calibration-cache", metavar="DIR", help="build cache: reuse whole builds, calibration statistics and GPTQ rounding "
+                   "stored in DIR")
     c.add_argument("--workers", type=int, help="shard calibration samples over N local processes")
     c.add_argument("--calibration-observe", choices=("quantized", "all"),
                    help="observe only the tensors the target quantizes (default) or every float tensor "
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--scheduler", metavar="ADDRESS", help="run calibration shards on this Dask scheduler")
     c.add_argument("--eval-data", metavar="PATH", help="samples for the report's fidelity section (like "
                    "--calibration); default: the last 10%% (at most 16) of 10 or more calibration samples, held out")
+    c.add_argument("--accuracy", metavar="METRIC>=VALUE",
+                   help="accuracy budget on the eval data: cosine>=F, sqnr>=DB or top1>=F; the fewest, cheapest "
+                        "layers move to the target's fallbacks until it holds (default: the target's "
+                        "[accuracy] default; 'off' disables)")
     c.add_argument("--analysis", metavar="OUT.html", help="also write the per-layer accuracy analysis page")
     c.add_argument("--mode", choices=["static", "dynamic", "weight-only"])
     c.add_argument("--weight-bits", type=int, metavar="4|8", help="weight-only mode: bits per weight (default 4)")
@@ -204,7 +209,8 @@ def _cmd_compile(a: argparse.Namespace) -> int:
                           calibration_statistics=a.calibration_statistics, eval_data=a.eval_data,
                           analysis=a.analysis, weight_bits=a.weight_bits, block_size=a.block_size,
                           weight_symmetric=_bool_flag("--weight-symmetric", a.weight_symmetric),
-                          weight_algorithm=a.weight_algorithm, quiet=a.quiet, verbose=a.verbose)
+                          weight_algorithm=a.weight_algorithm, accuracy=a.accuracy, quiet=a.quiet,
+                          verbose=a.verbose)
         status = StatusLine(sys.stderr, enabled=not a.quiet and is_terminal(sys.stderr))
         with status.phase("saving the outputs", status.println, a.verbose):
             result.save(a.output)
@@ -216,6 +222,8 @@ def _cmd_compile(a: argparse.Namespace) -> int:
         print(f"qcompiler: {a.model} -> {a.output} [{r['target']}, {r['mode']}, {r['format']}] "
               f"{r['size_bytes']['input'] / 1e6:.2f} MB -> {r['size_bytes']['output'] / 1e6:.2f} MB, "
               f"{n_low} nodes integer, {len(r['float_nodes'])} float", file=sys.stderr)
+        if (r.get("accuracy") or {}).get("summary"):
+            print(f"qcompiler: {r['accuracy']['summary']}", file=sys.stderr)
         if (r.get("check") or {}).get("host_warning"):
             print(f"qcompiler: {r['check']['host_warning']}", file=sys.stderr)
     return 0

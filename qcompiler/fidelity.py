@@ -21,7 +21,7 @@ import onnx
 
 from .calib_data import CalibrationData
 
-__all__ = ["hold_out", "measure_fidelity", "HOLD_OUT_MIN", "HOLD_OUT_MAX"]
+__all__ = ["hold_out", "measure_fidelity", "run_outputs", "HOLD_OUT_MIN", "HOLD_OUT_MAX"]
 
 #: smallest calibration set a slice is held out of (smaller sets keep every sample)
 HOLD_OUT_MIN = 10
@@ -45,14 +45,12 @@ def hold_out(calib: CalibrationData) -> tuple[list[dict[str, np.ndarray]], dict[
                      f"(the last {k} of {n}; calibrated on the first {n - k})", "samples": k}
 
 
-def measure_fidelity(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
-                     samples: list[dict[str, np.ndarray]], *, as_written: bool) -> dict[str, Any]:
-    """Per graph output of ``quant_model``: cosine, SQNR and (classifier outputs) top-1
-    agreement against ``float_model``, over ``samples``. ``as_written``: run the quantized
-    model without graph optimizations (QDQ models)."""
+def run_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                samples: list[dict[str, np.ndarray]], *, as_written: bool
+                ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Both models' graph outputs (those of ``quant_model``) per sample, run as the module
+    text says. ``as_written``: run the quantized model without graph optimizations (QDQ)."""
     import onnxruntime as ort
-
-    from .analysis.metrics import OutputFidelity
 
     def session(m: onnx.ModelProto, plain: bool) -> Any:
         so = ort.SessionOptions()
@@ -63,7 +61,18 @@ def measure_fidelity(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
 
     fs, qs = session(float_model, False), session(quant_model, as_written)
     names = [o.name for o in quant_model.graph.output]
+    ref = [dict(zip(names, fs.run(names, feed))) for feed in samples]
+    got = [dict(zip(names, qs.run(names, feed))) for feed in samples]
+    return ref, got
+
+
+def measure_fidelity(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+                     samples: list[dict[str, np.ndarray]], *, as_written: bool) -> dict[str, Any]:
+    """Per graph output of ``quant_model``: cosine, SQNR and (classifier outputs) top-1
+    agreement against ``float_model``, over ``samples`` (see :func:`run_outputs`)."""
+    from .analysis.metrics import OutputFidelity
+
     fid = OutputFidelity()
-    for feed in samples:
-        fid.add(dict(zip(names, fs.run(names, feed))), dict(zip(names, qs.run(names, feed))))
+    for ref, got in zip(*run_outputs(float_model, quant_model, samples, as_written=as_written)):
+        fid.add(ref, got)
     return fid.result()

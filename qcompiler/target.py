@@ -54,6 +54,7 @@ _OP = {
     "exclude_when": list,
     "other_inputs": str,
     "needs_integer_consumer": bool,
+    "fallbacks": list,
     "note": str,
 }
 # op variants: facts of a node (not of the target) that select a sub-table of overrides
@@ -69,6 +70,12 @@ def _weight_only_kernel_names(float_op: str) -> tuple[str, ...]:
                  for d in s.domains)
 
 _OP["depthwise"] = {k: v for k, v in _OP.items()}
+#: what a layer may fall back to under an accuracy budget (``[accuracy] fallbacks``, ``ops.X.fallbacks``):
+#: ``float`` and ``host-float`` (float on the host: the same graph, plus a partition boundary's cost) are
+#: built; ``dynamic`` and ``int16-activations`` are named here so that a target using them gets a clear
+#: refusal instead of "unknown"
+FALLBACKS = ("float", "host-float")
+_FALLBACKS_NOT_BUILT = ("dynamic", "int16-activations")
 _ROLES = ("activation", "weight", "bias", "float", "any")
 _SCHEMA: dict[str, Any] = {
     "schema": int,
@@ -100,6 +107,8 @@ _SCHEMA: dict[str, Any] = {
     "fused": ("array-of", {"ops": list, "note": str}),
     "fixed_qparams": ("table-of", {"scale": float, "zero_point": int, "note": str}),
     "dynamic": {"ops": ("table-of", _OP), "weight": _TENSOR_RULE, "activation": _TENSOR_RULE},
+    "accuracy": {"default": str, "fallbacks": list, "cost": ("table-of", float), "boundary_cost": float,
+                 "note": str},
     "weight_only": {"kernel": _weight_only_kernel_names("MatMul") + ("DequantizeLinear",),
                     "gather_kernel": _weight_only_kernel_names("Gather") + ("",),
                     "bits": list, "block_sizes": list, "symmetric": list, "accuracy_level": int,
@@ -394,6 +403,17 @@ class Target:
                                 f"[{act.qtype.qmin}, {act.qtype.qmax}]")
         self.ops: dict[str, OpConfig] = {
             op: self._op_config(op, cfg, src, f"ops.{op}") for op, cfg in data.get("ops", {}).items()}
+        acc = data.get("accuracy", {})
+        self.default_accuracy: str | None = acc.get("default") or None
+        self.fallback_costs: dict[str, float] = {k: float(v) for k, v in acc.get("cost", {}).items()}
+        self.boundary_cost: float = float(acc.get("boundary_cost", 0.0))
+        self._fallbacks = {"": self._fallback_list(acc.get("fallbacks", ["float"]), src, "accuracy.fallbacks")}
+        for op, cfg in data.get("ops", {}).items():
+            if "fallbacks" in cfg:
+                self._fallbacks[op] = self._fallback_list(cfg["fallbacks"], src, f"ops.{op}.fallbacks")
+        for op, v in self.fallback_costs.items():
+            if not v > 0:
+                raise UserError(f"{src}: key 'accuracy.cost.{op}' = {v} must be positive")
         dyn = data.get("dynamic", {})
         self.dynamic_ops: dict[str, OpConfig] = {
             op: self._op_config(op, cfg, src, f"dynamic.ops.{op}", dyn) for op, cfg in dyn.get("ops", {}).items()}
@@ -416,6 +436,29 @@ class Target:
             self._pipelines["weight-only"] = self.weight_only.pipeline
 
     # -- construction helpers --------------------------------------------------------------
+    @staticmethod
+    def _fallback_list(raw: list[Any], src: str, where: str) -> tuple[str, ...]:
+        for x in raw:
+            if x in _FALLBACKS_NOT_BUILT:
+                raise UserError(f"{src}: key '{where}' names '{x}': that per-node fallback is not built yet "
+                                f"(built: {', '.join(FALLBACKS)})")
+            if x not in FALLBACKS:
+                raise UserError(f"{src}: key '{where}' has {x!r}; fallbacks are {', '.join(FALLBACKS)}")
+        if len(set(raw)) != len(raw):
+            raise UserError(f"{src}: key '{where}' lists a fallback twice")
+        return tuple(raw)
+
+    def fallbacks(self, op: str) -> tuple[str, ...]:
+        """The ordered fallbacks of a layer of type ``op`` under an accuracy budget."""
+        return self._fallbacks.get(op, self._fallbacks[""])
+
+    def fallback_cost(self, op: str, outcome: str) -> float:
+        """Estimated latency of ``op`` after falling back to ``outcome``, relative to its integer
+        kernel (1.0): ``[accuracy.cost]`` per op class (``default`` for the rest), plus
+        ``boundary_cost`` for ``host-float`` (a host partition's transfer)."""
+        base = self.fallback_costs.get(op, self.fallback_costs.get("default", 2.0))
+        return base + (self.boundary_cost if outcome == "host-float" else 0.0)
+
     def _rule(self, raw: dict[str, Any], src: str, where: str) -> TensorRule:
         dtype = raw.get("dtype", "float")
         symmetric = bool(raw.get("symmetric", False))

@@ -33,7 +33,15 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return count
 
 
+def _drop_builds(cache: Path) -> None:
+    """These tests are about the statistics and GPTQ entries: remove whole-build entries
+    (tests/test_build_cache.py), which would serve the first build's stored report."""
+    for entry in cache.glob("*.qcbuild"):
+        entry.unlink()
+
+
 def _compile(cache: Path, data: dict[str, np.ndarray], method: str = "mse") -> qcompiler.CompileResult:
+    _drop_builds(cache)
     return qcompiler.compile(tiny_model(), calibration=data, calibration_cache=str(cache), calibration_method=method)
 
 
@@ -44,7 +52,7 @@ def test_hit_skips_model_runs(tmp_path: Path, runs: list[int]) -> None:
     rounded = first.report["weight_rounding"]
     assert rounded["gptq_layers"] >= 2 and rounded["gptq_cache_hits"] == 0
     entries = sorted(p.suffix for p in (tmp_path / "cache").iterdir())  # no temp file left behind
-    assert entries == [".qcarray"] * rounded["gptq_layers"] + [".qcstats"]
+    assert entries == [".qcarray"] * rounded["gptq_layers"] + [".qcbuild", ".qcstats"]
     runs[0] = 0
     second = _compile(tmp_path / "cache", data)
     assert second.report["calibration"]["cache"] == "hit"
@@ -108,6 +116,7 @@ def test_statistics_ranges_from_the_cli_and_in_the_key(tmp_path: Path, runs: lis
     for stats in ("all", "ranges", "ranges"):
         report = tmp_path / f"report-{len(reports)}.json"
         extra = [] if stats == "all" else ["--calibration-statistics", stats]
+        _drop_builds(cache)
         rc = main(["compile", str(model), "-o", str(tmp_path / f"q{len(reports)}.onnx"), "--calibration", str(data),
                    "--calibration-cache", str(cache), "--report", str(report), "-q", *extra])
         assert rc == 0, capsys.readouterr().err

@@ -15,7 +15,7 @@ from ..errors import UserError
 from .model import Model
 from .verify import verify_model
 
-__all__ = ["load_model", "save_proto", "atomic_write_text", "proto_size", "external_data_files"]
+__all__ = ["load_model", "save_proto", "save_bytes", "atomic_write_text", "proto_size", "external_data_files"]
 
 _TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
 _EXTERNAL_MIN_BYTES = 1024  # in a model saved with external data, smaller tensors stay inline
@@ -110,10 +110,8 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     weights in ``<name>.data`` beside it. Returns the bytes written (model + external data)."""
     from .. import files
 
-    out = files.real_path(path)
+    out = _output_path(path)
     directory = out.parent
-    if not directory.is_dir():
-        raise UserError(f"{path}: cannot write output: directory '{Path(path).parent}' does not exist")
     large = not _fits(proto) or proto.ByteSize() > _TWO_GB
     if files.is_special(out):
         if large:
@@ -146,6 +144,23 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     except OSError as exc:
         raise UserError(f"{path}: cannot write output: {exc.strerror or exc}") from exc
     return size
+
+
+def _output_path(path: str | os.PathLike[str]) -> Path:
+    from .. import files
+
+    out = files.real_path(path)
+    if not out.parent.is_dir():
+        raise UserError(f"{path}: cannot write output: directory '{Path(path).parent}' does not exist")
+    return out
+
+
+def save_bytes(data: bytes, path: str | os.PathLike[str]) -> int:
+    """Write a serialized model (below 2 GB) as :func:`save_proto` would; returns its size."""
+    from .. import files
+
+    files.write_bytes(_output_path(path), data)
+    return len(data)
 
 
 def proto_size(proto: onnx.ModelProto) -> int | None:

@@ -353,3 +353,62 @@ def test_grouped_layers_take_moments_from_fewer_samples() -> None:
     d = intermediates(proto, ["d"], samples[:4])["d"]
     flat = np.concatenate([a.reshape(3, -1) for a in d], axis=1).astype(np.float64)
     np.testing.assert_allclose(moments["pw"][0], flat @ flat.T, rtol=1e-5, atol=1e-5)
+
+
+# -- saturating readers ---------------------------------------------------------------------------
+
+
+def _conv_hardswish() -> onnx.ModelProto:
+    """x -> Conv(3x3, pad 1, weights x4) -> c -> HardSwish -> y: c reaches far below -3."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c"], ["y"], name="hswish")]
+    return make_model(nodes, [tensor("x", [1, 3, 6, 6])], [tensor("y", [1, 4, 6, 6])],
+                      [init("w", 4 * rand([4, 3, 3, 3], seed=1)), init("b", rand([4], seed=2))], opset=17)
+
+
+def test_saturation_bounds_per_reader() -> None:
+    """Relu/HardSwish/constant-Clip readers bound a value; any other reader, or being a graph
+    output, leaves it unbounded; several saturating readers give the union of their intervals."""
+    from qcompiler.passes.calibrate import saturation_bounds
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r0"),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["b"], name="clip"),
+             helper.make_node("HardSwish", ["a"], ["c"], name="hs"),
+             helper.make_node("Add", ["b", "c"], ["d"], name="add"),
+             helper.make_node("HardSigmoid", ["d"], ["e"], name="hsig", alpha=0.25, beta=0.5),
+             helper.make_node("Relu", ["e"], ["f"], name="r1")]
+    proto = make_model(nodes, [tensor("x", [1, 4])], [tensor("f", [1, 4]), tensor("e", [1, 4])],
+                       [init("lo", np.array(0.0, np.float32)), init("hi", np.array(6.0, np.float32))], opset=17)
+    bounds = saturation_bounds(qcompiler.load_model(proto))
+    assert bounds["a"] == (-3.0, float("inf"))  # Clip(0, 6) and HardSwish: the wider interval
+    assert bounds["d"] == (-2.0, 2.0)  # HardSigmoid 0.25 x + 0.5 is 0 below -2 and 1 above 2
+    assert "b" not in bounds and "c" not in bounds  # read by Add
+    assert "e" not in bounds  # a graph output
+
+
+def test_saturation_clamps_range_and_lowers_error() -> None:
+    """With saturation on, the range of a value read only by HardSwish stops at -3 (minmax:
+    exactly max(min, -3)); the HardSwish output computed from the value quantized on that
+    range is closer to onnxruntime's float output than with the full observed range."""
+    proto = _conv_hardswish()
+    samples = [{"x": rand([1, 3, 6, 6], seed=s)} for s in range(4)]
+    seen = intermediates(proto, ["c", "y"], samples)
+    lo_obs = min(float(a.min()) for a in seen["c"])
+    hi_obs = max(float(a.max()) for a in seen["c"])
+    assert lo_obs < -6  # the test needs a range reaching well past the saturation point
+    on = calibrate(proto, samples, method="minmax", saturation=True)["ranges"]["c"]
+    off = calibrate(proto, samples, method="minmax")["ranges"]["c"]  # the default: off
+    assert off == pytest.approx((lo_obs, hi_obs), rel=1e-6)
+    assert on == pytest.approx((-3.0, hi_obs), rel=1e-6)
+
+    qtype = qcompiler.QType("uint8", False, 0, 255)
+
+    def hswish_error(rng: tuple[float, float]) -> float:
+        qp = qcompiler.compute_qparams(rng[0], rng[1], qtype)
+        err = 0.0
+        for c, y in zip(seen["c"], seen["y"]):
+            d = qcompiler.dequantize(qcompiler.quantize(c, qp), qp).astype(np.float64)
+            err += float(np.square(d * np.clip(d + 3, 0, 6) / 6 - y).sum())
+        return err
+
+    assert hswish_error(on) < 0.7 * hswish_error(off)

@@ -63,3 +63,16 @@ def test_old_opset_untouched() -> None:
     proto.opset_import[0].version = 12
     _, _, pm = run_pass(proto, "compress-weights", [("min-elements", "64")])
     assert not modified(pm)
+
+
+def test_plan_override_keeps_float_weights() -> None:
+    """A node a plan override keeps float (the accuracy budget's moves) keeps its float weight."""
+    import qcompiler
+
+    model = qcompiler.load_model(_convtranspose())
+    ctx = qcompiler.PassContext(target=qcompiler.load_target("ort-cpu"))
+    ctx.analysis["plan_overrides"] = {"up": ("float", "accuracy budget")}
+    p = qcompiler.default_registry().instantiate(qcompiler.PassSpec("compress-weights", (("min-elements", "64"),)))
+    pm = qcompiler.PassManager([p])
+    pm.run(model, ctx)
+    assert not modified(pm) and op_types(model) == ["ConvTranspose"]

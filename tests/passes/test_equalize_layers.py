@@ -176,3 +176,25 @@ def test_chain_of_three_stays_exact() -> None:
     model, report, changed = _run(proto, iterations="8")
     assert changed and report["pairs"] == 2 and report["spread_after"] < report["spread_before"]
     _close(proto, model)
+
+
+def test_clip_data_exact_on_calibration() -> None:
+    """clip=data keeps Clip(0, 6) and bounds each scale by the calibration maxima: the float
+    output is unchanged on the calibration samples (and on inputs within their range), the
+    channels whose pre-activation reaches 6 keep their weights, others are equalized."""
+    b1 = np.array([9, 0, 0, 0, 0, 0, 0, 9], np.float32)  # channels 0 and 7 saturate at 6
+    proto = _model("Clip", b1=b1)
+    calib = _calib()
+    model, report, changed = _run(proto, calib=calib, clip="data")
+    assert changed and report["pairs"] == 1 and report["skipped"] == [] and "Clip" in op_types(model)
+    g, inits = model.to_proto().graph, initializers(model)
+    w1 = inits[next(n for n in g.node if n.name == "conv1").input[1]]
+    w1_orig = _imbalanced([C, C_IN, 3, 3], 1)
+    np.testing.assert_array_equal(w1[[0, 7]], w1_orig[[0, 7]])
+    assert not np.allclose(w1[1:7], w1_orig[1:7], rtol=1e-3)
+    assert report["spread_after"] < report["spread_before"]
+    for feed in calib[:3]:
+        want, got = run_ort(proto, feed)[0], run_ort(model, feed)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    with pytest.raises(qcompiler.UserError, match="calibration data"):
+        _run(proto, clip="data")

@@ -1,0 +1,290 @@
+"""The accuracy budget (``compile --accuracy 'cosine>=0.99'``): the fewest, cheapest layers
+moved up their target's fallback list until the compiled model meets the budget.
+
+Why this shape: the plan (``qcompiler.plan``) is the one place that decides what runs in
+integer, so every move is a plan override and the compiled model is an ordinary compile with
+``plan_overrides``. The search:
+
+1. compiles the target's full-integer plan and measures the budget on the eval samples (the
+   report's fidelity samples: ``eval_data`` or the held-out calibration slice);
+2. if it fails, ranks the integer layers by sensitivity (``qcompiler.layer_sensitivity``: the
+   output SQNR with only that layer quantized), turns each into the output noise it adds
+   (``10 ** (-SQNR / 10)``, noise powers of independent layers add) divided by the estimated
+   cost of its first fallback (``Target.fallback_cost``), and orders by that, ties by graph order;
+3. predicts, on the analysis's fake-quant model (no recompile), the shortest prefix of that order
+   that meets the budget; recompiles with that prefix moved and measures for real; while the
+   real figure still fails, half as many layers again are moved (never fewer than one) and it
+   recompiles, until the budget holds or no layer is left (then ``UserError``: nothing written;
+   a target's default budget instead keeps the best compile, ``met: false``, and a warning).
+
+Deterministic: the order is a function of the measured numbers and graph order; onnxruntime
+runs Q/DQ as float ops on every CPU (``qcompiler.fidelity``). Calibration statistics are reused
+across the recompiles through the calibration cache (a temporary one unless the user gave one).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+__all__ = ["Budget", "parse_budget", "METRICS", "search", "SENSITIVITY_SAMPLES"]
+
+#: the built-in metrics: worst output cosine, worst output SQNR (dB), worst classifier top-1 agreement
+METRICS = ("cosine", "sqnr", "top1")
+#: eval samples the sensitivity ranking and the prediction run on (the real check uses all)
+SENSITIVITY_SAMPLES = 16
+
+Outputs = list[dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``metric >= threshold``; ``func`` is a user metric ``func(float_outputs, quant_outputs)``
+    over lists of output dicts (one per run)."""
+
+    metric: str
+    threshold: float
+    text: str
+    func: Callable[[Outputs, Outputs], float] | None = None
+
+    def holds(self, value: float | None) -> bool:
+        return value is not None and value >= self.threshold
+
+
+_FORM = re.compile(r"^\s*([A-Za-z0-9_]*)\s*>=\s*([-+0-9.eE]+)\s*$")
+
+
+def parse_budget(text: Any, metric: Callable[[Outputs, Outputs], float] | None = None,
+                 flag: str = "--accuracy") -> Budget:
+    """``'cosine>=0.99'``, ``'sqnr>=20'``, ``'top1>=0.95'``; with ``metric`` (a callable) the
+    threshold alone (a number or ``'>=V'``/``'metric>=V'``). Bad text -> one-line UserError."""
+    if metric is not None:
+        if not callable(metric):
+            raise UserError(f"metric={metric!r}: must be a callable (float_outputs, quant_outputs) -> float")
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            value = float(text)
+        else:
+            m = _FORM.match(str(text)) if text is not None else None
+            if m is None or m.group(1) not in ("", "metric"):
+                raise UserError(f"accuracy={text!r}: with metric=callable give a threshold (0.9 or 'metric>=0.9')")
+            value = _number(m.group(2), text, flag)
+        return Budget("metric", value, f"metric>={value:g}", metric)
+    m = _FORM.match(str(text))
+    if m is None or m.group(1) not in METRICS:
+        raise UserError(f"{flag} {text!r}: expected METRIC>=VALUE with METRIC one of {', '.join(METRICS)} "
+                        "(e.g. 'cosine>=0.99', 'sqnr>=20', 'top1>=0.95')")
+    value = _number(m.group(2), text, flag)
+    if m.group(1) in ("cosine", "top1") and not -1.0 <= value <= 1.0:
+        raise UserError(f"{flag} {text!r}: {m.group(1)} is at most 1")
+    return Budget(m.group(1), value, f"{m.group(1)}>={value:g}")
+
+
+def _number(s: str, text: Any, flag: str) -> float:
+    try:
+        value = float(s)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{flag} {text!r}: '{s}' is not a finite number")
+    return value
+
+
+def _value(budget: Budget, outputs: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """The budget's figure from a fidelity result (per output: cosine, sqnr_db, top1_agreement):
+    the worst output. SQNR None (exact) counts as +inf."""
+    key = {"cosine": "cosine", "sqnr": "sqnr_db", "top1": "top1_agreement"}[budget.metric]
+    vals = [o.get(key) for o in outputs.values() if key in o]
+    if not vals:
+        return None
+    return min(math.inf if v is None else float(v) for v in vals)
+
+
+class _Measure:
+    """The budget's figure of a compiled model on the eval samples."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.float_proto: Any = None  # loaded once, for a user metric
+
+    def compiled(self, result: Any) -> float | None:
+        if self.budget.func is not None:
+            from .fidelity import run_outputs
+
+            load_float, samples, as_written = result._eval
+            if self.float_proto is None:
+                self.float_proto = load_float()
+            return float(self.budget.func(*run_outputs(self.float_proto, result.proto, samples,
+                                                       as_written=as_written)))
+        value = _value(self.budget, result.report["fidelity"].get("outputs", {}))
+        if value is None:
+            raise UserError(f"--accuracy {self.budget.text}: the model has no classifier-shaped output ([N, C]) "
+                            "for top-1 agreement; use cosine or sqnr")
+        return value
+
+    def predicted(self, setup: Any, on: set[str]) -> float | None:
+        if self.budget.func is None:
+            return _value(self.budget, setup.fidelity(on).result())
+        got = [setup.model.run(feed, on) for feed in setup.batches]
+        return float(self.budget.func(setup.reference, got))
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else "inf" if math.isinf(v) else f"{v:.4g}"
+
+
+def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
+           source: str, overrides: Mapping[str, tuple[str, str]] | None = None, cache: str | None = None,
+           explicit: bool = True) -> Any:
+    """Run the search (module text). ``compile_with(plan_overrides, calibration_cache, fresh=False)``
+    is one ordinary compile returning a ``CompileResult`` (``fresh``: past the whole-build
+    cache). Returns the result meeting the budget, with
+    ``report["accuracy"]``. ``explicit``: the user asked (an unmeasurable budget is an error);
+    otherwise (the target's default) it is skipped and the report says why."""
+    start = time.perf_counter()
+    base = dict(overrides or {})
+    with tempfile.TemporaryDirectory(prefix="qcompiler-budget-") as tmp:
+        cache_dir = cache or tmp
+        # the target's default budget usually holds: its first compile is the plain compile
+        first = compile_with(base, cache_dir if explicit else cache)
+        compiles = 1
+        section: dict[str, Any] = {"budget": budget.text, "source": source}
+        skip = _unmeasurable(first, explicit, budget)
+        if skip:
+            first.report["accuracy"] = dict(section, status=skip)
+            return first
+        if first._eval is None and budget.func is not None:  # a build-cache hit carries no eval samples
+            first = compile_with(base, cache_dir if explicit else cache, True)
+        measure = _Measure(budget)
+        v0 = measure.compiled(first)
+        before = first.report["fidelity"].get("outputs")
+        section.update(value_before=v0, fidelity_before=before)
+        if budget.holds(v0):
+            first.report["accuracy"] = _finish(section, first, v0, [], compiles, start, True)
+            return first
+        if first._eval is None:  # a build-cache hit: recompile (from cached statistics) for the samples
+            first = compile_with(base, cache_dir if explicit else cache, True)
+        ranked, setup, sens = _rank(first, target, base)
+        moved = _predict(ranked, setup, measure)
+        best = (v0, first, [])
+        while True:
+            ov = dict(base)
+            for r in moved:
+                ov[r["node"]] = ("float", r["why"])
+            result = compile_with(ov, cache_dir)
+            if result._eval is None and budget.func is not None:
+                result = compile_with(ov, cache_dir, True)
+            compiles += 1
+            value = measure.compiled(result)
+            if value is not None and (best[0] is None or value > best[0]):
+                best = (value, result, moved)
+            if budget.holds(value) or len(moved) >= len(ranked):
+                break
+            moved = ranked[:len(moved) + max(1, len(moved) // 2)]
+        if not budget.holds(value) and not explicit:  # a default budget never fails a compile
+            value, result, moved = best
+            result.report["accuracy"] = _finish(section, result, value, moved, compiles, start, False,
+                                                ranking=[r["layer"] for r in sens[:10]])
+            return result
+        if not budget.holds(value):
+            raise UserError(f"--accuracy {budget.text}: not met; best {budget.metric} {_fmt(max(value, v0))} "
+                            f"(integer plan: {_fmt(v0)}) with every one of {len(ranked)} movable layers on its "
+                            f"fallback after {compiles} compiles; nothing written")
+        result.report["accuracy"] = _finish(section, result, value, moved, compiles, start, True,
+                                            ranking=[r["layer"] for r in sens[:10]])
+        return result
+
+
+def _unmeasurable(result: Any, explicit: bool, budget: Budget) -> str | None:
+    fid = result.report.get("fidelity", {})
+    if "outputs" not in fid:
+        why = fid.get("status", "fidelity not measured")
+        if explicit:
+            raise UserError(f"--accuracy {budget.text}: cannot be measured: {why} (--accuracy needs --eval-data or "
+                            "10 or more real calibration samples)")
+        return f"default budget not checked: {why}"
+    if not explicit and result.report.get("mode") != "static":
+        return f"default budget not checked: it applies to static mode (this compile: {result.report.get('mode')})"
+    return None
+
+
+def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, list[Any]]:
+    """The movable layers, best sensitivity gain per cost first, each with its fallback, cost
+    and why; plus the analysis setup (for predictions) and the sensitivity rows."""
+    from .analysis import layer_sensitivity, setup_analysis
+
+    load_float, samples, _ = result._eval
+    setup = setup_analysis(load_float(), result.proto, samples, target=target, limit=SENSITIVITY_SAMPLES)
+    sens = layer_sensitivity(setup=setup)
+    rows = []
+    for worst, r in enumerate(sens):
+        fallbacks = target.fallbacks(r["op"])
+        if r["layer"] in base or not fallbacks:
+            continue
+        to = fallbacks[0]
+        cost = target.fallback_cost(r["op"], to)
+        noise = 0.0 if r["score"] is None else 10.0 ** (-r["score"] / 10.0)
+        why = (f"accuracy budget: sensitivity rank {worst + 1} (output SQNR {_fmt(r['score'])} dB with only this "
+               f"layer in integer); fallback '{to}', estimated cost {cost:g}x its integer kernel")
+        rows.append({"node": r["layer"], "layer": r["layer"], "op": r["op"], "index": r["index"], "to": to,
+                     "cost": cost, "sensitivity_db": r["score"], "gain_per_cost": noise / cost, "why": why})
+    rows.sort(key=lambda x: (-x["gain_per_cost"], x["index"]))
+    # integer nodes that are no analysis layer (a Concat, a node on integer data): no sensitivity
+    # of their own, so they move last, in graph order
+    ops = {n.name: n.op_type for n in setup.model.proto.graph.node}
+    have = {r["node"] for r in rows} | set(base) | {layer.name for layer in setup.layers}
+    for i, (name, how) in enumerate(setup.integer.items()):
+        fallbacks = target.fallbacks(ops.get(name, ""))
+        if name in have or how.startswith("fused into") or name not in ops or not fallbacks:
+            continue
+        cost = target.fallback_cost(ops[name], fallbacks[0])
+        rows.append({"node": name, "layer": name, "op": ops[name], "index": len(setup.layers) + i, "to": fallbacks[0],
+                     "cost": cost, "sensitivity_db": None, "gain_per_cost": 0.0,
+                     "why": f"accuracy budget: integer node without a sensitivity of its own ({how}), moved after "
+                            f"the ranked layers; fallback '{fallbacks[0]}', estimated cost {cost:g}x"})
+    return rows, setup, sens
+
+
+def _predict(ranked: Sequence[dict[str, Any]], setup: Any, measure: _Measure) -> list[dict[str, Any]]:
+    """The shortest prefix of ``ranked`` whose fake-quant prediction meets the budget (at least one)."""
+    on = {layer.name for layer in setup.layers}
+    for i, r in enumerate(ranked):
+        on.discard(r["node"])
+        if measure.budget.holds(measure.predicted(setup, on)):
+            return list(ranked[:i + 1])
+    return list(ranked)
+
+
+def _finish(section: dict[str, Any], result: Any, value: float | None, moved: Sequence[dict[str, Any]],
+            compiles: int, start: float, met: bool, ranking: Sequence[str] = ()) -> dict[str, Any]:
+    from .analysis.metrics import rounded
+
+    secs = round(time.perf_counter() - start, 3)
+    extra = sum(r["cost"] - 1.0 for r in moved)
+    out = dict(section, met=met, value_after=rounded(value), fidelity_after=result.report["fidelity"].get("outputs"),
+               moved=[{k: r[k] for k in ("node", "op", "to", "why", "cost", "sensitivity_db")} for r in moved],
+               estimated_extra_cost=round(extra, 3),
+               cost_note="costs are the target's [accuracy.cost] latency estimates (integer kernel = 1.0)",
+               compiles=compiles, seconds=secs)
+    out["value_before"] = rounded(out["value_before"])
+    if ranking:
+        out["sensitivity_ranking"] = list(ranking)
+    before = _fmt(section["value_before"])
+    verdict = "met" if met else "NOT met (warning: the target's default budget; the best model is written)"
+    out["summary"] = (f"accuracy {section['budget']} {verdict}: {_name(section)} {before} -> {_fmt(value)}, "
+                      f"{len(moved)} layer(s) moved" + (f" ({', '.join(sorted({r['to'] for r in moved}))}, est. "
+                                                         f"+{extra:.3g} kernel-latency units)" if moved else "")
+                      + f", {compiles} compile(s), {secs:.1f} s")
+    return out
+
+
+def _name(section: Mapping[str, Any]) -> str:
+    return str(section["budget"]).split(">=")[0]

@@ -1,0 +1,210 @@
+"""The accuracy budget (qcompiler.budget): ``compile --accuracy``, ``compile(accuracy=...)``,
+``metric=callable`` and the targets' fallback keys.
+
+CPU facts pinned: every compile here targets ort-cpu-qdq (QDQ format), whose fidelity runs the
+model as written (ORT_DISABLE_ALL: Q/DQ as float ops, no int8 kernel), and the sensitivity
+ranking runs only float ops (qcompiler.analysis); so the verdicts are the same with and without
+VNNI (no u8s8 saturation can enter).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompiler
+from qcompiler.budget import parse_budget
+from qcompiler.cli import main
+from qcompiler.errors import UserError
+from qcompiler.target import load_target
+
+BAD = "conv_in"
+TARGET = "ort-cpu-qdq"
+
+
+def _model() -> onnx.ModelProto:
+    """x (channel 0 carries outliers ~1000x the rest) -> conv_in -> Relu -> conv_mid -> Relu ->
+    conv_out -> GAP -> Flatten -> fc. conv_in gives channel 0 a tiny weight, so the float output
+    hardly depends on it, but its int8 input grid (per tensor) is set by it: channels 1..3 get
+    a handful of levels. conv_in is the one bad layer; the others are ordinary."""
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3
+    w1[:, 0] *= 1e-4
+    w2 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2
+    w3 = rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2
+    wg = rng.standard_normal((10, 8)).astype(np.float32)
+    z8 = np.zeros(8, np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (w1, "w1"), (z8 + 0.1, "b1"), (w2, "w2"), (z8, "b2"), (w3, "w3"), (z8, "b3"), (wg, "wg"),
+        (np.zeros(10, np.float32), "bg")]]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name=BAD, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv_mid", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv_out", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["logits"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "budget", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 10, 10])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _inputs(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, 4, 10, 10)).astype(np.float32)
+    x[:, 0] *= 1000.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("budget")
+    onnx.save(_model(), d / "float.onnx")
+    np.savez(d / "calib.npz", x=_inputs(16, 0))
+    np.savez(d / "eval.npz", x=_inputs(8, 1))
+    return d
+
+
+def _compile(work: Path, **kw: object) -> qcompiler.CompileResult:
+    return qcompiler.compile(str(work / "float.onnx"), target=TARGET, calibration=str(work / "calib.npz"),
+                             eval_data=str(work / "eval.npz"), **kw)
+
+
+def test_integer_plan_misses_and_analyze_names_the_bad_layer(work: Path) -> None:
+    res = _compile(work, accuracy="off")
+    assert "accuracy" not in res.report
+    assert res.report["fidelity"]["outputs"]["logits"]["cosine"] < 0.99  # the budget below is not met as is
+    res.save(work / "int.onnx")
+    rep = qcompiler.analyze(work / "float.onnx", work / "int.onnx", str(work / "eval.npz"), target=TARGET)
+    assert rep["ranking"][0] == BAD
+
+
+def test_budget_moves_exactly_the_bad_layer_first(work: Path) -> None:
+    res = _compile(work, accuracy="cosine>=0.99")
+    acc = res.report["accuracy"]
+    assert acc["met"] and acc["source"] == "--accuracy"
+    assert acc["value_before"] < 0.99 <= acc["value_after"]
+    assert [m["node"] for m in acc["moved"]] == [BAD], acc["moved"]
+    assert acc["moved"][0]["to"] == "float" and acc["moved"][0]["cost"] == load_target(TARGET).fallback_cost("Conv", "float")
+    assert "sensitivity rank 1" in acc["moved"][0]["why"]
+    assert acc["sensitivity_ranking"][0] == BAD  # the worst layer analyze names is the one moved first
+    assert res.report["fidelity"]["outputs"]["logits"]["cosine"] >= 0.99
+    assert res.report["float_nodes"][BAD].startswith("accuracy budget")
+    assert acc["compiles"] == 2
+    assert acc["fidelity_before"]["logits"]["cosine"] == acc["value_before"]
+    # deterministic: same inputs, same bytes
+    again = _compile(work, accuracy="cosine>=0.99")
+    assert again.proto.SerializeToString() == res.proto.SerializeToString()
+
+
+def test_python_metric_callable(work: Path) -> None:
+    seen: list[int] = []
+
+    def agree(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]) -> float:
+        seen.append(len(ref))
+        r = np.concatenate([x["logits"] for x in ref])
+        g = np.concatenate([x["logits"] for x in got])
+        return float(-np.abs(r - g).max())  # task metric: minus the worst logit error
+
+    res = _compile(work, metric=agree, accuracy=-0.05)
+    acc = res.report["accuracy"]
+    assert acc["met"] and acc["budget"] == "metric>=-0.05" and acc["value_after"] >= -0.05 > acc["value_before"]
+    assert acc["moved"][0]["node"] == BAD and seen
+
+
+def test_budget_already_met_moves_nothing_and_default_applies(work: Path) -> None:
+    res = _compile(work, accuracy="sqnr>=-10")
+    assert res.report["accuracy"]["moved"] == [] and res.report["accuracy"]["compiles"] == 1
+    assert BAD not in res.report["float_nodes"]
+    dflt = _compile(work)  # the target's [accuracy] default (cosine>=0.99) is on
+    assert dflt.report["accuracy"]["source"].startswith(f"target '{TARGET}' default")
+    assert [m["node"] for m in dflt.report["accuracy"]["moved"]] == [BAD]
+    r = qcompiler.compile(str(work / "float.onnx"), target=TARGET, calibration="random:4")  # nothing to measure on
+    assert "not checked" in r.report["accuracy"]["status"] and r.report["float_nodes"].get(BAD) is None
+    with pytest.raises(UserError, match="cannot be measured"):
+        qcompiler.compile(str(work / "float.onnx"), target=TARGET, calibration="random:4", accuracy="cosine>=0.9")
+
+
+def test_unreachable_budget_is_one_line_and_writes_nothing(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = work / "never.onnx"
+    rc = main(["compile", str(work / "float.onnx"), "-o", str(out), "--target", TARGET, "--calibration",
+               str(work / "calib.npz"), "--eval-data", str(work / "eval.npz"), "--accuracy", "sqnr>=400"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not met; best sqnr" in err[0] and not out.exists(), err
+
+
+def test_cli_accuracy(work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rep = tmp_path / "r.json"
+    rc = main(["compile", str(work / "float.onnx"), "-o", str(tmp_path / "q.onnx"), "--target", TARGET,
+               "--calibration", str(work / "calib.npz"), "--eval-data", str(work / "eval.npz"),
+               "--accuracy", "cosine>=0.99", "--report", str(rep)])
+    assert rc == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "accuracy cosine>=0.99 met" in x]
+    assert len(lines) == 1 and "1 layer(s) moved" in lines[0], lines
+    r = json.loads(rep.read_text())
+    assert [m["node"] for m in r["accuracy"]["moved"]] == [BAD]
+
+
+@pytest.mark.parametrize("text", ["cosine>0.99", "cosin>=0.9", "sqnr>=abc", "cosine>=1.5", "", "top1>=nan"])
+def test_bad_accuracy_string_is_exit_2_one_line(work: Path, tmp_path: Path, text: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["compile", str(work / "float.onnx"), "-o", str(tmp_path / "q.onnx"), "--calibration",
+               str(work / "calib.npz"), "--accuracy", text])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--accuracy" in err[0], err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_parse_budget_and_top1_on_non_classifier() -> None:
+    b = parse_budget("sqnr >= 20")
+    assert (b.metric, b.threshold, b.holds(20.0), b.holds(19.9), b.holds(None)) == ("sqnr", 20.0, True, False, False)
+    with pytest.raises(UserError, match="threshold"):
+        parse_budget("cosine>=0.9", metric=lambda a, b: 1.0)
+
+
+def test_target_fallback_keys(tmp_path: Path) -> None:
+    for name in ("ort-cpu", "ort-cpu-qdq", "npu-int8", "tensorrt", "dsp-a16w8"):
+        t = load_target(name)
+        assert t.default_accuracy and t.fallbacks("Conv") and t.fallback_cost("Conv", t.fallbacks("Conv")[0]) > 1
+    npu = load_target("npu-int8")
+    assert npu.fallbacks("Conv") == ("host-float",)
+    assert npu.fallback_cost("Conv", "host-float") == npu.fallback_cost("Conv", "float") + npu.boundary_cost > 0
+    bad = tmp_path / "t.toml"
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[ops.MatMul]\nfallbacks = ["dynamic", "float"]\n')
+    with pytest.raises(UserError, match=r"ops\.MatMul\.fallbacks.*'dynamic'.*not built"):
+        load_target(str(bad))
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[accuracy]\nfallbacks = ["gpu"]\n')
+    with pytest.raises(UserError, match=r"accuracy\.fallbacks"):
+        load_target(str(bad))
+
+
+def test_unmet_default_budget_keeps_the_best_with_a_warning(work: Path, tmp_path: Path) -> None:
+    """A target's default budget never fails a compile: the best model is kept, met is false."""
+    t = tmp_path / "strict.toml"
+    t.write_text(f'name = "strict"\ndescription = "x"\nextends = "{TARGET}"\n[accuracy]\ndefault = "sqnr>=400"\n')
+    res = qcompiler.compile(str(work / "float.onnx"), target=str(t), calibration=str(work / "calib.npz"),
+                            eval_data=str(work / "eval.npz"))
+    acc = res.report["accuracy"]
+    assert acc["met"] is False and "NOT met" in acc["summary"] and acc["value_after"] > acc["value_before"]
+    assert BAD in {m["node"] for m in acc["moved"]}
+
+
+@pytest.mark.parametrize("how", ["cosine", "metric"])
+def test_budget_search_through_a_warm_build_cache(work: Path, tmp_path: Path, how: str) -> None:
+    """With --calibration-cache, the search's first compile is a whole-build cache hit on a
+    rebuild; a hit carries no eval samples, so the search recompiles past the build cache where
+    it needs them (ranking, a user metric) and gives the same bytes as the cold build."""
+    def worst(ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]) -> float:
+        return float(-max(np.abs(r["logits"] - g["logits"]).max() for r, g in zip(ref, got)))
+
+    kw: dict[str, object] = ({"accuracy": "cosine>=0.99"} if how == "cosine" else {"metric": worst, "accuracy": -0.05})
+    cold = _compile(work, calibration_cache=str(tmp_path / "cache"), **kw)
+    warm = _compile(work, calibration_cache=str(tmp_path / "cache"), **kw)
+    assert warm.report["accuracy"]["met"] and [m["node"] for m in warm.report["accuracy"]["moved"]] == [BAD]
+    assert warm.serialized() == cold.serialized()
