@@ -54,7 +54,10 @@ def _compile(inputs: dict[str, Path], **kw: Any) -> qcompiler.CompileResult:
 
 
 def _without_timing(report: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in report.items() if k not in TIMING}
+    out = {k: v for k, v in report.items() if k not in TIMING}
+    if isinstance(out.get("accuracy"), dict):  # the budget check's own clock
+        out["accuracy"] = {k: v for k, v in out["accuracy"].items() if k not in ("seconds", "summary")}
+    return out
 
 
 def test_second_compile_is_a_hit(inputs: dict[str, Path], tmp_path: Path, passes_run: list[int]) -> None:
