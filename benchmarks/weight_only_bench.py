@@ -65,7 +65,7 @@ def _child(spec: dict) -> dict:
 
             algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=spec["block"])
         model = onnx.load(spec["model"])
-        q = mnq.MatMulNBitsQuantizer(model, block_size=spec["block"], is_symmetric=True, accuracy_level=4,
+        q = mnq.MatMulNBitsQuantizer(model, block_size=spec["block"], is_symmetric=False, accuracy_level=4,
                                      algo_config=algo)
         q.process()
         q.model.save_model_to_file(spec["out"], use_external_data_format=q.model.model.ByteSize() > 2**31 - 2**24

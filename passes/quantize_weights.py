@@ -10,7 +10,7 @@ import numpy as np
 
 from qcompiler import Model, Node, Pass, PassContext, PassResult, UserError, Value, is_constant, producer, users
 from qcompiler.weight_only import (WEIGHT_ONLY_KERNELS, BlockQuantized, WeightOnlyOptions, awq_search, block_quantize,
-                                   pack_codes)
+                                   pack_codes, release_pages)
 
 from .calibrate import collect_input_moments
 
@@ -56,23 +56,26 @@ class QuantizeWeights(Pass):
     quant.gptq_round) or `awq` (per-input-channel scale search, see qcompiler.weight_only;
     the scale is folded into a preceding constant Mul / LayerNormalization when every reader
     of the activation shares it, else a Mul on the activation is inserted); empty: `gptq`
-    with calibration data, `rtn` without. Weights are read and replaced one at a time, so a
+    with calibration data, `rtn` without. `moment-samples`: calibration samples whose input
+    second moments gptq/awq read (MiniLM int4: 16 -> 64 samples raised gptq's cosine from
+    0.9847 to 0.9886). `symmetric` unset: the target's first listed choice. Weights are read and replaced one at a time, so a
     memory-mapped input never has two float copies of a weight in memory. Edits in place.
     """
 
     name = "quantize-weights"
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool | None = None  # None: the first value the target's weight_only.symmetric lists
     algorithm: str = ""
     gather: bool = True
-    moment_samples: int = 16
+    moment_samples: int = 256
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         rule = ctx.target.weight_only
         if rule is None:
             raise UserError(f"target '{ctx.target.name}' has no [weight_only] table: it cannot run weight-only models")
-        opts = WeightOnlyOptions(self.bits, self.block_size, self.symmetric, self.algorithm).validate(
+        symmetric = rule.symmetric[0] if self.symmetric is None else self.symmetric
+        opts = WeightOnlyOptions(self.bits, self.block_size, symmetric, self.algorithm).validate(
             has_data=ctx.calibration is not None)
         for key, value, allowed in (("bits", opts.bits, rule.bits), ("block_sizes", opts.block_size, rule.block_sizes),
                                     ("symmetric", opts.symmetric, rule.symmetric)):
@@ -96,7 +99,9 @@ class QuantizeWeights(Pass):
         for node in nodes:
             w = node.inputs[1]
             hessian = moments.get(node.name) if algorithm == "gptq" else None
-            q = block_quantize(w.values, opts, "gptq" if hessian is not None else "rtn", hessian)
+            values = w.values
+            q = block_quantize(values, opts, "gptq" if hessian is not None else "rtn", hessian)
+            release_pages(values)
             if qdq:
                 self._lower_dq(rw, graph, node, q)
             else:
@@ -213,7 +218,9 @@ class QuantizeWeights(Pass):
         domain, op = kernel.rsplit(".", 1)
         facts = WEIGHT_ONLY_KERNELS[op]
         table = node.inputs[0]
-        q = block_quantize(np.asarray(table.values, dtype=np.float32).T, opts)  # blocks along the row
+        values = table.values
+        q = block_quantize(np.asarray(values, dtype=np.float32).T, opts)  # blocks along the row
+        release_pages(values)
         d = q.k
         inputs = [rw.constant(table.name + "_quantized", pack_codes(q.codes[:, :d], opts.bits)), node.inputs[1],
                   rw.constant(table.name + "_scales", q.scale)]

@@ -182,8 +182,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
 
     Weight-only mode (``mode="weight-only"``, the target's ``[weight_only]`` table decides the
     lowering): ``weight_bits`` (4 or 8), ``block_size`` (16, 32, 64, 128), ``weight_symmetric``
-    and ``weight_algorithm`` (rtn, gptq, awq; default gptq with calibration data, else rtn)
-    are the ``quantize-weights`` pass's options. Calibration data is optional.
+    (unset: the target's first ``weight_only.symmetric`` entry) and ``weight_algorithm`` (rtn,
+    gptq, awq; default gptq with calibration data, else rtn) are the ``quantize-weights`` pass's
+    options. Calibration data is optional.
 
     Accuracy budget (``qcompiler.budget``): ``accuracy="cosine>=0.99"`` (``sqnr>=DB``,
     ``top1>=F``), measured on the fidelity samples, moves the fewest, cheapest layers to their

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--weight-bits", type=int, metavar="4|8", help="weight-only mode: bits per weight (default 4)")
     c.add_argument("--block-size", type=int, metavar="16|32|64|128",
                    help="weight-only mode: weights per scale along the reduction axis (default 32)")
-    c.add_argument("--weight-symmetric", metavar="true|false", help="weight-only mode: zero point fixed (default true)")
+    c.add_argument("--weight-symmetric", metavar="true|false", help="weight-only mode: zero point fixed (default: the target's first weight_only.symmetric entry)")
     c.add_argument("--weight-algorithm", metavar="rtn|gptq|awq",
                    help="weight-only mode: rounding (default gptq with --calibration, rtn without)")
     c.add_argument("--format", choices=["qdq", "qoperator"])
