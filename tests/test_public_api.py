@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 
 PASSES = Path(__file__).resolve().parents[1] / "passes"
-PENDING: frozenset[str] = frozenset()
-"""Passes still to port, if any (a pass being reworked elsewhere may sit here for one merge)."""
 
 
 def _public(module: str) -> set[str]:
@@ -64,8 +62,6 @@ def violations(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", sorted(PASSES.glob("*.py")), ids=lambda p: p.name)
 def test_pass_uses_only_the_public_api(path: Path) -> None:
     problems = violations(path)
-    if path.name in PENDING:
-        pytest.skip(f"{path.name}: not ported yet ({len(problems)} uses)")
     assert problems == [], f"{path.name}:\n" + "\n".join(problems)
 
 
