@@ -16,10 +16,9 @@ import onnx
 from .calibration import input_specs, load_calibration
 from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
-from .ir.io import save_bytes
+from .ir.io import model_bytes, model_size, save_bytes, save_model
 from .ir.validate import check_runnable_domains
 from .kernels import INTEGER_OPS
-from .ir.io import proto_size
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -61,6 +60,9 @@ class CompileResult:
 
     @property
     def proto(self) -> onnx.ModelProto:
+        """The compiled model as a ModelProto, built on first use: a full in-memory copy of every
+        weight (compile and ``save`` never build it). Above 2 GB protobuf holds it but cannot
+        serialize it; ``save`` writes such a model with external data from the IR's arrays."""
         if self._proto is None and self._bytes is not None:
             self._proto = onnx.ModelProto.FromString(self._bytes)
         elif self._proto is None:
@@ -73,14 +75,20 @@ class CompileResult:
 
     def serialized(self) -> bytes | None:
         """The model file's bytes (what ``save`` writes); None above 2 GB (external data)."""
-        if self._bytes is None and proto_size(self.proto) is not None:
-            self._bytes = self.proto.SerializeToString(deterministic=True)
+        if self._bytes is None:
+            self._bytes = model_bytes(self.model)
         return self._bytes
 
     def save(self, path: str | os.PathLike[str]) -> int:
-        """Write the model atomically; returns its size in bytes and records it in the report."""
-        data = self.serialized()
-        size = save_bytes(data, path) if data is not None else save_proto(self.proto, path)
+        """Write the model atomically; returns its size in bytes and records it in the report.
+        Written from the IR one tensor at a time (``ir.io.save_model``): the same bytes as
+        ``proto`` serialized, without holding a second copy of the weights."""
+        if self._bytes is not None:
+            size = save_bytes(self._bytes, path)
+        elif self._model is not None:
+            size = save_model(self._model, path)
+        else:
+            size = save_proto(self.proto, path)
         self.report["size_bytes"]["output"] = size
         return size
 
@@ -370,7 +378,7 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
-    out_size = proto_size(result.proto)  # None above 2 GB: known once saved (with external data)
+    out_size = model_size(m)  # None above 2 GB: known once saved (with external data)
     lowered = sorted(ctx.analysis.get("lowered", []))
     report: dict[str, Any] = {
         "qcompiler_version": __version__,

@@ -15,7 +15,8 @@ from ..errors import UserError
 from .model import Model
 from .verify import verify_model
 
-__all__ = ["load_model", "save_proto", "save_bytes", "atomic_write_text", "proto_size", "external_data_files"]
+__all__ = ["load_model", "save_proto", "save_model", "model_bytes", "model_size", "save_bytes", "atomic_write_text",
+           "proto_size", "external_data_files"]
 
 _TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
 _EXTERNAL_MIN_BYTES = 1024  # in a model saved with external data, smaller tensors stay inline
@@ -144,6 +145,79 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
     except OSError as exc:
         raise UserError(f"{path}: cannot write output: {exc.strerror or exc}") from exc
     return size
+
+
+def save_model(model: Model, path: str | os.PathLike[str]) -> int:
+    """Write a compiled ``model`` (without its intermediate shape annotations) as
+    :func:`save_proto` would write its proto, one tensor at a time (:mod:`.writer`): at most
+    one payload is copied at once, never the whole model. A model above ``_TWO_GB`` goes with
+    its large initializers in ``<name>.data`` beside it. Returns the bytes written."""
+    from .. import files
+    from .writer import ModelWriter
+
+    out = _output_path(path)
+    writer = ModelWriter(model, min_bytes=_EXTERNAL_MIN_BYTES)
+    inline = writer.inline_size() <= _TWO_GB
+    if not inline and not writer.fits_skeleton(_TWO_GB):
+        # what stays in the model file (subgraph or attribute tensors) is itself too large
+        return save_proto(_stripped(model), path)
+    if files.is_special(out):
+        if not inline:
+            raise UserError(f"{path}: cannot write a model above 2 GB (saved with external data) to a special file")
+        data = model_bytes(model)
+        files.write_bytes(out, data)
+        return len(data)
+    data_name = out.name + ".data"
+    try:
+        tmp = files.temp_beside(out)
+        tmp_data = out.parent / (tmp.name + ".data")
+        try:
+            with open(tmp, "wb") as fh:
+                if inline:
+                    size = writer.write_inline(fh)
+                else:
+                    with open(tmp_data, "wb") as dfh:
+                        size = sum(writer.write_external(fh, dfh, data_name))
+            if not inline:
+                files.publish(tmp_data, out.parent / data_name)
+            files.publish(tmp, out)
+        except BaseException:
+            files.discard(tmp)
+            files.discard(tmp_data)
+            raise
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write output: {exc.strerror or exc}") from exc
+    return size
+
+
+def model_bytes(model: Model) -> bytes | None:
+    """The bytes :func:`save_model` writes for a model that fits in one file (None above
+    ``_TWO_GB``): ``to_proto().SerializeToString(deterministic=True)`` without value_info."""
+    import io
+
+    from .writer import ModelWriter
+
+    writer = ModelWriter(model, min_bytes=_EXTERNAL_MIN_BYTES)
+    if writer.inline_size() > _TWO_GB:
+        return None
+    buf = io.BytesIO()
+    writer.write_inline(buf)
+    return buf.getvalue()
+
+
+def model_size(model: Model) -> int | None:
+    """The size of ``model``'s file as :func:`save_model` writes it inline, or None above
+    ``_TWO_GB`` (then known once saved, with external data); no payload is copied."""
+    from .writer import ModelWriter
+
+    size = ModelWriter(model, min_bytes=_EXTERNAL_MIN_BYTES).inline_size()
+    return size if size <= _TWO_GB else None
+
+
+def _stripped(model: Model) -> onnx.ModelProto:
+    proto = model.to_proto()
+    del proto.graph.value_info[:]
+    return proto
 
 
 def _output_path(path: str | os.PathLike[str]) -> Path:

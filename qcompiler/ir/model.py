@@ -196,7 +196,8 @@ def _swap_shared(model: "Model", shared: dict[str, np.ndarray], min_bytes: int,
             dtype = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
         except (KeyError, TypeError, ValueError):
             continue
-        if dtype not in _NATIVE:
+        export = getattr(tensor, "_export_dtype", None)  # graphsurgeon converts those on export
+        if dtype not in _NATIVE or (export is not None and export not in (dtype, values.dtype)):
             continue
         arr = np.ascontiguousarray(values)
         stub = onnx.TensorProto(name=name, dims=list(arr.shape), data_type=dtype,
