@@ -43,6 +43,14 @@ def _embedding_gathers(model: Model, block: int) -> list[Node]:
     return out
 
 
+def _check_allowed(rule, opts: WeightOnlyOptions, target: str, what: str = "") -> None:  # noqa: ANN001
+    for key, value, allowed in (("bits", opts.bits, rule.bits), ("block_sizes", opts.block_size, rule.block_sizes),
+                                ("symmetric", opts.symmetric, rule.symmetric)):
+        if value not in allowed:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise UserError(f"target '{target}': key 'weight_only.{key}' does not allow {shown}{what}")
+
+
 @dataclass(frozen=True)
 class QuantizeWeights(Pass):
     """Store every MatMul's constant float weight [K, N] (and, where the target names a gather
@@ -68,6 +76,8 @@ class QuantizeWeights(Pass):
     symmetric: bool | None = None  # None: the first value the target's weight_only.symmetric lists
     algorithm: str = ""
     gather: bool = True
+    gather_bits: int = 0  # the embedding tables' bits and block size; 0: those of the MatMuls
+    gather_block_size: int = 0
     moment_samples: int = 256
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -77,11 +87,7 @@ class QuantizeWeights(Pass):
         symmetric = rule.symmetric[0] if self.symmetric is None else self.symmetric
         opts = WeightOnlyOptions(self.bits, self.block_size, symmetric, self.algorithm).validate(
             has_data=ctx.calibration is not None)
-        for key, value, allowed in (("bits", opts.bits, rule.bits), ("block_sizes", opts.block_size, rule.block_sizes),
-                                    ("symmetric", opts.symmetric, rule.symmetric)):
-            if value not in allowed:
-                shown = str(value).lower() if isinstance(value, bool) else value
-                raise UserError(f"target '{ctx.target.name}': key 'weight_only.{key}' does not allow {shown}")
+        _check_allowed(rule, opts, ctx.target.name)
         algorithm = opts.algorithm or ("gptq" if ctx.calibration is not None else "rtn")
         start = time.perf_counter()
         rw = ctx.rewriter(model)
@@ -108,16 +114,20 @@ class QuantizeWeights(Pass):
                 self._lower_nbits(rw, graph, node, q, rule.accuracy_level, rule.kernel)
             lowered += 1
         gathers = 0
+        gopts = WeightOnlyOptions(self.gather_bits or opts.bits, self.gather_block_size or opts.block_size,
+                                  opts.symmetric).validate(has_data=False)
         if self.gather and rule.gather_kernel:
-            for node in _embedding_gathers(model, opts.block_size):
-                self._lower_gather(rw, graph, node, opts, rule.gather_kernel)
+            _check_allowed(rule, gopts, ctx.target.name, " (embedding tables)")
+            for node in _embedding_gathers(model, gopts.block_size):
+                self._lower_gather(rw, graph, node, gopts, rule.gather_kernel)
                 gathers += 1
         rw.cleanup(graph)
         ctx.analysis.setdefault("lowered", []).extend(
             [rule.kernel.split(".")[-1]] * lowered + [rule.gather_kernel.split(".")[-1]] * gathers)
         ctx.report["weight_only"] = {"bits": opts.bits, "block_size": opts.block_size, "symmetric": opts.symmetric,
                                      "algorithm": algorithm, "kernel": rule.kernel, "matmuls": lowered,
-                                     "gathers": gathers, "awq_scaled": scaled,
+                                     "gathers": gathers, "gather_bits": gopts.bits,
+                                     "gather_block_size": gopts.block_size, "awq_scaled": scaled,
                                      "seconds": round(time.perf_counter() - start, 3)}
         return PassResult(lowered + gathers > 0)
 

@@ -33,6 +33,7 @@ ALGORITHMS = ("rtn", "gptq", "awq")
 AWQ_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # s = rms(x)^alpha; alpha 0 is plain RTN
 AWQ_RANK = 128  # error of a candidate measured in the top eigen-directions of the input moments
 CHUNK_ELEMENTS = 1 << 22  # weights quantized at a time (16 MB of float32)
+ROW_ELEMENTS = 1 << 15  # the clipping search's working set (128 KB of float32: in the L2 cache)
 # block ranges tried (fractions of the block's range); the least squared rounding error wins.
 # Measured on MiniLM int4 block 32 (docs/benchmarks.md): clipping lowers weight error ~10%.
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -145,34 +146,55 @@ def _blocks(wt: np.ndarray, block: int) -> np.ndarray:
     return wt.reshape(n, nb, block)
 
 
-def _block_params(wt: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray]:
+def _block_params(wt: np.ndarray, opts: WeightOnlyOptions,
+                  codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-block scale and zero point [N, k_blocks]: the block's range shrunk by the factor in
-    CLIP_RATIOS whose round-to-nearest error (sum of squares over the block) is smallest.
-    The block extremes are found once; each candidate's error is computed in place in float32
-    (the search is most of an rtn compile: 1.1B decoder)."""
+    CLIP_RATIOS whose round-to-nearest error (sum of squares over the block) is smallest; with
+    ``codes`` ([N, k_blocks * block] uint8), also their round-to-nearest codes (what _rtn gives).
+
+    The search is most of an rtn compile (1.1B decoder). The candidates' qparams are computed
+    once for all blocks; the errors over groups of rows small enough to stay in the CPU cache
+    (ROW_ELEMENTS) while every candidate is tried (and the winner's codes written), in units of
+    the candidate's scale: ``s^2 * sum((clip(rint(x)) - x)^2)`` with ``x = w / s + zp`` (zp is a
+    whole number, so this is the rounding _rtn does; the clip bounds are scalars: numpy's fast
+    path)."""
     b = _blocks(wt, opts.block_size)
+    n, nb, block = b.shape
     ext = _extremes(b, opts)
-    best_s = best_z = best_e = None
-    q = np.empty_like(b, dtype=np.float32)
-    for ratio in CLIP_RATIOS:
-        scale, zp = _range_params(ext, opts, ratio)
-        s3, z3 = scale[..., None], zp.astype(np.float32)[..., None]
-        np.divide(b, s3, out=q)
-        np.rint(q, out=q)
-        q += z3
-        np.clip(q, 0, 2**opts.bits - 1, out=q)
-        q -= z3
-        q *= s3
-        q -= b
-        np.square(q, out=q)
-        err = q.sum(axis=2)
-        if best_e is None:
-            best_s, best_z, best_e = scale, zp, err
-        else:
-            better = err < best_e
-            best_s, best_z, best_e = (np.where(better, scale, best_s), np.where(better, zp, best_z),
-                                      np.where(better, err, best_e))
-    return best_s, best_z
+    cands = [_range_params(ext, opts, ratio) for ratio in CLIP_RATIOS]
+    scales = np.stack([s for s, _ in cands])
+    zps = np.stack([z for _, z in cands])
+    inv = (1.0 / scales)[..., None]
+    off = zps.astype(np.float32)[..., None]
+    scale = np.empty((n, nb), np.float32)
+    zp = np.empty((n, nb), np.int64)
+    step = max(1, ROW_ELEMENTS // (nb * block))
+    x = np.empty((min(step, n), nb, block), np.float32)
+    r = np.empty_like(x)
+    err = np.empty((len(cands), min(step, n), nb), np.float32)
+    top = np.float32(2**opts.bits - 1)
+    for r0 in range(0, n, step):
+        rows = b[r0:r0 + step]
+        m = len(rows)
+        xs, rs = x[:m], r[:m]
+        for i in range(len(cands)):
+            np.multiply(rows, inv[i, r0:r0 + m], out=xs)
+            xs += off[i, r0:r0 + m]
+            np.rint(xs, out=rs)
+            np.clip(rs, 0, top, out=rs)
+            rs -= xs
+            np.einsum("ijk,ijk->ij", rs, rs, out=err[i, :m])
+        e = err[:, :m] * np.square(scales[:, r0:r0 + m])
+        best = e.argmin(axis=0)[None]  # the first (widest) candidate wins ties
+        scale[r0:r0 + m] = np.take_along_axis(scales[:, r0:r0 + m], best, axis=0)[0]
+        zp[r0:r0 + m] = np.take_along_axis(zps[:, r0:r0 + m], best, axis=0)[0]
+        if codes is not None:
+            np.multiply(rows, (1.0 / scale[r0:r0 + m])[..., None], out=xs)
+            xs += zp[r0:r0 + m].astype(np.float32)[..., None]
+            np.rint(xs, out=xs)
+            np.clip(xs, 0, top, out=xs)
+            codes[r0:r0 + m] = xs.reshape(m, -1)
+    return scale, zp
 
 
 def _extremes(b: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, ...]:
@@ -199,10 +221,15 @@ def _range_params(ext: tuple[np.ndarray, ...], opts: WeightOnlyOptions, ratio: f
 
 
 def _rtn(wt: np.ndarray, scale: np.ndarray, zp: np.ndarray, opts: WeightOnlyOptions) -> np.ndarray:
+    """Codes [N, k_blocks * block] (uint8) of ``wt`` [N, K] for the given block qparams: the
+    nearest of ``w * (1/s)`` (the search above measures the same rounding)."""
     qt = opts.qtype()
     b = _blocks(wt, opts.block_size)
-    q = np.rint(b / scale[..., None]) + zp[..., None]
-    return np.clip(q, qt.qmin, qt.qmax).astype(np.uint8).reshape(wt.shape[0], -1)
+    q = b * (1.0 / scale)[..., None]
+    q += zp.astype(np.float32)[..., None]
+    np.rint(q, out=q)
+    np.clip(q, qt.qmin, qt.qmax, out=q)
+    return q.astype(np.uint8).reshape(wt.shape[0], -1)
 
 
 def block_quantize(w: np.ndarray, opts: WeightOnlyOptions, algorithm: str = "rtn",
@@ -223,20 +250,23 @@ def block_quantize(w: np.ndarray, opts: WeightOnlyOptions, algorithm: str = "rtn
     # columns are independent: quantize CHUNK_ELEMENTS weights at a time, so the float
     # temporaries stay small whatever the weight's size (w may be a memory map)
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
-    parts = []
+    nb = -(-k // opts.block_size)
+    codes = np.empty((n, nb * opts.block_size), np.uint8)
+    scale = np.empty((n, nb), np.float32)
+    zp = np.empty((n, nb), np.uint8)
     for c0 in range(0, n, step):
         wc = np.asarray(w[:, c0:c0 + step], dtype=np.float32)
         if act_scale is not None:
             wc = wc * act_scale[:, None]
         wt = np.ascontiguousarray(wc.T)  # [cols, K]: blocks run along K
-        scale, zp = _block_params(wt, opts)
+        cols = slice(c0, c0 + wt.shape[0])
         if algorithm == "gptq" and hessian is not None:
-            codes = _gptq(wt, hessian, scale, zp, opts)
+            s, z = _block_params(wt, opts)
+            codes[cols] = _gptq(wt, hessian, s, z, opts)
         else:
-            codes = _rtn(wt, scale, zp, opts)
-        parts.append((codes, scale, zp))
-    codes, scale, zp = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    return BlockQuantized(codes, scale, zp.astype(np.uint8), k, opts.bits, opts.block_size, opts.symmetric, act_scale)
+            s, z = _block_params(wt, opts, codes[cols])
+        scale[cols], zp[cols] = s, z
+    return BlockQuantized(codes, scale, zp, k, opts.bits, opts.block_size, opts.symmetric, act_scale)
 
 
 def _gptq(wt: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zp: np.ndarray,
