@@ -12,7 +12,7 @@ from qcompiler import Model, Node, Pass, PassContext, PassResult, UserError, Val
 from qcompiler.weight_only import (WEIGHT_ONLY_KERNELS, BlockQuantized, WeightOnlyOptions, awq_search, block_quantize,
                                    pack_codes, release_pages)
 
-from .calibrate import collect_input_moments
+from qcompiler.weight_stats import stream_input_moments
 
 __all__ = ["QuantizeWeights"]
 
@@ -93,10 +93,9 @@ class QuantizeWeights(Pass):
         rw = ctx.rewriter(model)
         graph = model.graph
         nodes = _weight_matmuls(model, opts.block_size)
-        moments = {}
-        if algorithm != "rtn" and nodes:
-            moments = collect_input_moments(model, ctx, {n.name for n in nodes}, samples=self.moment_samples)
-        scaled = self._apply_awq(model, rw, nodes, moments, opts) if algorithm == "awq" else 0
+        moments, act_scales = self._statistics(model, ctx, nodes, opts, algorithm)
+        node_scales = {n.name: act_scales[n.inputs[0].name] for n in nodes if n.inputs[0].name in act_scales}
+        scaled = self._apply_awq(model, rw, nodes, act_scales)  # (rewires inputs: scales looked up first)
         qdq = rule.kernel == "DequantizeLinear"
         if qdq and (model.opset("") or 0) < 21:
             raise UserError(f"pass 'quantize-weights': blocked DequantizeLinear needs opset 21 (model has "
@@ -106,7 +105,8 @@ class QuantizeWeights(Pass):
             w = node.inputs[1]
             hessian = moments.get(node.name) if algorithm == "gptq" else None
             values = w.values
-            q = block_quantize(values, opts, "gptq" if hessian is not None else "rtn", hessian)
+            q = block_quantize(values, opts, "gptq" if hessian is not None else "rtn", hessian,
+                               act_scale=node_scales.get(node.name))
             release_pages(values)
             if qdq:
                 self._lower_dq(rw, graph, node, q)
@@ -131,30 +131,55 @@ class QuantizeWeights(Pass):
                                      "seconds": round(time.perf_counter() - start, 3)}
         return PassResult(lowered + gathers > 0)
 
-    # -- AWQ: one scale per activation, searched over every layer reading it ------------------
-    def _apply_awq(self, model: Model, rw, nodes: list[Node], moments: dict, opts: WeightOnlyOptions) -> int:
+    # -- statistics: layer-streamed, reduced as soon as a layer's are complete ------------------
+    def _statistics(self, model: Model, ctx: PassContext, nodes: list[Node], opts: WeightOnlyOptions,
+                    algorithm: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """GPTQ: each MatMul's input second moments (by node name). AWQ: one scale per
+        activation, searched over every layer reading it (by activation name); its moments
+        are dropped as soon as the scale is chosen (qcompiler.weight_stats)."""
+        moments: dict[str, np.ndarray] = {}
+        scales: dict[str, np.ndarray] = {}
+        if algorithm == "rtn" or not nodes:
+            return moments, scales
         groups: dict[str, list[Node]] = {}
         for node in nodes:
-            if node.name in moments:
+            groups.setdefault(node.inputs[0].name, []).append(node)
+
+        def reduce(name: str, h: np.ndarray) -> None:
+            members = groups[name]
+            if algorithm == "gptq":
+                moments.update({n.name: h for n in members})
+                return
+            weights = [n.inputs[1].values for n in members]
+            s = awq_search([np.asarray(w, dtype=np.float32) for w in weights], h, opts)
+            for w in weights:
+                release_pages(w)
+            if s is not None:
+                scales[name] = s
+
+        segments = stream_input_moments(model, ctx.calibration, groups, reduce, samples=self.moment_samples,
+                                        release=release_pages)
+        ctx.report.setdefault("weight_only_statistics", {"segments": segments})
+        return moments, scales
+
+    # -- AWQ: the activation is divided by s where it is made (or by an inserted Mul) ------------
+    def _apply_awq(self, model: Model, rw, nodes: list[Node], scales: dict[str, np.ndarray]) -> int:
+        """W' = diag(s) W is applied when the weight is quantized (block_quantize's act_scale):
+        no scaled float copy of a weight is ever held."""
+        groups: dict[str, list[Node]] = {}
+        for node in nodes:
+            if node.inputs[0].name in scales:
                 groups.setdefault(node.inputs[0].name, []).append(node)
-        scaled = 0
-        for members in groups.values():
+        for name, members in groups.items():
             x = members[0].inputs[0]
-            s = awq_search([np.asarray(n.inputs[1].values, dtype=np.float32) for n in members],
-                           moments[members[0].name], opts)
-            if s is None:
-                continue
-            for n in members:  # W' = diag(s) W: the layer then reads x / s
-                rw.set_input(n, 1, rw.constant(n.inputs[1].name + "_awq", n.inputs[1].values * s[:, None]))
-            inv = (1.0 / s).astype(np.float32)
+            inv = (1.0 / scales[name]).astype(np.float32)
             if not self._fold(rw, x, members, inv):
                 y = rw.value(x.name + "_awq", dtype=x.dtype, shape=x.shape)
                 rw.create_node(model.graph, "Mul", [x, rw.constant(x.name + "_awq_inv", inv)], [y],
                                name=x.name + "_awq", before=members[0])
                 for n in members:
                     rw.set_input(n, 0, y)
-            scaled += 1
-        return scaled
+        return len(groups)
 
     @staticmethod
     def _fold(rw, x: Value, members: list[Node], inv: np.ndarray) -> bool:

@@ -233,17 +233,18 @@ def _rtn(wt: np.ndarray, scale: np.ndarray, zp: np.ndarray, opts: WeightOnlyOpti
 
 
 def block_quantize(w: np.ndarray, opts: WeightOnlyOptions, algorithm: str = "rtn",
-                   hessian: np.ndarray | None = None) -> BlockQuantized:
+                   hessian: np.ndarray | None = None, act_scale: np.ndarray | None = None) -> BlockQuantized:
     """Quantize a MatMul weight ``w`` [K, N] (float) in blocks of ``opts.block_size`` along K.
 
     ``rtn``: round to nearest with min/max (or absmax) block qparams. ``gptq``: the same
     qparams, codes chosen column by column against the input second moments ``hessian``
     [K, K] (quant.gptq_round, shared with insert-qdq). ``awq``: :func:`awq_search`'s
-    per-input-channel scale, then RTN of the scaled weight.
+    per-input-channel scale, then RTN of the scaled weight. ``act_scale`` [K]: an AWQ scale
+    already chosen (for every layer sharing the input): the weight is scaled chunk by chunk as
+    it is quantized, never as a whole float copy.
     """
     k, n = w.shape
-    act_scale = None
-    if algorithm == "awq":
+    if algorithm == "awq" and act_scale is None:
         if hessian is None:
             raise UserError("weight-only awq: no input statistics for a layer")
         act_scale = awq_search([np.asarray(w, dtype=np.float32)], hessian, opts)
@@ -262,11 +263,50 @@ def block_quantize(w: np.ndarray, opts: WeightOnlyOptions, algorithm: str = "rtn
         cols = slice(c0, c0 + wt.shape[0])
         if algorithm == "gptq" and hessian is not None:
             s, z = _block_params(wt, opts)
-            codes[cols] = _gptq(wt, hessian, s, z, opts)
+            c = _gptq(wt, hessian, s, z, opts)
+            for _ in range(GPTQ_REFITS):
+                s = _refit_scales(wt, c, s, z, hessian, opts.block_size)
+                c = _gptq(wt, hessian, s, z, opts)
+            if GPTQ_REFITS >= 0:
+                s = _refit_scales(wt, c, s, z, hessian, opts.block_size)
+            codes[cols] = c
         else:
             s, z = _block_params(wt, opts, codes[cols])
         scale[cols], zp[cols] = s, z
     return BlockQuantized(codes, scale, zp, k, opts.bits, opts.block_size, opts.symmetric, act_scale)
+
+
+GPTQ_REFITS = 2
+
+
+def _refit_scales(wt: np.ndarray, codes: np.ndarray, scale: np.ndarray, zp: np.ndarray, hessian: np.ndarray,
+                  block: int, cols: int = 64) -> np.ndarray:
+    """The block scales [N, k_blocks] that minimise the layer's output error for fixed codes
+    and zero points: for output column n with ``d = codes - zp`` laid out per block (D, K x
+    k_blocks), ``min_s (w - D s)^T H (w - D s)`` is the linear system ``D^T H D s = D^T H w``
+    (k_blocks unknowns, cross-block correlations included). Blocks whose codes all sit on the
+    zero point keep their scale."""
+    n, k = wt.shape
+    nb = scale.shape[1]
+    kp = nb * block
+    h = np.zeros((kp, kp))
+    h[:k, :k] = np.asarray(hessian, dtype=np.float64).reshape(k, k)
+    h4 = h.reshape(kp, nb, block)
+    out = scale.astype(np.float64).copy()
+    for c0 in range(0, n, cols):
+        d = codes[c0:c0 + cols, :kp].astype(np.float64).reshape(-1, nb, block) - zp[c0:c0 + cols, :, None]
+        m = d.shape[0]
+        e = np.einsum("alb,nlb->nal", h4, d).reshape(m, nb, block, nb)
+        a = np.einsum("nja,njal->njl", d, e)
+        w = np.zeros((m, kp))
+        w[:, :k] = wt[c0:c0 + cols]
+        rhs = np.einsum("nja,nja->nj", d, (w @ h).reshape(m, nb, block))
+        dead = np.einsum("njj->nj", a) <= 0
+        idx = np.arange(nb)
+        a[:, idx, idx] += dead + 1e-12 * np.abs(a[:, idx, idx]).max(axis=1, keepdims=True)
+        rhs = np.where(dead, out[c0:c0 + cols], rhs)
+        out[c0:c0 + cols] = np.linalg.solve(a, rhs[..., None])[..., 0]
+    return out.astype(np.float32)
 
 
 def _gptq(wt: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zp: np.ndarray,

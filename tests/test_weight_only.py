@@ -292,3 +292,43 @@ def test_external_data_above_threshold_round_trip(decoder: Path, tmp_path: Path,
     feed = make_decoder.prefill_feed(CFG, 4, 3)
     got = _session(str(tmp_path / "big0.onnx")).run(["logits"], feed)[0]
     np.testing.assert_array_equal(got, _session(res.proto).run(["logits"], feed)[0])
+
+
+def test_streamed_statistics_equal_whole_model_moments(decoder: Path) -> None:
+    """Layer-streamed second moments (qcompiler.weight_stats, segments of ~20 KB of weights:
+    one per few nodes) equal those of one session over the whole float model exposing every
+    MatMul input, to 1e-6 relative (float64 sums of the same float32 activations; onnxruntime
+    may fuse differently inside a segment)."""
+    from qcompiler.ir import load_model
+    from qcompiler.weight_stats import stream_input_moments
+
+    model = load_model(decoder)
+    names = sorted({n.inputs[0].name for n in model.graph.nodes if n.op == "MatMul"})
+    calib = [make_decoder.prefill_feed(CFG, 8, 11 + i) for i in range(3)]
+    got: dict[str, np.ndarray] = {}
+    segments = stream_input_moments(model, calib, names, got.__setitem__, samples=3, segment_bytes=20_000)
+    assert segments > CFG.layers and sorted(got) == names
+    proto = model.to_proto()
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = {name: 0.0 for name in names}
+    for feed in calib:
+        for name, x in zip(names, sess.run(names, feed)):
+            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            want[name] = want[name] + rows.T @ rows
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6 * np.abs(want[name]).max(), err_msg=name)
+
+
+def test_awq_output_does_not_depend_on_segmenting(decoder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bytes whether the statistics run in one segment or one per few nodes."""
+    import qcompiler.weight_stats as ws
+
+    calib = [make_decoder.prefill_feed(CFG, 8, 11 + i) for i in range(2)]
+    blobs = []
+    for budget in (1 << 40, 20_000):
+        monkeypatch.setattr(ws, "SEGMENT_BYTES", budget)
+        res = qcompiler.compile(decoder, mode="weight-only", weight_algorithm="awq", calibration=calib)
+        blobs.append((res.serialized(), res.report["weight_only_statistics"]["segments"]))
+    assert blobs[0][1] == 1 and blobs[1][1] > CFG.layers
+    assert blobs[0][0] == blobs[1][0]
