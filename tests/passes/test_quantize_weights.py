@@ -42,16 +42,22 @@ def test_matmul_becomes_matmul_nbits_with_target_attributes() -> None:
     assert ctx.report["weight_only"]["algorithm"] == "rtn"
 
 
-def test_gather_becomes_gather_block_quantized_equal_to_reference() -> None:
+@pytest.mark.parametrize("options, bits, block", [
+    ([("gather-bits", "4"), ("gather-block-size", "32")], 4, 32),
+    ([], 8, 16),  # defaults: a small table (3200 elements) at 8 bits, blocks of at most GATHER_BLOCK
+])
+def test_gather_becomes_gather_block_quantized_equal_to_reference(options: list, bits: int, block: int) -> None:
     proto, table = _gather()
-    model, _, _ = run_pass(proto, "quantize-weights", [("block-size", "32")])
+    model, ctx, _ = run_pass(proto, "quantize-weights", [("block-size", "32"), *options])
     assert op_types(model) == ["GatherBlockQuantized"]
     ids = np.array([0, 49, 7], dtype=np.int64)
     got = run_ort(model, {"ids": ids})[0]
     n = model.graph.gs.nodes[0]
+    assert (n.attrs["bits"], n.attrs["block_size"]) == (bits, block)
+    assert ctx.report["weight_only"]["tables"] == {"table": f"{bits}-bit block {block}"}
     assert len(n.inputs) == 4  # ort-cpu's default symmetry (its first listed) is asymmetric: zero points
-    want = gather_block_quantized(n.inputs[0].values, ids, n.inputs[2].values, n.inputs[3].values, block_size=32,
-                                  bits=4)
+    want = gather_block_quantized(n.inputs[0].values, ids, n.inputs[2].values, n.inputs[3].values, block_size=block,
+                                  bits=bits)
     np.testing.assert_array_equal(got, want)  # dequantize + gather: exact
     # the clipping search keeps >= 0.75 of a block's range: an extreme is off by at most
     # (1 - 0.75) / 0.75 * 15 = 5 steps, every other value by half a step
