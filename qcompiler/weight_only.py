@@ -32,6 +32,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 ALGORITHMS = ("rtn", "gptq", "awq")
 AWQ_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # s = rms(x)^alpha; alpha 0 is plain RTN
 AWQ_RANK = 128  # error of a candidate measured in the top eigen-directions of the input moments
+AWQ_COLUMNS = 1024  # output columns of each weight the candidates are compared on
 CHUNK_ELEMENTS = 1 << 22  # weights quantized at a time (16 MB of float32)
 ROW_ELEMENTS = 1 << 15  # the clipping search's working set (128 KB of float32: in the L2 cache)
 # block ranges tried (fractions of the block's range); the least squared rounding error wins.
@@ -329,11 +330,16 @@ def awq_search(weights: list[np.ndarray], hessian: np.ndarray, opts: WeightOnlyO
     Candidates s = rms(x)^alpha (rms from the diagonal of the input second moments, normalised
     to geometric mean 1) for alpha in AWQ_ALPHAS; each scaled weight diag(s) W is RTN-quantized
     and the output error sum ||X (W - diag(1/s) Q(diag(s) W))||^2 is measured through the
-    moments (in their top AWQ_RANK eigen-directions). Returns the best s, or None when
+    moments (in their top AWQ_RANK eigen-directions, on at most AWQ_COLUMNS output columns of
+    each weight). Returns the best s, or None when
     alpha = 0 (plain RTN) wins, so that no activation scaling is emitted."""
     k = hessian.shape[-1]
     h = np.asarray(hessian, dtype=np.float64).reshape(k, k)
-    proj = _top_directions(h, AWQ_RANK)
+    proj = _top_directions(h, AWQ_RANK).astype(np.float32)
+    # output columns are independent: a fixed, evenly spread subset ranks the candidates
+    # (1.1B decoder: the search over all columns cost more than the rest of the compile)
+    weights = [w if w.shape[1] <= AWQ_COLUMNS else
+               w[:, np.linspace(0, w.shape[1] - 1, AWQ_COLUMNS).round().astype(np.int64)] for w in weights]
     rms = np.sqrt(np.maximum(np.diag(h), 0.0))
     rms = np.where(rms > 0, rms, rms[rms > 0].min() if (rms > 0).any() else 1.0)
     best_err, best = None, None
