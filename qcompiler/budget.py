@@ -179,12 +179,13 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
         ranked, setup, sens = _rank(first, target, base)
         if not explicit:
             ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
+        ranked = _moves(ranked)
         moved = _predict(ranked, setup, measure)
         best = (v0, first, [])
         while True:
             ov = dict(base)
-            for r in moved:
-                ov[r["node"]] = ("float", r["why"])
+            for r in _effective(moved):
+                ov[r["node"]] = ("dynamic" if r["to"] == "dynamic" else "float", r["why"])
             result = compile_with(ov, cache_dir)
             if result._eval is None and budget.func is not None:
                 result = compile_with(ov, cache_dir, True)
@@ -197,14 +198,14 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
             moved = ranked[:len(moved) + max(1, len(moved) // 2)]
         if not budget.holds(value) and not explicit:  # a default budget never fails a compile
             value, result, moved = best
-            result.report["accuracy"] = _finish(section, result, value, moved, compiles, start, False,
+            result.report["accuracy"] = _finish(section, result, value, _effective(moved), compiles, start, False,
                                                 ranking=[r["layer"] for r in sens[:10]])
             return result
         if not budget.holds(value):
             raise UserError(f"--accuracy {budget.text}: not met; best {budget.metric} {_fmt(max(value, v0))} "
-                            f"(integer plan: {_fmt(v0)}) with every one of {len(ranked)} movable layers on its "
-                            f"fallback after {compiles} compiles; nothing written")
-        result.report["accuracy"] = _finish(section, result, value, moved, compiles, start, True,
+                            f"(integer plan: {_fmt(v0)}) with every one of {len(_effective(ranked))} movable layers "
+                            f"on its last fallback after {compiles} compiles; nothing written")
+        result.report["accuracy"] = _finish(section, result, value, _effective(moved), compiles, start, True,
                                             ranking=[r["layer"] for r in sens[:10]])
         return result
 
@@ -232,35 +233,59 @@ def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[
     sens = layer_sensitivity(setup=setup)
     rows = []
     for worst, r in enumerate(sens):
-        fallbacks = target.fallbacks(r["op"])
+        fallbacks = setup.fallbacks.get(r["layer"], target.fallbacks(r["op"]))
         if r["layer"] in base or not fallbacks:
             continue
-        to = fallbacks[0]
-        cost = target.fallback_cost(r["op"], to)
+        cost = target.fallback_cost(r["op"], fallbacks[0])
         noise = 0.0 if r["score"] is None else 10.0 ** (-r["score"] / 10.0)
         why = (f"accuracy budget: sensitivity rank {worst + 1} (output SQNR {_fmt(r['score'])} dB with only this "
-               f"layer in integer); fallback '{to}', estimated cost {cost:g}x its integer kernel")
-        rows.append({"node": r["layer"], "layer": r["layer"], "op": r["op"], "index": r["index"], "to": to,
-                     "cost": cost, "sensitivity_db": r["score"], "gain_per_cost": noise / cost, "why": why})
+               f"layer in integer)")
+        rows.append({"node": r["layer"], "layer": r["layer"], "op": r["op"], "index": r["index"],
+                     "fallbacks": fallbacks, "sensitivity_db": r["score"], "gain_per_cost": noise / cost, "why": why})
     rows.sort(key=lambda x: (-x["gain_per_cost"], x["index"]))
     # integer nodes that are no analysis layer (a Concat, a node on integer data): no sensitivity
     # of their own, so they move last, in graph order
     ops = {n.name: n.op_type for n in setup.model.proto.graph.node}
     have = {r["node"] for r in rows} | set(base) | {layer.name for layer in setup.layers}
     for i, (name, how) in enumerate(setup.integer.items()):
-        fallbacks = target.fallbacks(ops.get(name, ""))
+        fallbacks = setup.fallbacks.get(name, target.fallbacks(ops.get(name, "")))
         if name in have or how.startswith("fused into") or name not in ops or not fallbacks:
             continue
-        cost = target.fallback_cost(ops[name], fallbacks[0])
-        rows.append({"node": name, "layer": name, "op": ops[name], "index": len(setup.layers) + i, "to": fallbacks[0],
-                     "cost": cost, "sensitivity_db": None, "gain_per_cost": 0.0,
+        rows.append({"node": name, "layer": name, "op": ops[name], "index": len(setup.layers) + i,
+                     "fallbacks": fallbacks, "sensitivity_db": None, "gain_per_cost": 0.0,
                      "why": f"accuracy budget: integer node without a sensitivity of its own ({how}), moved after "
-                            f"the ranked layers; fallback '{fallbacks[0]}', estimated cost {cost:g}x"})
+                            f"the ranked layers"})
+    for r in rows:
+        r["costs"] = [target.fallback_cost(r["op"], f) for f in r["fallbacks"]]
     return rows, setup, sens
 
 
+def _moves(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The search's steps in order: every ranked layer to its first fallback (rank order), then
+    every layer with a second one to that, and so on (static -> dynamic int8 for all before any
+    -> float). A prefix of the steps is a state: each layer at its last step in it."""
+    out = []
+    for level in range(max((len(r["fallbacks"]) for r in rows), default=0)):
+        for r in rows:
+            if level < len(r["fallbacks"]):
+                to, cost = r["fallbacks"][level], r["costs"][level]
+                out.append(dict(r, to=to, cost=cost, why=f"{r['why']}; fallback '{to}' (choice {level + 1} of "
+                                f"{len(r['fallbacks'])}), estimated cost {cost:g}x its integer kernel"))
+    return out
+
+
+def _effective(moved: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each moved layer once, at its last step in ``moved`` (first-move order)."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in moved:
+        last[r["node"]] = r
+    return list(last.values())
+
+
 def _predict(ranked: Sequence[dict[str, Any]], setup: Any, measure: _Measure) -> list[dict[str, Any]]:
-    """The shortest prefix of ``ranked`` whose fake-quant prediction meets the budget (at least one)."""
+    """The shortest prefix of the steps ``ranked`` whose fake-quant prediction meets the budget (at
+    least one). The fake-quant model has no dynamic int8: a layer moved anywhere counts as float
+    (optimistic for a dynamic step; the real compile checks)."""
     on = {layer.name for layer in setup.layers}
     for i, r in enumerate(ranked):
         on.discard(r["node"])

@@ -175,9 +175,18 @@ def test_target_fallback_keys(tmp_path: Path) -> None:
     npu = load_target("npu-int8")
     assert npu.fallbacks("Conv") == ("host-float",)
     assert npu.fallback_cost("Conv", "host-float") == npu.fallback_cost("Conv", "float") + npu.boundary_cost > 0
+    cpu = load_target("ort-cpu")  # MatMul: dynamic int8 first, at its own (lower) cost, then float
+    assert cpu.fallbacks("MatMul") == ("dynamic", "float") and cpu.fallbacks("Conv") == ("float",)
+    assert 1 < cpu.fallback_cost("MatMul", "dynamic") < cpu.fallback_cost("MatMul", "float")
     bad = tmp_path / "t.toml"
-    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[ops.MatMul]\nfallbacks = ["dynamic", "float"]\n')
-    with pytest.raises(UserError, match=r"ops\.MatMul\.fallbacks.*'dynamic'.*not built"):
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu-qdq"\n[ops.MatMul]\nfallbacks = ["dynamic", "float"]\n')
+    with pytest.raises(UserError, match=r"ops\.MatMul\.fallbacks.*'dynamic'.*no quantize-dynamic"):
+        load_target(str(bad))
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[ops.MatMul]\nfallbacks = ["int16-activations"]\n')
+    with pytest.raises(UserError, match=r"ops\.MatMul\.fallbacks.*'int16-activations'.*not built"):
+        load_target(str(bad))
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[accuracy.fallback_cost.gpu]\nMatMul = 1.0\n')
+    with pytest.raises(UserError, match=r"accuracy\.fallback_cost\.gpu"):
         load_target(str(bad))
     bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[accuracy]\nfallbacks = ["gpu"]\n')
     with pytest.raises(UserError, match=r"accuracy\.fallbacks"):
@@ -214,3 +223,49 @@ def test_budget_search_through_a_warm_build_cache(work: Path, tmp_path: Path, ho
     warm = _compile(work, calibration_cache=str(tmp_path / "cache"), **kw)
     assert warm.report["accuracy"]["met"] and [m["node"] for m in warm.report["accuracy"]["moved"]] == [BAD]
     assert warm.serialized() == cold.serialized()
+
+
+def _mlp() -> onnx.ModelProto:
+    """x -> mm0 -> Relu -> mm1 -> Relu -> mm2 -> y; x's scale varies over four decades between
+    samples (``_mlp_data``), so mm0's static per-tensor input range fits no sample well."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 64)) * 0.2).astype(np.float32), f"w{i}")
+             for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="mm0"),
+             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _mlp_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    return {"x": r.standard_normal((n, 64)).astype(np.float32) * (10.0 ** r.uniform(-2, 2, (n, 1))).astype(np.float32)}
+
+
+@pytest.mark.parametrize("budget, moves", [("sqnr>=27", [("mm0", "dynamic")]),
+                                           ("sqnr>=28.3", [("mm0", "float"), ("mm1", "dynamic")])])
+def test_budget_moves_a_matmul_to_dynamic_before_float(budget: str, moves: list[tuple[str, str]]) -> None:
+    """ort-cpu's MatMul falls back to dynamic int8, then float: a budget dynamic int8 meets moves
+    mm0 to the dynamic kernel (still integer, cheaper than float); a stricter one goes on to
+    float once every layer's dynamic step is spent.
+
+    CPU facts: ort-cpu's static and dynamic MatMul weights both keep the pair-sum limit
+    (pair_sum_max = 128), so onnxruntime's u8s8 kernels are exact with and without VNNI and
+    the measured figures (and the verdicts) are the same on both."""
+    res = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
+                            eval_data=_mlp_data(16, 1), accuracy=budget)
+    acc = res.report["accuracy"]
+    assert acc["met"] and acc["value_before"] < float(budget.split(">=")[1]) <= acc["value_after"], acc
+    assert [(m["node"], m["to"]) for m in acc["moved"]] == moves, acc["moved"]
+    cost = load_target("ort-cpu").fallback_cost("MatMul", moves[0][1])
+    assert acc["moved"][0]["cost"] == cost and f"fallback '{moves[0][1]}'" in acc["moved"][0]["why"]
+    ops = {n.name: n.op_type for n in res.proto.graph.node}
+    if moves[0][1] == "dynamic":
+        assert ops.get("mm0_quant") == "MatMulInteger" and ops["mm1"] == "QLinearMatMul"
+        assert res.report["dynamic_nodes"]["mm0"].startswith("accuracy budget") and "(dynamic" in acc["summary"]
+    else:
+        assert ops["mm0"] == "MatMul" and "mm0" in res.report["float_nodes"] and acc["compiles"] >= 3
