@@ -9,7 +9,7 @@ import numpy as np
 from qcompiler import (KernelSpec, Model, Pass, PassContext, PassResult, UserError, assemble_inputs, compute_qparams,
                        kernel_spec, kernels_for, quantize, weight_qparams)
 from qcompiler import Node, Variable, const_value, is_constant
-from qcompiler.plan import plan_dynamic, plan_for
+from qcompiler.plan import plan_dynamic
 from qcompiler.calib_methods import weight_mse_clip
 
 __all__ = ["QuantizeDynamic"]
@@ -46,7 +46,8 @@ class QuantizeDynamic(Pass):
     `weight-range=mse` clips each weight column to the range with the least quantization
     error instead of its min/max (measured on all-MiniLM-L6: cosine 0.9939 -> 0.9940).
 
-    In a static compile (the pass in a target's static pipeline, after insert-qdq) it builds
+    In a static compile (the pass in a target's static pipeline, after insert-qdq, whose plan it
+    reads from ``ctx.analysis["plan"]``) it builds
     only the plan's ``dynamic`` outcomes (a per-node accuracy-budget fallback,
     ``Plan.override(node, "dynamic", why)``) with the same kernel, and nothing else: a
     static compile without such outcomes is unchanged. The report's ``dynamic_nodes`` lists them.
@@ -152,12 +153,12 @@ class QuantizeDynamic(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.weight_range not in ("minmax", "mse"):
             raise UserError(f"pass 'quantize-dynamic': option 'weight-range={self.weight_range}' must be minmax or mse")
-        static = ctx.mode == "static"
+        # after insert-qdq (a static compile) the plan exists: build its dynamic outcomes (accuracy-
+        # budget fallbacks) and nothing else; otherwise this pass makes the dynamic-mode plan
+        static = ctx.analysis.get("plan")
         cfg = ctx.target.op("MatMul", mode="dynamic")
-        if static:
-            # a static compile: the plan's dynamic outcomes (accuracy-budget fallbacks), nothing else;
-            # insert-qdq's plan when it ran (the one the report reads), else the same plan again
-            plan = ctx.analysis.get("plan") or plan_for(model, ctx)
+        if static is not None:
+            plan = static
         elif cfg is None:
             raise UserError(f"target '{ctx.target.name}' has no dynamic kernel for MatMul (key dynamic.ops.MatMul)")
         else:
@@ -171,12 +172,10 @@ class QuantizeDynamic(Pass):
                 outcome = plan.outcome(node.name) if node.op == "MatMul" and node.outputs else None
                 if outcome is not None and outcome.kind == "dynamic":
                     lowered.append(self._matmul(rw, graph, node, cfg, shared, ctx.target.name))
-        if static:
+        if static is not None:
             if lowered:
                 ctx.report["dynamic_nodes"] = {n: plan.outcome(n).reason for n in sorted(plan.dynamic)}  # type: ignore
             ctx.analysis["lowered"] = sorted(set(ctx.analysis.get("lowered", [])) | set(lowered))
-            ctx.analysis.setdefault("plan", plan)
-            ctx.analysis.setdefault("float_nodes", plan.float_nodes)
             return PassResult(rw.modified)
         gather_cfg = ctx.target.op("Gather", mode="dynamic")
         if gather_cfg is not None and gather_cfg.weight.qtype is not None:

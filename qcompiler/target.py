@@ -470,9 +470,10 @@ class Target:
         if cfg is None or not cfg.kernel:
             raise UserError(f"{src}: key '{where[0]}' names 'dynamic', but the target has no dynamic MatMul "
                             "kernel (key dynamic.ops.MatMul.kernel)")
-        if "quantize-dynamic" not in {p.name for p in parse_pipeline(self._pipelines["static"])}:
+        names = [p.name for p in parse_pipeline(self._pipelines["static"])]
+        if "quantize-dynamic" not in names or "insert-qdq" not in names[:names.index("quantize-dynamic")]:
             raise UserError(f"{src}: key '{where[0]}' names 'dynamic', but the static pipeline (defaults.pipeline) "
-                            "has no quantize-dynamic pass to build it")
+                            "has no quantize-dynamic pass after insert-qdq to build it")
 
     def fallbacks(self, op: str) -> tuple[str, ...]:
         """The ordered fallbacks of a layer of type ``op`` under an accuracy budget."""
