@@ -23,7 +23,7 @@ from qcompiler.calib_methods import (METHODS, RangeTarget, entropy_range, histog
                                      mse_range, percentile_range)
 from qcompiler.calib_subgraphs import instrument, observable_subgraph_values
 from qcompiler.calibration import Statistics
-from qcompiler.plan import Plan, plan_for, ranges_read, value_qtypes
+from qcompiler.plan import Plan, plan_for, plan_quantization, ranges_read, value_qtypes
 from qcompiler.quant import range_fits_float32
 from qcompiler.rangefile import check_pinned, read_ranges
 
@@ -189,11 +189,14 @@ def _candidates(model: Model, ctx: PassContext) -> tuple[dict[str, Any], dict[st
     return values, inputs, inner
 
 
-def _plan(model: Model, ctx: PassContext) -> Plan:
+def _plan(model: Model, ctx: PassContext, overrides: bool = True) -> Plan:
     """The plan insert-qdq will follow, planned as if every value had a range (the plan after
-    calibration is then the same one)."""
+    calibration is then the same one); ``overrides=False``: the same without the compile's plan
+    overrides (the full-integer plan)."""
     every = {v.name for g in model.graph.walk() for v in g.inputs}
     every.update(v.name for g in model.graph.walk() for n in g.nodes for v in n.outputs)
+    if not overrides:
+        return plan_quantization(model, ctx.target, ranges=dict.fromkeys(every), groups=ctx.analysis.get("groups", {}))
     return plan_for(model, ctx, ranges=dict.fromkeys(every))
 
 
@@ -406,8 +409,17 @@ class Calibrate(Pass):
         # the plan says each value's QType (the grid its range is measured on)
         qplan = _plan(model, ctx)
         qtypes = value_qtypes(model, ctx.target, qplan)
+        # with plan overrides (an accuracy-budget recompile) the full-integer plan's values are
+        # observed too: per tensor the statistics are the same, and the observed set (the cache
+        # key) is the plain compile's, so every recompile of a search hits the calibration cache
+        full_plan = _plan(model, ctx, overrides=False) if ctx.analysis.get("plan_overrides") else None
+        if full_plan is not None:
+            qtypes = {**value_qtypes(model, ctx.target, full_plan), **qtypes}
         if self.observe == "quantized":
             keep, inherited, planned = _quantized(model, ctx, qplan)
+            if full_plan is not None:
+                more, _, more_nodes = _quantized(model, ctx, full_plan)
+                keep, planned = keep | more, planned | more_nodes
             values = {n: v for n, v in values.items() if n in keep}
             input_values = {n: v for n, v in input_values.items() if n in keep}
         names = list(values)

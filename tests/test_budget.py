@@ -269,3 +269,28 @@ def test_budget_moves_a_matmul_to_dynamic_before_float(budget: str, moves: list[
         assert res.report["dynamic_nodes"]["mm0"].startswith("accuracy budget") and "(dynamic" in acc["summary"]
     else:
         assert ops["mm0"] == "MatMul" and "mm0" in res.report["float_nodes"] and acc["compiles"] >= 3
+
+
+def test_recompiles_share_the_first_compiles_calibration(tmp_path: Path) -> None:
+    """calibrate observes the full-integer plan's values whatever the overrides, so each recompile
+    of a search is a calibration-cache hit (the statistics do not change when layers move)."""
+    res = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
+                            eval_data=_mlp_data(16, 1), accuracy="sqnr>=27", calibration_cache=str(tmp_path))
+    assert res.report["accuracy"]["compiles"] == 2 and res.report["calibration"]["cache"] == "hit"
+    plain = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
+                              eval_data=_mlp_data(16, 1), accuracy="off",
+                              plan_overrides={"mm0": ("dynamic", res.report["dynamic_nodes"]["mm0"])})
+    assert plain.proto.SerializeToString() == res.proto.SerializeToString()  # the cache changes nothing
+
+
+def test_fit_of_measured_noise_picks_the_prefix() -> None:
+    """_Fit: noise = c0 + c1 * (sensitivity noise left in integer), through the last two compiles;
+    no prefix when the unseen part c0 alone misses the budget."""
+    from qcompiler.budget import _Fit
+
+    steps = [{"noise": x} for x in (0.004, 0.002, 0.001, 0.0005, 0.0005)]  # left: .008 .004 .002 .001 .0005 0
+    fit = _Fit(steps, parse_budget("cosine>=0.999"), 1 - 0.0082)  # c0 = 0.0002, c1 = 1: noise(n) = .0002 + left
+    assert fit.add(1, 1 - 0.0042).shortest(2) == 4  # n = 3: .0002 + .001 > .001; n = 4: .0002 + .0005 <= .001
+    assert fit.shortest(5) == 5
+    high = _Fit(steps, parse_budget("cosine>=0.999"), 1 - 0.0092)  # c0 = 0.0012 > the budget's 0.001
+    assert high.add(1, 1 - 0.0052).shortest(2) is None
