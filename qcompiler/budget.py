@@ -430,10 +430,16 @@ def _finish(section: dict[str, Any], result: Any, value: float | None, moved: Se
     before = _fmt(section["value_before"])
     verdict = "met" if met else "NOT met (warning: the target's default budget; the best model is written)"
     out["summary"] = (f"accuracy {section['budget']} {verdict}: {_name(section)} {before} -> {_fmt(value)}, "
-                      f"{len(moved)} layer(s) moved" + (f" ({', '.join(sorted({r['to'] for r in moved}))}, est. "
+                      f"{len(moved)} layer(s) moved" + (f" ({_counts(moved)}, est. "
                                                          f"+{extra:.3g} kernel-latency units)" if moved else "")
                       + f", {compiles} compile(s), {secs:.1f} s")
     return out
+
+
+def _counts(moved: Sequence[dict[str, Any]]) -> str:
+    """'12 dynamic, 1 float': how many layers went to each fallback."""
+    tos = [r["to"] for r in moved]
+    return ", ".join(f"{tos.count(t)} {t}" for t in sorted(set(tos)))
 
 
 def _name(section: Mapping[str, Any]) -> str:
