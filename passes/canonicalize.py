@@ -99,12 +99,16 @@ class Canonicalize(Pass):
     @staticmethod
     def _merge_duplicates(graph: Graph, rw: Rewriter) -> None:
         seen: dict[tuple[str, tuple[int, ...], str], Constant] = {}
+        keys: dict[int, tuple[str, tuple[int, ...], str]] = {}  # a constant read by several nodes is hashed once
         for node in graph.nodes:
             for i, value in enumerate(node.inputs):
                 if not is_constant(value):
                     continue
-                arr = const_value(value)
-                key = (arr.dtype.str, arr.shape, hashlib.sha256(np.array(arr, order="C").tobytes()).hexdigest())
+                key = keys.get(id(value))
+                if key is None:
+                    arr = const_value(value)  # hashed in place (no copy unless it is strided)
+                    key = keys[id(value)] = (arr.dtype.str, arr.shape,
+                                             hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest())
                 first = seen.setdefault(key, value)
                 if first is not value:
                     rw.set_input(node, i, first)
