@@ -147,7 +147,7 @@ class Job:
     upgrade_opset: int | None = None  # ort only: onnx.version_converter first
     settings: str = ""  # printed under the table
     pipeline: str | None = None  # qcompiler only: a pipeline other than the target's default
-    method: str | None = None  # qcompiler only: calibration_method (None: the target's default)
+    method: str | None = None  # qcompiler only: CalibrationOptions.method (None: the target's default)
     cache: str = ""  # qcompiler only: "cold" (calibration_cache=<work>/<model>.cache, emptied first) | "warm" (as left)
     accuracy: str | None = None  # qcompiler only: compile(accuracy=...) (None: the target's default budget)
 
@@ -161,7 +161,7 @@ QC_STATIC = Job("qcompiler-static", "qcompiler (static)", "qcompiler", "static",
 QC_MINMAX = Job("qcompiler-minmax", "qcompiler (static, minmax)", "qcompiler", "static", method="minmax", cache="cold",
                 accuracy="off",
                 settings='`qcompiler.compile(model, target="ort-cpu", calibration=<feed dicts>, '
-                         'calibration_method="minmax", calibration_cache=<empty dir>, accuracy="off")`: the '
+                         'calibration_options=CalibrationOptions(method="minmax", cache=<empty dir>), accuracy="off")`: the '
                          'calibration method of ort static and no accuracy-budget search (the work quantize_static '
                          'does), for the compile-time ratio; it fills the cache')
 QC_MINMAX_CACHED = Job("qcompiler-minmax-cached", "qcompiler (static, minmax, cached rebuild)", "qcompiler", "static",
@@ -206,9 +206,10 @@ def cache_dir(out_path: Path, model: str) -> Path:
 def _run_qcompiler(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | None) -> dict[str, Any]:
     import qcompiler
 
+    calib = qcompiler.CalibrationOptions(method=job.method or "",
+                                         cache=str(cache_dir(out_path, model_path.stem)) if job.cache else "")
     result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, mode=job.mode,
-                               pipeline=job.pipeline, calibration_method=job.method, accuracy=job.accuracy,
-                               calibration_cache=str(cache_dir(out_path, model_path.stem)) if job.cache else None)
+                               pipeline=job.pipeline, accuracy=job.accuracy, calibration_options=calib)
     result.save(out_path)
     cal = result.report.get("calibration", {})
     return {"note": "", "model_runs": cal.get("model_runs"), "cache": cal.get("cache"),

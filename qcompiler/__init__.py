@@ -20,10 +20,11 @@ _map_source_tree(__file__)  # a source checkout: passes/ and targets/ as qcompil
 _LAZY: dict[str, str] = {
     **dict.fromkeys(['analyze', 'layer_sensitivity'], ".analysis"),
     **dict.fromkeys(['CompileResult', 'compile', 'op_histogram'], ".api"),
-    **dict.fromkeys(['CalibrationData', 'InputSpec', 'PatchSpec', 'RangeCollector', 'Statistics', 'input_patches', 'input_specs', 'load_calibration'], ".calibration"),
+    **dict.fromkeys(['CalibrationData', 'CalibrationOptions', 'CalibrationResult', 'ImageSpec', 'InputSpec', 'PatchSpec',
+                     'RangeCollector', 'Statistics', 'calibrate', 'input_patches', 'input_specs', 'load_calibration'],
+                    ".calibration"),
     **dict.fromkeys(['CheckResult', 'Problem', 'check_model'], ".check"),
     **dict.fromkeys(['PassFailure', 'UserError'], ".errors"),
-    **dict.fromkeys(['ImageSpec'], ".imagedata"),
     **dict.fromkeys(['INTEGER_OPS', 'KERNELS', 'KernelSpec', 'Operand', 'assemble_inputs', 'kernel_spec', 'kernels_for'],
                     ".kernels"),
     **dict.fromkeys(['AnyValue', 'Const', 'Constant', 'Either', 'Graph', 'Match', 'Model', 'Node', 'Op', 'Rewriter', 'Rule',

@@ -15,8 +15,12 @@ import warnings
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PassFailure, Terminated, UserError
+
+if TYPE_CHECKING:
+    from .calibration.options import CalibrationOptions
 
 __all__ = ["main"]
 
@@ -139,17 +143,18 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true")
 
 
-def _overrides(items: list[str]) -> dict[str, str] | None:
-    """``--calibration-override KEY=METHOD`` (repeatable) -> {key: method}; the last '=' splits."""
-    if not items:
-        return None
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, method = item.rpartition("=")
-        if not sep or not key:
-            raise UserError(f"--calibration-override {item}: must be KEY=METHOD (KEY: node name or op type)")
-        out[key] = method
-    return out
+def _calibration_options(a: argparse.Namespace) -> "CalibrationOptions":
+    """The calibration flags as one ``CalibrationOptions`` (validated there; unset flags keep
+    the defaults, so the pipeline's own calibrate options stay)."""
+    from .calibration.options import CalibrationOptions
+
+    if a.calibration_limit is not None and a.calibration_limit < 1:
+        raise UserError(f"--calibration-limit {a.calibration_limit}: must be at least 1")
+    flags = {"method": a.calibration_method, "overrides": tuple(a.calibration_override) or None,
+             "memory": a.calibration_memory, "cache": a.calibration_cache, "workers": a.workers,
+             "scheduler": a.scheduler, "observe": a.calibration_observe, "statistics": a.calibration_statistics,
+             "limit": a.calibration_limit}
+    return CalibrationOptions(**{k: v for k, v in flags.items() if v is not None})
 
 
 def _bool_flag(flag: str, text: str | None) -> bool | None:
@@ -199,14 +204,10 @@ def _cmd_compile(a: argparse.Namespace) -> int:
         result = qcompile(a.model, target=a.target, calibration=a.calibration, mode=a.mode, format=a.format,
                           pipeline=a.pipeline, plugins=a.plugin, print_ir_after=a.print_ir_after,
                           time_passes=a.time_passes, verify_each=a.verify_each, stop_after=a.stop_after,
-                          disable_passes=a.disable_pass, calibration_limit=a.calibration_limit,
+                          disable_passes=a.disable_pass, calibration_options=_calibration_options(a),
                           image_spec=a.image_spec, import_ranges=a.import_ranges, export_ranges=a.export_ranges,
                           export_tensorrt_table=a.export_tensorrt_table, check=a.check,
-                          calibration_method=a.calibration_method,
-                          calibration_overrides=_overrides(a.calibration_override),
-                          calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
-                          workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
-                          calibration_statistics=a.calibration_statistics, eval_data=a.eval_data,
+                          eval_data=a.eval_data,
                           analysis=a.analysis, weight_bits=a.weight_bits, block_size=a.block_size,
                           weight_symmetric=_bool_flag("--weight-symmetric", a.weight_symmetric),
                           weight_algorithm=a.weight_algorithm, accuracy=a.accuracy, quiet=a.quiet,
