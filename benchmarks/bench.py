@@ -148,7 +148,7 @@ class Job:
     settings: str = ""  # printed under the table
     pipeline: str | None = None  # qcompiler only: a pipeline other than the target's default
     method: str | None = None  # qcompiler only: CalibrationOptions.method (None: the target's default)
-    cache: str = ""  # qcompiler only: "cold" (calibration_cache=<work>/<model>.cache, emptied first) | "warm" (as left)
+    cache: str = ""  # qcompiler only: "cold" (CalibrationOptions.cache=<work>/<model>.cache, emptied first) | "warm" (as left)
     accuracy: str | None = None  # qcompiler only: compile(accuracy=...) (None: the target's default budget)
 
     @property

@@ -5,20 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompiler import Model, Pass, PassContext, PassResult, plan_for
-from qcompiler.calibration import CalibrationOptions, calibrate
+from qcompiler.calibration import calibrate
+from qcompiler.calibration.options import CalibrationOptions
 
 __all__ = ["Calibrate"]
 
 
 @dataclass(frozen=True)
-class Calibrate(Pass):
+class Calibrate(Pass, CalibrationOptions):
     """Run the current (float) model in onnxruntime over the calibration samples and record
     each float activation's clipping range in the analysis (`ranges`, for insert-qdq), with
     the per-channel means (`channel_means`) and input second moments (`input_moments`) its
     bias correction and GPTQ rounding read; the report gets a `calibration` section.
 
-    The options are `qcompiler.calibration.CalibrationOptions` (same names and defaults,
-    validated there; docs/calibration.md): the method (`method`, default the target's
+    The options are those of `qcompiler.calibration.CalibrationOptions` (validated there;
+    docs/calibration.md): the method (`method`, default the target's
     `defaults.calibration_method`; `overrides=[Softmax=minmax,/node/name=percentile]`, node
     names win), what is observed (`observe`, `statistics`), the engine (`memory`, `lanes`,
     `workers`, `scheduler`, `cache`) and `ranges-file`, a range JSON that pins ranges (and
@@ -27,40 +28,19 @@ class Calibrate(Pass):
     """
 
     name = "calibrate"
-    method: str = ""
-    overrides: tuple[str, ...] = ()
-    percentile: float = 99.99
-    momentum: float = 0.0
-    bins: int = 2048
-    limit: int = 0
-    second_moments: bool = True
-    moment_samples: int = 16
-    grouped_moment_samples: int = 8  # depthwise layers: K = 9 or 25, C matrices a sample
-    clip_weight: float = 1.0
-    max_moment_dim: int = 4608
-    memory: str = "1GB"
-    cache: str = ""
-    workers: int = 1
-    scheduler: str = ""
-    lanes: int = 2
-    observe: str = ""  # quantized (""): the tensors insert-qdq reads a range of | all: every float tensor
-    statistics: str = "all"  # all: ranges + bias-correction means + GPTQ moments | ranges: ranges only
-    saturation: bool = False  # clamp a range to where its readers (Relu, HardSwish, Clip...) do not saturate
-    ranges_file: str = ""  # range JSON whose ranges override calibrated ones (qcompiler.rangefile)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        options = CalibrationOptions.of(self)
         # the plan insert-qdq will follow, planned as if every value had a range (the plan
         # after calibration is then the same one)
         every = {v.name for g in model.graph.walk() for v in g.inputs}
         every.update(v.name for g in model.graph.walk() for n in g.nodes for v in n.outputs)
         plan = plan_for(model, ctx, ranges=dict.fromkeys(every))
-        result = calibrate(model, ctx.calibration, plan, options, target=ctx.target,
+        result = calibrate(model, ctx.calibration, plan, self, target=ctx.target,
                            groups=ctx.analysis.get("groups", {}),
                            progress=ctx.progress if ctx.status.enabled else None)
         ctx.analysis["input_moments"] = result.moments
-        if options.cache:  # later passes keep their expensive results there too (insert-qdq's GPTQ codes)
-            ctx.analysis["cache_dir"] = options.cache
+        if self.cache:  # later passes keep their expensive results there too (insert-qdq's GPTQ codes)
+            ctx.analysis["cache_dir"] = self.cache
         ctx.analysis["ranges"] = result.ranges
         ctx.analysis["channel_means"] = result.channel_means
         ctx.report["calibration"] = result.report

@@ -7,9 +7,7 @@ quantization helpers. Built-in passes in ``qcompiler.passes`` use nothing else.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._lazy import lazy_exports as _lazy_exports
 from ._source_tree import install as _map_source_tree
 
 _map_source_tree(__file__)  # a source checkout: passes/ and targets/ as qcompiler.passes/.targets
@@ -46,14 +44,4 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qcompiler' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)

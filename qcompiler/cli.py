@@ -15,12 +15,9 @@ import warnings
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .calibration.options import METHODS, OBSERVE, STATISTICS, CalibrationOptions
 from .errors import PassFailure, Terminated, UserError
-
-if TYPE_CHECKING:
-    from .calibration.options import CalibrationOptions
 
 __all__ = ["main"]
 
@@ -42,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--export-ranges", metavar="FILE.json", help="write the calibrated activation ranges here")
     c.add_argument("--export-tensorrt-table", metavar="FILE", help="write the ranges as a TensorRT calibration table")
     c.add_argument("--calibration-limit", type=int, help="use only the first N calibration samples")
-    c.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"],
+    c.add_argument("--calibration-method", choices=METHODS,
                    help="range selection method (default: the target's)")
     c.add_argument("--calibration-override", action="append", default=[], metavar="KEY=METHOD",
                    help="method for one producer node name or op type (node names win); repeatable")
@@ -50,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-cache", metavar="DIR", help="build cache: reuse whole builds, calibration statistics and GPTQ rounding "
                    "stored in DIR")
     c.add_argument("--workers", type=int, help="shard calibration samples over N local processes")
-    c.add_argument("--calibration-observe", choices=("quantized", "all"),
+    c.add_argument("--calibration-observe", choices=OBSERVE,
                    help="observe only the tensors the target quantizes (default) or every float tensor "
                         "(default with --export-ranges / --export-tensorrt-table)")
-    c.add_argument("--calibration-statistics", choices=("all", "ranges"),
+    c.add_argument("--calibration-statistics", choices=STATISTICS,
                    help="collect ranges plus the bias-correction means and GPTQ moments (default), or "
                         "ranges only (faster; plain rounding, no bias correction)")
     c.add_argument("--scheduler", metavar="ADDRESS", help="run calibration shards on this Dask scheduler")
@@ -143,11 +140,9 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true")
 
 
-def _calibration_options(a: argparse.Namespace) -> "CalibrationOptions":
+def _calibration_options(a: argparse.Namespace) -> CalibrationOptions:
     """The calibration flags as one ``CalibrationOptions`` (validated there; unset flags keep
     the defaults, so the pipeline's own calibrate options stay)."""
-    from .calibration.options import CalibrationOptions
-
     if a.calibration_limit is not None and a.calibration_limit < 1:
         raise UserError(f"--calibration-limit {a.calibration_limit}: must be at least 1")
     flags = {"method": a.calibration_method, "overrides": tuple(a.calibration_override) or None,

@@ -17,15 +17,14 @@ while :mod:`.engine` imports ``qcompiler.rounding``, and `qcompiler --version` p
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports as _lazy_exports
 
 _LAZY: dict[str, str] = {
     **dict.fromkeys(["calibrate", "CalibrationResult", "input_moments"], ".core"),
-    **dict.fromkeys(["CalibrationOptions", "parse_memory", "DEFAULT_MEMORY"], ".options"),
+    **dict.fromkeys(["CalibrationOptions", "parse_memory", "DEFAULT_MEMORY", "METHODS"], ".options"),
     **dict.fromkeys(["CalibrationData", "InputSpec", "Feed", "input_specs", "load_calibration"], ".data"),
     **dict.fromkeys(["ImageSpec"], ".images"),
-    **dict.fromkeys(["METHODS", "RangeTarget"], ".methods"),
+    **dict.fromkeys(["RangeTarget"], ".methods"),
     **dict.fromkeys(["PatchSpec", "RangeCollector", "Statistics", "input_patches"], ".stats"),
     **dict.fromkeys(["saturation_bounds"], ".selection"),
 }
@@ -33,14 +32,4 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qcompiler.calibration' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from .methods import METHODS
 
-__all__ = ["CalibrationOptions", "parse_overrides", "check_method", "parse_memory", "DEFAULT_MEMORY", "OBSERVE", "STATISTICS"]
+__all__ = ["CalibrationOptions", "parse_overrides", "check_method", "parse_memory", "DEFAULT_MEMORY", "METHODS",
+           "OBSERVE", "STATISTICS"]
 
 DEFAULT_MEMORY = "1GB"
+#: ``method``: the range selection methods (:mod:`.methods`; this module stays free of numpy,
+#: so the CLI lists them without importing it)
+METHODS = ("minmax", "percentile", "entropy", "mse")
 #: ``observe``: the tensors insert-qdq reads a range of, or every float tensor
 OBSERVE = ("quantized", "all")
 #: ``statistics``: ranges + bias-correction means + GPTQ moments, or ranges only
@@ -93,14 +96,14 @@ class CalibrationOptions:
     """
 
     method: str = ""
-    overrides: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # KEY=METHOD
     percentile: float = 99.99
     momentum: float = 0.0
     bins: int = 2048
     limit: int = 0
     second_moments: bool = True
     moment_samples: int = 16
-    grouped_moment_samples: int = 8
+    grouped_moment_samples: int = 8  # depthwise layers: K = 9 or 25, C matrices a sample
     clip_weight: float = 1.0
     max_moment_dim: int = 4608
     memory: str = DEFAULT_MEMORY
@@ -108,10 +111,10 @@ class CalibrationOptions:
     workers: int = 1
     scheduler: str = ""
     lanes: int = 2
-    observe: str = ""
+    observe: str = ""  # "": quantized (all when compile exports ranges)
     statistics: str = "all"
     saturation: bool = False
-    ranges_file: str = ""
+    ranges_file: str = ""  # a range JSON (qcompiler.rangefile)
 
     def __post_init__(self) -> None:
         # accepted spellings, stored in one canonical form (the pass's pipeline-text types)
@@ -169,11 +172,6 @@ class CalibrationOptions:
         """The options that differ from their defaults (what a caller set)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) != f.default}
-
-    @classmethod
-    def of(cls, holder: Any) -> "CalibrationOptions":
-        """The options held by an object with the same attributes (the calibrate pass)."""
-        return cls(**{f.name: getattr(holder, f.name) for f in dataclasses.fields(cls)})
 
 
 def _path(option: str, value: Any) -> str:
