@@ -20,7 +20,7 @@ from .ir import Model, load_model, save_proto
 from .ir.io import save_bytes
 from .ir.validate import check_runnable_domains
 from .kernels import INTEGER_OPS
-from .ir.io import proto_size
+from .ir.io import proto_bytes
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -51,6 +51,7 @@ class CompileResult:
     report: dict[str, Any]
     _proto: onnx.ModelProto | None = field(default=None, repr=False)
     _bytes: bytes | None = field(default=None, repr=False)
+    _large: bool = field(default=False, repr=False)
 
     @property
     def model(self) -> Model:
@@ -74,8 +75,9 @@ class CompileResult:
 
     def serialized(self) -> bytes | None:
         """The model file's bytes (what ``save`` writes); None above 2 GB (external data)."""
-        if self._bytes is None and proto_size(self.proto) is not None:
-            self._bytes = self.proto.SerializeToString(deterministic=True)
+        if self._bytes is None and not self._large:
+            self._bytes = proto_bytes(self.proto)
+            self._large = self._bytes is None  # (not tried again: serializing is the cost)
         return self._bytes
 
     def save(self, path: str | os.PathLike[str]) -> int:
@@ -362,7 +364,8 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
-    out_size = proto_size(result.proto)  # None above 2 GB: known once saved (with external data)
+    data = result.serialized()  # the saved bytes, serialized once (fidelity, cache and save reuse them)
+    out_size = None if data is None else len(data)  # None above 2 GB: known once saved (external data)
     lowered = sorted(ctx.analysis.get("lowered", []))
     report: dict[str, Any] = {
         "qcompiler_version": __version__,
@@ -382,7 +385,9 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     }
     if check_report is not None:
         report["check"] = check_report
-    report["fidelity"] = _fidelity(float_proto, result, fidelity, eval_samples, stop_after, tgt, analysis, report)
+    float_file = None if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    report["fidelity"] = _fidelity(float_proto, float_file, result, fidelity, eval_samples, stop_after, tgt, analysis,
+                                   report)
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
     if cache_key is not None:
@@ -461,9 +466,12 @@ def _store_build(directory: Any, key: str, result: CompileResult, extras: dict[s
         store_build(directory, key, data, result.report, extras)
 
 
-def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any],
-              samples: list[Any], stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
-    """The report's ``fidelity`` section (and the analysis page when asked)."""
+def _fidelity(float_model: Callable[[], onnx.ModelProto], float_source: str | None, result: CompileResult,
+              info: dict[str, Any], samples: list[Any], stop_after: str | None, tgt: Target, analysis: Any,
+              report: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``fidelity`` section (and the analysis page when asked). The float model
+    runs from ``float_source`` (its file, read by onnxruntime) when there is one, else from
+    ``float_model()``; the compiled one from its serialized bytes, which the save reuses."""
     from .fidelity import measure_fidelity
 
     if stop_after is not None:
@@ -474,14 +482,15 @@ def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult,
                             "calibration samples to hold some out)")
         return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
     as_written = report["format"] == "qdq"
-    float_proto = float_model()
-    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
+    source = float_source if float_source is not None else float_model()
+    info = dict(info, outputs=measure_fidelity(source, result.serialized() or result.proto, samples,
+                                               as_written=as_written),
                 engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
                                                        else "the model's integer kernels"))
     if analysis is not None:
         from .analysis import analyze
 
-        rep = analyze(float_proto, result.proto, samples, target=tgt, html=analysis)
+        rep = analyze(float_model(), result.proto, samples, target=tgt, html=analysis)
         report["analysis"] = {"html": str(analysis), "summary": rep["summary"], "ranking": rep["ranking"]}
     return info
 
