@@ -31,6 +31,8 @@ BAD = {
                    ({"grouped_moment_samples": -1}, "grouped-moment-samples"), ({"max_moment_dim": -1}, "max-moment-dim")],
     "engine": [({"memory": "huge"}, "calibration-memory"), ({"memory": "0MB"}, "calibration-memory"),
                ({"workers": 0}, "workers"), ({"lanes": 0}, "lanes"), ({"cache": 3.5}, "cache")],
+    "types": [({"percentile": "high"}, "percentile"), ({"workers": 2.0}, "workers"), ({"bins": True}, "bins"),
+              ({"saturation": 1}, "saturation"), ({"method": None}, "method")],
 }
 
 

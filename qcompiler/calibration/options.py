@@ -123,10 +123,16 @@ class CalibrationOptions:
         elif isinstance(self.overrides, str) or not isinstance(self.overrides, (tuple, list)):
             raise _bad("overrides", self.overrides, "must be a mapping {KEY: METHOD} or a sequence of 'KEY=METHOD'")
         object.__setattr__(self, "overrides", tuple(self.overrides))
-        for name in ("memory", "cache", "ranges_file"):
-            value = getattr(self, name)
-            if not isinstance(value, str):  # an int size, a path
-                object.__setattr__(self, name, str(value) if isinstance(value, int) else _path(name, value))
+        if isinstance(self.memory, int) and not isinstance(self.memory, bool):  # bytes
+            object.__setattr__(self, "memory", str(self.memory))
+        for name in ("cache", "ranges_file"):
+            if not isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, _path(name, getattr(self, name)))
+        for f in dataclasses.fields(self):  # types (pipeline text converts; Python callers may not)
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+            if not ok or (kind is not bool and isinstance(value, bool)):
+                raise _bad(f.name.replace("_", "-"), value, f"must be {kind.__name__}, not {type(value).__name__}")
         # methods
         if self.method:
             check_method(self.method, "method")
