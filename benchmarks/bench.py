@@ -147,8 +147,8 @@ class Job:
     upgrade_opset: int | None = None  # ort only: onnx.version_converter first
     settings: str = ""  # printed under the table
     pipeline: str | None = None  # qcompiler only: a pipeline other than the target's default
-    method: str | None = None  # qcompiler only: calibration_method (None: the target's default)
-    cache: str = ""  # qcompiler only: "cold" (calibration_cache=<work>/<model>.cache, emptied first) | "warm" (as left)
+    method: str | None = None  # qcompiler only: CalibrationOptions.method (None: the target's default)
+    cache: str = ""  # qcompiler only: "cold" (CalibrationOptions.cache=<work>/<model>.cache, emptied first) | "warm" (as left)
     accuracy: str | None = None  # qcompiler only: compile(accuracy=...) (None: the target's default budget)
 
     @property
@@ -161,13 +161,13 @@ QC_STATIC = Job("qcompiler-static", "qcompiler (static)", "qcompiler", "static",
 QC_MINMAX = Job("qcompiler-minmax", "qcompiler (static, minmax)", "qcompiler", "static", method="minmax",
                 accuracy="off",
                 settings='`qcompiler.compile(model, target="ort-cpu", calibration=<feed dicts>, '
-                         'calibration_method="minmax", accuracy="off")`: the calibration method of ort static and '
-                         'no accuracy-budget search (the work quantize_static does; the held-out fidelity section '
-                         'is included), no cache (the default): the compile-time ratio')
+                         'calibration_options=CalibrationOptions(method="minmax"), accuracy="off")`: the calibration '
+                         'method of ort static and no accuracy-budget search (the work quantize_static does; the '
+                         'held-out fidelity section is included), no cache (the default): the compile-time ratio')
 QC_MINMAX_FILL = Job("qcompiler-minmax-fill", "qcompiler (static, minmax, filling a cache)", "qcompiler", "static",
                      method="minmax", cache="cold", accuracy="off",
-                     settings="as qcompiler (static, minmax) with `calibration_cache=<empty dir>`: the first build "
-                              "of the cached-rebuild ratio (it also writes the cache)")
+                     settings="as qcompiler (static, minmax) with `CalibrationOptions(cache=<empty dir>)`: the first "
+                              "build of the cached-rebuild ratio (it also writes the cache)")
 QC_MINMAX_CACHED = Job("qcompiler-minmax-cached", "qcompiler (static, minmax, cached rebuild)", "qcompiler", "static",
                        method="minmax", cache="warm", accuracy="off",
                        settings="as qcompiler (static, minmax, filling a cache), again, with the cache it filled")
@@ -210,9 +210,10 @@ def cache_dir(out_path: Path, model: str) -> Path:
 def _run_qcompiler(job: Job, model_path: Path, out_path: Path, feeds: list[Feed] | None) -> dict[str, Any]:
     import qcompiler
 
+    calib = qcompiler.CalibrationOptions(method=job.method or "",
+                                         cache=str(cache_dir(out_path, model_path.stem)) if job.cache else "")
     result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, mode=job.mode,
-                               pipeline=job.pipeline, calibration_method=job.method, accuracy=job.accuracy,
-                               calibration_cache=str(cache_dir(out_path, model_path.stem)) if job.cache else None)
+                               pipeline=job.pipeline, accuracy=job.accuracy, calibration_options=calib)
     result.save(out_path)
     cal = result.report.get("calibration", {})
     return {"note": "", "model_runs": cal.get("model_runs"), "cache": cal.get("cache"),
