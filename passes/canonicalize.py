@@ -106,12 +106,22 @@ class Canonicalize(Pass):
                     continue
                 key = keys.get(id(value))
                 if key is None:
-                    arr = const_value(value)  # hashed in place (no copy unless it is strided)
-                    key = keys[id(value)] = (arr.dtype.str, arr.shape,
-                                             hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest())
+                    key = keys[id(value)] = _content_key(const_value(value))
                 first = seen.setdefault(key, value)
                 if first is not value:
                     rw.set_input(node, i, first)
+
+
+def _content_key(arr: np.ndarray) -> tuple[str, tuple[int, ...], str]:
+    """dtype, shape and sha256 of the bytes, hashed in place where numpy exposes a buffer (no
+    copy of a 90 MB weight set); dtypes without one (int4 from ml_dtypes) are copied."""
+    flat = np.ascontiguousarray(arr)  # (at least 1-d: the key keeps the original shape)
+    try:
+        data: object = flat.data
+        digest = hashlib.sha256(data).hexdigest()  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        digest = hashlib.sha256(flat.tobytes()).hexdigest()
+    return arr.dtype.str, arr.shape, digest
 
 
 def _produced_here(graph: Graph, value: Value) -> bool:
