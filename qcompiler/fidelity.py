@@ -19,7 +19,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from .calib_data import CalibrationData
+from .calibration.data import CalibrationData
 
 __all__ = ["ModelSource", "hold_out", "measure_fidelity", "run_outputs", "HOLD_OUT_MIN", "HOLD_OUT_MAX"]
 
