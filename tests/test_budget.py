@@ -284,7 +284,8 @@ def test_recompiles_share_the_first_compiles_calibration(tmp_path: Path) -> None
     """calibrate observes the full-integer plan's values whatever the overrides, so each recompile
     of a search is a calibration-cache hit (the statistics do not change when layers move)."""
     res = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
-                            eval_data=_mlp_data(16, 1), accuracy="sqnr>=24", calibration_cache=str(tmp_path))
+                            eval_data=_mlp_data(16, 1), accuracy="sqnr>=24",
+                            calibration_options=qcompiler.CalibrationOptions(cache=str(tmp_path)))
     assert res.report["accuracy"]["compiles"] == 2 and res.report["calibration"]["cache"] == "hit"
     plain = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
                               eval_data=_mlp_data(16, 1), accuracy="off",
