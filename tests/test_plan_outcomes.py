@@ -190,6 +190,10 @@ def test_deviation_and_override_change_the_outcome() -> None:
     assert plan.outcome("gemm") == qcompiler.Outcome("float", "no QGemm fits")
     plan.override("conv1", "float", "search")
     assert plan.outcome("conv1").kind == "float" and plan.outcome("relu1").kind == "float"
+    # a dynamic override: the node leaves the static tables, its outcome names the kernel and why
+    plan.override("conv2", "dynamic", "search: dynamic", kernel="MatMulInteger")
+    assert plan.outcome("conv2") == qcompiler.Outcome("dynamic", "search: dynamic", "MatMulInteger")
+    assert "conv2" not in plan.nodes and "conv2" not in plan.float_nodes
 
 
 def test_inspect_reads_the_plan_with_overrides(tmp_path) -> None:
