@@ -26,6 +26,7 @@ SMALL_TABLE_ELEMENTS = 1 << 20
 # error (no input statistics), smaller blocks can (MiniLM gptq with the small tables at 8 bits:
 # word table block 32 -> 16, cosine 0.9899 -> 0.9901, size 0.163x -> 0.182x)
 GATHER_BLOCK = 16
+GPTQ_DEFAULT_MAX_BYTES = 1 << 30  # float32 MatMul weights up to which gptq is the default with data
 
 
 def _weight_matmuls(model: Model, block: int) -> list[Node]:
@@ -52,6 +53,17 @@ def _embedding_gathers(model: Model, block: int) -> list[Node]:
     return out
 
 
+def _default_algorithm(nodes: list[Node], has_data: bool) -> str:
+    """rtn without data; with data the best measured (docs/benchmarks.md, issue 14): gptq on
+    MiniLM (cosine 0.9901 vs awq 0.9823), awq on the 1.1B decoder, where gptq would keep every
+    layer's input moments until quantization (float64, ~7.7 GB) and run its Python column loop
+    for most of an hour: gptq up to GPTQ_DEFAULT_MAX_BYTES of MatMul weights, awq above."""
+    if not has_data:
+        return "rtn"
+    size = sum(int(np.prod(n.inputs[1].shape)) * 4 for n in nodes)
+    return "gptq" if size <= GPTQ_DEFAULT_MAX_BYTES else "awq"
+
+
 def _check_allowed(rule, opts: WeightOnlyOptions, target: str, what: str = "") -> None:  # noqa: ANN001
     for key, value, allowed in (("bits", opts.bits, rule.bits), ("block_sizes", opts.block_size, rule.block_sizes),
                                 ("symmetric", opts.symmetric, rule.symmetric)):
@@ -72,8 +84,9 @@ class QuantizeWeights(Pass):
     MatMul. `algorithm`: `rtn` (no data), `gptq` (input second moments from calibration data,
     quant.gptq_round) or `awq` (per-input-channel scale search, see qcompiler.weight_only;
     the scale is folded into a preceding constant Mul / LayerNormalization when every reader
-    of the activation shares it, else a Mul on the activation is inserted); empty: `gptq`
-    with calibration data, `rtn` without. `moment-samples`: calibration samples whose input
+    of the activation shares it, else a Mul on the activation is inserted); empty: `rtn`
+    without calibration data, with data `gptq` up to GPTQ_DEFAULT_MAX_BYTES of MatMul weights
+    and `awq` above (the best measured at each size). `moment-samples`: calibration samples whose input
     second moments gptq/awq read (MiniLM int4: 16 -> 64 samples raised gptq's cosine from
     0.9847 to 0.9886). `symmetric` unset: the target's first listed choice. Embedding tables:
     `gather-bits` (unset: the MatMuls' bits, 8 for tables of at most SMALL_TABLE_ELEMENTS) and
@@ -101,11 +114,11 @@ class QuantizeWeights(Pass):
         opts = WeightOnlyOptions(self.bits, self.block_size, symmetric, self.algorithm).validate(
             has_data=ctx.calibration is not None)
         _check_allowed(rule, opts, ctx.target.name)
-        algorithm = opts.algorithm or ("gptq" if ctx.calibration is not None else "rtn")
         start = time.perf_counter()
         rw = ctx.rewriter(model)
         graph = model.graph
         nodes = _weight_matmuls(model, opts.block_size)
+        algorithm = opts.algorithm or _default_algorithm(nodes, ctx.calibration is not None)
         moments, act_scales = self._statistics(model, ctx, nodes, opts, algorithm)
         node_scales = {n.name: act_scales[n.inputs[0].name] for n in nodes if n.inputs[0].name in act_scales}
         scaled = self._apply_awq(model, rw, nodes, act_scales)  # (rewires inputs: scales looked up first)

@@ -191,10 +191,15 @@ def test_gptq_lowers_layer_error_on_its_data() -> None:
     assert err["gptq"] < 0.9 * err["rtn"]
 
 
-def test_default_algorithm_rtn_without_data_gptq_with(decoder: Path) -> None:
+def test_default_algorithm_rtn_without_data_gptq_with(decoder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert qcompiler.compile(decoder, mode="weight-only").report["weight_only"]["algorithm"] == "rtn"
     calib = [make_decoder.prefill_feed(CFG, 8, 9)]
     assert qcompiler.compile(decoder, mode="weight-only", calibration=calib).report["weight_only"]["algorithm"] == "gptq"
+    # above GPTQ_DEFAULT_MAX_BYTES of MatMul weights (lowered here) awq is the default with data
+    from qcompiler.passes import quantize_weights
+
+    monkeypatch.setattr(quantize_weights, "GPTQ_DEFAULT_MAX_BYTES", 1024)
+    assert qcompiler.compile(decoder, mode="weight-only", calibration=calib).report["weight_only"]["algorithm"] == "awq"
 
 
 def test_compile_reads_float_weights_only_through_the_map(decoder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
