@@ -243,11 +243,11 @@ def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[
         rows.append({"node": r["layer"], "layer": r["layer"], "op": r["op"], "index": r["index"], "to": to,
                      "cost": cost, "sensitivity_db": r["score"], "gain_per_cost": noise / cost, "why": why})
     rows.sort(key=lambda x: (-x["gain_per_cost"], x["index"]))
-    # integer nodes that are no analysis layer (a Concat, a node on integer data): no sensitivity
-    # of their own, so they move last, in graph order
+    # integer nodes that are no analysis layer (a Concat, a node on integer data), and float
+    # nodes the compile still altered: no sensitivity of their own, so they move last, in order
     ops = {n.name: n.op_type for n in setup.model.proto.graph.node}
     have = {r["node"] for r in rows} | set(base) | {layer.name for layer in setup.layers}
-    for i, (name, how) in enumerate(setup.integer.items()):
+    for i, (name, how) in enumerate(_touched(result, setup.integer).items()):
         fallbacks = target.fallbacks(ops.get(name, ""))
         if name in have or how.startswith("fused into") or name not in ops or not fallbacks:
             continue
@@ -257,6 +257,22 @@ def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[
                      "why": f"accuracy budget: integer node without a sensitivity of its own ({how}), moved after "
                             f"the ranked layers; fallback '{fallbacks[0]}', estimated cost {cost:g}x"})
     return rows, setup, sens
+
+
+def _touched(result: Any, integer: Mapping[str, str]) -> dict[str, str]:
+    """Every node the compile changed from the float model, node -> how: the analysis's integer
+    layers, the other nodes the compile runs in integer (``report["lowered"]``: QLinearConcat,
+    which the analysis maps to no layer), then float ops whose weight the compile stores as
+    integers (compress-weights; an override keeps them float). With all of them moved the
+    compile is the float model."""
+    out = dict(integer)
+    for name in result.report.get("lowered", []):
+        out.setdefault(name, "runs in integer")
+    dq = {o for n in result.proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for n in result.proto.graph.node:
+        if n.name not in out and len(n.input) > 1 and n.input[1] in dq:
+            out[n.name] = "float op on an integer-stored weight"
+    return out
 
 
 def _predict(ranked: Sequence[dict[str, Any]], setup: Any, measure: _Measure) -> list[dict[str, Any]]:
