@@ -122,6 +122,18 @@ def _outputs(sess: ort.InferenceSession, feeds: list[bench.Feed], post: Any) -> 
     return [post(sess.run([name], bench.select_feed(sess, f))[0], f) for f in feeds]
 
 
+def _compile_kwargs(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """A row's options as compile() keyword arguments: ``calibration_X`` labels (the calibration
+    flags' names) go into one ``CalibrationOptions(X=...)``."""
+    import qcompiler
+
+    kw = dict(options)
+    calib = {k[len("calibration_"):]: kw.pop(k) for k in list(kw) if k.startswith("calibration_")}
+    if calib:
+        kw["calibration_options"] = qcompiler.CalibrationOptions(**calib)
+    return kw
+
+
 def run_rows(rows: tuple[Row, ...], bench_dir: Path, work: Path, runs: int, eval_limit: int | None) -> list[Result]:
     import onnx
 
@@ -148,7 +160,8 @@ def run_rows(rows: tuple[Row, ...], bench_dir: Path, work: Path, runs: int, eval
             # held-out calibration slice, so "64 calib" calibrates on 58 and checks the budget on 6.
             # (Eval images as eval_data would let the budget tune on the measured set; the first eval
             # images' PP-OCR maps are all ~0, where SQNR is noise: the float model scored -1.1 dB.)
-            result = qcompiler.compile(str(fp32), target=row.target, calibration=feeds, **dict(row.options))
+            result = qcompiler.compile(str(fp32), target=row.target, calibration=feeds,
+                                       **_compile_kwargs(row.options))
             result.save(out)
             res.compile_s = time.perf_counter() - t0
             acc = result.report.get("accuracy") or {}

@@ -6,8 +6,8 @@ samples repeated in name order when there are fewer) and each method, in the sam
 the same samples:
 
 * ``qcompiler``: ``qcompiler.compile(model, target="ort-cpu", calibration=<feeds>,
-  calibration_method=METHOD)`` (methods minmax, entropy, percentile, mse; ``minmax-ranges`` is
-  minmax with ``calibration_statistics="ranges"``: only the ranges, the statistics onnxruntime's
+  calibration_options=CalibrationOptions(method=METHOD))`` (methods minmax, entropy,
+  percentile, mse; ``minmax-ranges`` is minmax with ``statistics="ranges"``: only the ranges, the statistics onnxruntime's
   calibrator collects, without the bias-correction means and GPTQ moments of the default);
 * ``ort``: ``quantize_static(<quant_pre_process'ed model>, QDQ, per_channel=True,
   activation_type=QUInt8, weight_type=QInt8, reduce_range=False,
@@ -59,7 +59,7 @@ REPO_ROOT = HERE.parent
 DEFAULT_BENCH = REPO_ROOT.parent / "shared" / "bench"
 MODELS = ("effnet_lite0", "minilm_l6")
 METHODS = ("minmax", "minmax-ranges", "entropy", "percentile", "mse")
-# "-ranges": qcompiler collecting only ranges (calibration_statistics="ranges": no bias-correction
+# "-ranges": qcompiler collecting only ranges (statistics="ranges": no bias-correction
 # means, no GPTQ moments), i.e. the statistics onnxruntime's calibrator collects; its ORT side is
 # the same calibrator's row (measured once per sample count)
 ORT_METHODS = {"minmax": "MinMax", "minmax-ranges": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -82,21 +82,12 @@ def load_feeds(model: str, bench_dir: Path, count: int) -> list[bench.Feed]:
 def _qcompiler(model_path: Path, out_path: Path, feeds: list[bench.Feed], method: str) -> tuple[str, float | None]:
     import qcompiler
 
-    extra = {}
+    statistics = "all"
     if method.endswith("-ranges"):
-        method, extra = method[:-len("-ranges")], {"calibration_statistics": "ranges"}
-    try:
-        result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds, calibration_method=method,
-                                   **extra)
-        note = ""
-    except TypeError as exc:  # before calibration_method= existed: the same through the pipeline
-        if "calibration_method" not in str(exc):
-            raise
-        specs = [s if s.name != "calibrate" else qcompiler.PassSpec("calibrate", (("method", method),))
-                 for s in qcompiler.parse_pipeline(qcompiler.load_target("ort-cpu").pipeline("static"))]
-        result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds,
-                                   pipeline=qcompiler.format_pipeline(specs))
-        note = f"via pipeline calibrate{{method={method}}}"
+        method, statistics = method[:-len("-ranges")], "ranges"
+    result = qcompiler.compile(str(model_path), target="ort-cpu", calibration=feeds,
+                               calibration_options=qcompiler.CalibrationOptions(method=method, statistics=statistics))
+    note = ""
     result.save(out_path)
     return note, result.report.get("calibration", {}).get("seconds")
 
@@ -332,7 +323,7 @@ def header(args: argparse.Namespace) -> str:
         f"- machine: {cpu}, {os.cpu_count()} cores; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()),
         f"- versions: python {platform.python_version()}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, "
         f"numpy {np.__version__}, qcompiler {qcompiler.__version__}",
-        "- qcompiler: `qcompiler.compile(model, target=\"ort-cpu\", calibration=<feeds>, calibration_method=M)`; "
+        "- qcompiler: `qcompiler.compile(model, target=\"ort-cpu\", calibration=<feeds>, calibration_options=CalibrationOptions(method=M))`; "
         "ORT: `quantize_static(<quant_pre_process output>, QDQ, per_channel=True, QUInt8 activations, QInt8 "
         "weights, reduce_range=False, calibrate_method=M)` (ORT's default Percentile is 99.999, qcompiler's 99.99)",
         "- each quantization in a fresh `spawn` child. Calibration time: qcompiler's `calibrate` pass (from its "

@@ -82,8 +82,8 @@ def _collect(cal: Any, feeds: list[bench.Feed]) -> None:
 def _qcompiler(src: Path, feeds: list[bench.Feed], stats: str) -> float:
     import qcompiler
 
-    res = qcompiler.compile(str(src), target="ort-cpu", calibration=feeds, calibration_method="minmax",
-                            calibration_statistics=stats, stop_after="calibrate", check=False)
+    res = qcompiler.compile(str(src), target="ort-cpu", calibration=feeds, stop_after="calibrate", check=False,
+                            calibration_options=qcompiler.CalibrationOptions(method="minmax", statistics=stats))
     return float(res.report["calibration"]["seconds"])
 
 

@@ -43,7 +43,8 @@ def compile_one(bench_dir: str, model: str, mode: str, target: str, calib: int) 
     feeds = bench.calibration_feeds(model, Path(bench_dir), calib) if mode == "static" else None
     head = f"{model:13s} {mode:8s} {target:12s}"
     try:
-        res = qcompiler.compile(str(path), target=target, mode=mode, calibration=feeds, workers=1)
+        res = qcompiler.compile(str(path), target=target, mode=mode, calibration=feeds,
+                               calibration_options=qcompiler.CalibrationOptions(workers=1))
     except UserError as exc:
         return f"{head} skipped: {exc}"
     rep = res.report

@@ -10,7 +10,7 @@ from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QP
                        UserError, Value, compute_qparams, dequantize, producer_op, quantize, weight_axis,
                        weight_qparams)
 from qcompiler import Node, const_value, is_constant
-from qcompiler.calib_methods import weight_mse_clip
+from qcompiler.calibration.methods import weight_mse_clip
 from qcompiler.plan import partitions, plan_for, quantization_walk, reduction_axis
 from qcompiler.quant import INT_RANGES
 from qcompiler.rounding import WeightRounder

@@ -10,7 +10,7 @@ from qcompiler import (KernelSpec, Model, Pass, PassContext, PassResult, UserErr
                        kernel_spec, kernels_for, quantize, weight_qparams)
 from qcompiler import Node, Variable, const_value, is_constant
 from qcompiler.plan import plan_dynamic
-from qcompiler.calib_methods import weight_mse_clip
+from qcompiler.calibration.methods import weight_mse_clip
 
 __all__ = ["QuantizeDynamic"]
 

@@ -9,10 +9,10 @@ import ml_dtypes
 import numpy as np
 
 from qcompiler import Model, Node, Pass, PassContext, PassResult, UserError, Value, is_constant, producer, users
+from qcompiler.calibration import input_moments
 from qcompiler.weight_only import (WEIGHT_ONLY_KERNELS, BlockQuantized, WeightOnlyOptions, awq_search, block_quantize,
                                    pack_codes, release_pages)
 
-from .calibrate import collect_input_moments
 
 __all__ = ["QuantizeWeights"]
 
@@ -89,7 +89,7 @@ class QuantizeWeights(Pass):
         nodes = _weight_matmuls(model, opts.block_size)
         moments = {}
         if algorithm != "rtn" and nodes:
-            moments = collect_input_moments(model, ctx, {n.name for n in nodes}, samples=self.moment_samples)
+            moments = input_moments(model, ctx.calibration, {n.name for n in nodes}, samples=self.moment_samples)
         scaled = self._apply_awq(model, rw, nodes, moments, opts) if algorithm == "awq" else 0
         qdq = rule.kernel == "DequantizeLinear"
         if qdq and (model.opset("") or 0) < 21:

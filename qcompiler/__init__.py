@@ -7,9 +7,7 @@ quantization helpers. Built-in passes in ``qcompiler.passes`` use nothing else.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._lazy import lazy_exports as _lazy_exports
 from ._source_tree import install as _map_source_tree
 
 _map_source_tree(__file__)  # a source checkout: passes/ and targets/ as qcompiler.passes/.targets
@@ -20,10 +18,11 @@ _map_source_tree(__file__)  # a source checkout: passes/ and targets/ as qcompil
 _LAZY: dict[str, str] = {
     **dict.fromkeys(['analyze', 'layer_sensitivity'], ".analysis"),
     **dict.fromkeys(['CompileResult', 'compile', 'op_histogram'], ".api"),
-    **dict.fromkeys(['CalibrationData', 'InputSpec', 'PatchSpec', 'RangeCollector', 'Statistics', 'input_patches', 'input_specs', 'load_calibration'], ".calibration"),
+    **dict.fromkeys(['CalibrationData', 'CalibrationOptions', 'CalibrationResult', 'ImageSpec', 'InputSpec', 'PatchSpec',
+                     'RangeCollector', 'Statistics', 'calibrate', 'input_patches', 'input_specs', 'load_calibration'],
+                    ".calibration"),
     **dict.fromkeys(['CheckResult', 'Problem', 'check_model'], ".check"),
     **dict.fromkeys(['PassFailure', 'UserError'], ".errors"),
-    **dict.fromkeys(['ImageSpec'], ".imagedata"),
     **dict.fromkeys(['INTEGER_OPS', 'KERNELS', 'KernelSpec', 'Operand', 'assemble_inputs', 'kernel_spec', 'kernels_for'],
                     ".kernels"),
     **dict.fromkeys(['AnyValue', 'Const', 'Constant', 'Either', 'Graph', 'Match', 'Model', 'Node', 'Op', 'Rewriter', 'Rule',
@@ -45,14 +44,4 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'qcompiler' has no attribute '{name}'")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)

@@ -13,13 +13,14 @@ from typing import Any, TextIO
 
 import onnx
 
-from .calibration import input_specs, load_calibration
+from .calibration.data import input_specs, load_calibration
+from .calibration.options import CalibrationOptions
 from .errors import PassFailure, UserError
 from .ir import Model, load_model, save_proto
 from .ir.io import save_bytes
 from .ir.validate import check_runnable_domains
 from .kernels import INTEGER_OPS
-from .ir.io import proto_size
+from .ir.io import proto_bytes
 from .pass_manager import Instrumentation, Pass, PassContext, PassManager
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import PassRegistry, default_registry
@@ -50,6 +51,7 @@ class CompileResult:
     report: dict[str, Any]
     _proto: onnx.ModelProto | None = field(default=None, repr=False)
     _bytes: bytes | None = field(default=None, repr=False)
+    _large: bool = field(default=False, repr=False)
 
     @property
     def model(self) -> Model:
@@ -73,8 +75,9 @@ class CompileResult:
 
     def serialized(self) -> bytes | None:
         """The model file's bytes (what ``save`` writes); None above 2 GB (external data)."""
-        if self._bytes is None and proto_size(self.proto) is not None:
-            self._bytes = self.proto.SerializeToString(deterministic=True)
+        if self._bytes is None and not self._large:
+            self._bytes = proto_bytes(self.proto)
+            self._large = self._bytes is None  # (not tried again: serializing is the cost)
         return self._bytes
 
     def save(self, path: str | os.PathLike[str]) -> int:
@@ -129,14 +132,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
             calibration: Any = None, mode: str | None = None, format: str | None = None,
             pipeline: str | None = None, plugins: Sequence[str] = (), registry: PassRegistry | None = None,
             print_ir_after: Iterable[str] = (), time_passes: bool = False, verify_each: bool = True,
-            stop_after: str | None = None, disable_passes: Iterable[str] = (), calibration_limit: int | None = None,
+            stop_after: str | None = None, disable_passes: Iterable[str] = (),
+            calibration_options: CalibrationOptions | None = None,
             image_spec: Any = None, import_ranges: str | os.PathLike[str] | None = None,
             export_ranges: str | os.PathLike[str] | None = None,
             export_tensorrt_table: str | os.PathLike[str] | None = None,
-            calibration_method: str | None = None, calibration_overrides: dict[str, str] | None = None,
-            calibration_memory: str | int | None = None, calibration_cache: str | os.PathLike[str] | None = None,
-            workers: int | None = None, scheduler: str | None = None, calibration_observe: str | None = None,
-            calibration_statistics: str | None = None,
             plan_overrides: dict[str, tuple[str, str]] | None = None, eval_data: Any = None,
             analysis: str | os.PathLike[str] | None = None, weight_bits: int | None = None,
             block_size: int | None = None, weight_symmetric: bool | None = None, weight_algorithm: str | None = None,
@@ -160,17 +160,12 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     needed if it pins every tensor); ``export_ranges`` / ``export_tensorrt_table`` write the
     final ranges as range JSON / a TensorRT calibration table after a successful compile.
 
-    Calibration engine (the ``calibrate`` pass's options, see ``docs/design.md``):
-    ``calibration_method`` (minmax, percentile, entropy, mse; default the target's),
-    ``calibration_overrides`` ({node name or op type: method}; node names win),
-    ``calibration_memory`` (bytes or "512MB"; default 1GB), ``calibration_cache`` (directory),
-    ``workers`` (local processes), ``scheduler`` (Dask scheduler address) and
-    ``calibration_observe``: ``quantized`` (the pass's default: only the tensors the target
-    quantizes) or ``all`` (every float tensor; the default when ranges are exported, so that
-    a range file or TensorRT table describes the whole model);
-    ``calibration_statistics``: ``all`` (the pass's default: ranges plus the per-channel means
-    insert-qdq's bias correction uses and the second moments of its GPTQ rounding) or ``ranges``
-    (ranges only: faster calibration, plain rounding and no bias correction).
+    ``calibration_options`` (:class:`qcompiler.CalibrationOptions`: method, per-node or op-type
+    overrides, memory, ``cache`` directory, workers, Dask scheduler, observe, statistics,
+    ``limit`` samples, ...) sets the ``calibrate`` pass's options: those it sets to a value other
+    than the default replace the pipeline's. ``observe`` left unset becomes ``all`` (every float
+    tensor) when ranges are exported, so that a range file or TensorRT table describes the
+    whole model. ``cache`` also holds whole builds (``qcompiler.build_cache``).
 
     ``plan_overrides`` ({node name: (outcome, reason)}) sets nodes' outcomes in the plan
     (``qcompiler.plan``) that every pass reads: ``("float", why)`` keeps a node float.
@@ -208,22 +203,22 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         budget, source, explicit = parse_budget(accuracy, metric), "--accuracy", True
     opts["target"] = tgt
 
-    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False) -> CompileResult:
-        return _compile(**dict(opts, plan_overrides=overrides or None, calibration_cache=cache,
-                               build_cache=not fresh))
+    calib = calibration_options or CalibrationOptions()
 
-    return search(compile_with, budget, tgt, source=source, overrides=plan_overrides,
-                  cache=None if calibration_cache is None else os.fspath(calibration_cache), explicit=explicit)
+    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False) -> CompileResult:
+        return _compile(**dict(opts, plan_overrides=overrides or None,
+                               calibration_options=dataclasses.replace(calib, cache=cache or ""), build_cache=not fresh))
+
+    return search(compile_with, budget, tgt, source=source, overrides=plan_overrides, cache=calib.cache or None,
+                  explicit=explicit)
 
 
 def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os.PathLike[str] | Target,
              calibration: Any, mode: str | None, format: str | None, pipeline: str | None, plugins: Sequence[str],
              registry: PassRegistry | None, print_ir_after: Iterable[str], time_passes: bool, verify_each: bool,
-             stop_after: str | None, disable_passes: Iterable[str], calibration_limit: int | None, image_spec: Any,
-             import_ranges: Any, export_ranges: Any, export_tensorrt_table: Any, calibration_method: str | None,
-             calibration_overrides: dict[str, str] | None, calibration_memory: str | int | None,
-             calibration_cache: Any, workers: int | None, scheduler: str | None, calibration_observe: str | None,
-             calibration_statistics: str | None, plan_overrides: dict[str, tuple[str, str]] | None, eval_data: Any,
+             stop_after: str | None, disable_passes: Iterable[str], calibration_options: CalibrationOptions | None,
+             image_spec: Any, import_ranges: Any, export_ranges: Any, export_tensorrt_table: Any,
+             plan_overrides: dict[str, tuple[str, str]] | None, eval_data: Any,
              analysis: Any, weight_bits: int | None, block_size: int | None, weight_symmetric: bool | None,
              weight_algorithm: str | None, check: bool, quiet: bool, verbose: bool, stream: TextIO | None,
              build_cache: bool = True) -> CompileResult:
@@ -243,6 +238,12 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
         with status.phase("loading the model", log, verbose):
             return load_model(model)
 
+    calib_options = calibration_options or CalibrationOptions()
+    if calib_options.ranges_file:  # the same knob as import_ranges: one path (checks, cache key, report)
+        if import_ranges is not None and os.fspath(import_ranges) != calib_options.ranges_file:
+            raise UserError(f"{import_ranges}: import_ranges and calibration_options.ranges_file name different files")
+        import_ranges, calib_options = calib_options.ranges_file, dataclasses.replace(calib_options, ranges_file="")
+    calibration_cache, calibration_limit = calib_options.cache or None, calib_options.limit or None
     cache_key, cache_status, early_calib, early_eval = None, None, None, None
     if calibration_cache is not None and build_cache:  # the whole-build cache (qcompiler.build_cache)
         from .build_cache import disabled_reason, load_build
@@ -252,10 +253,8 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
         keyed = None if why else _build_key(model, tgt, calibration, eval_data, calibration_limit, image_spec, {
             "mode": mode, "format": format, "pipeline": pipeline, "disabled": sorted(disable_passes),
             "stop_after": stop_after, "verify_each": verify_each, "check": check, "import_ranges": import_ranges,
-            "calibration_limit": calibration_limit, "image_spec": image_spec,
-            "calibration_method": calibration_method, "calibration_overrides": sorted((calibration_overrides or {}).items()),
-            "calibration_memory": calibration_memory, "workers": workers, "scheduler": scheduler,
-            "calibration_observe": calibration_observe, "calibration_statistics": calibration_statistics,
+            "image_spec": image_spec,  # every calibration option but where the cache lives:
+            "calibration_options": sorted((k, v) for k, v in dataclasses.asdict(calib_options).items() if k != "cache"),
             "plan_overrides": sorted((plan_overrides or {}).items()),
             "weight_only": [weight_bits, block_size, weight_symmetric, weight_algorithm],
             "export": [export_ranges is not None, export_tensorrt_table is not None]})
@@ -309,14 +308,9 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
             raise UserError(f"{import_ranges}: --import-ranges needs the 'calibrate' pass in the pipeline")
         passes = [dataclasses.replace(p, ranges_file=str(import_ranges)) if p.name == "calibrate" else p
                   for p in passes]
-    calib_opts = {k: v for k, v in {  # calibration engine settings -> the calibrate pass's options
-        "method": calibration_method, "memory": None if calibration_memory is None else str(calibration_memory),
-        "cache": None if calibration_cache is None else str(calibration_cache), "workers": workers,
-        "scheduler": scheduler, "overrides": None if calibration_overrides is None else tuple(
-            f"{k}={v}" for k, v in sorted(calibration_overrides.items())),
-        "observe": calibration_observe or ("all" if export_ranges is not None or export_tensorrt_table is not None
-                                           else None),
-        "statistics": calibration_statistics}.items() if v is not None}
+    calib_opts = calib_options.changed()  # what the caller set replaces the pipeline's calibrate options
+    if not calib_options.observe and (export_ranges is not None or export_tensorrt_table is not None):
+        calib_opts["observe"] = "all"  # a range file or TensorRT table describes the whole model
     if calib_opts:
         passes = [dataclasses.replace(p, **calib_opts) if p.name == "calibrate" else p for p in passes]
     if wo_opts:
@@ -370,7 +364,8 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     m.metadata["qcompiler.version"] = __version__
     m.metadata["qcompiler.target"] = tgt.name
     result = CompileResult(m, {})
-    out_size = proto_size(result.proto)  # None above 2 GB: known once saved (with external data)
+    data = result.serialized()  # the saved bytes, serialized once (fidelity, cache and save reuse them)
+    out_size = None if data is None else len(data)  # None above 2 GB: known once saved (external data)
     lowered = sorted(ctx.analysis.get("lowered", []))
     report: dict[str, Any] = {
         "qcompiler_version": __version__,
@@ -390,7 +385,9 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     }
     if check_report is not None:
         report["check"] = check_report
-    report["fidelity"] = _fidelity(float_proto, result, fidelity, eval_samples, stop_after, tgt, analysis, report)
+    float_file = None if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    report["fidelity"] = _fidelity(float_proto, float_file, result, fidelity, eval_samples, stop_after, tgt, analysis,
+                                   report)
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
     if cache_key is not None:
@@ -413,8 +410,7 @@ def _build_key(model: Any, tgt: Target, calibration: Any, eval_data: Any, limit:
     from pathlib import Path
 
     from .build_cache import build_key, file_digest
-    from .calib_cache import data_digest
-    from .calib_data import input_specs
+    from .calibration.cache import data_digest
     from .ir.io import external_data_files
 
     try:
@@ -470,9 +466,12 @@ def _store_build(directory: Any, key: str, result: CompileResult, extras: dict[s
         store_build(directory, key, data, result.report, extras)
 
 
-def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult, info: dict[str, Any],
-              samples: list[Any], stop_after: str | None, tgt: Target, analysis: Any, report: dict[str, Any]) -> dict[str, Any]:
-    """The report's ``fidelity`` section (and the analysis page when asked)."""
+def _fidelity(float_model: Callable[[], onnx.ModelProto], float_source: str | None, result: CompileResult,
+              info: dict[str, Any], samples: list[Any], stop_after: str | None, tgt: Target, analysis: Any,
+              report: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``fidelity`` section (and the analysis page when asked). The float model
+    runs from ``float_source`` (its file, read by onnxruntime) when there is one, else from
+    ``float_model()``; the compiled one from its serialized bytes, which the save reuses."""
     from .fidelity import measure_fidelity
 
     if stop_after is not None:
@@ -483,14 +482,15 @@ def _fidelity(float_model: Callable[[], onnx.ModelProto], result: CompileResult,
                             "calibration samples to hold some out)")
         return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
     as_written = report["format"] == "qdq"
-    float_proto = float_model()
-    info = dict(info, outputs=measure_fidelity(float_proto, result.proto, samples, as_written=as_written),
+    source = float_source if float_source is not None else float_model()
+    info = dict(info, outputs=measure_fidelity(source, result.serialized() or result.proto, samples,
+                                               as_written=as_written),
                 engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
                                                        else "the model's integer kernels"))
     if analysis is not None:
         from .analysis import analyze
 
-        rep = analyze(float_proto, result.proto, samples, target=tgt, html=analysis)
+        rep = analyze(float_model(), result.proto, samples, target=tgt, html=analysis)
         report["analysis"] = {"html": str(analysis), "summary": rep["summary"], "ranking": rep["ranking"]}
     return info
 

@@ -1,6 +1,6 @@
 """The whole-build cache: a rebuild with unchanged inputs returns the stored output bytes.
 
-Why: the statistics and GPTQ caches (:mod:`.calib_cache`) skip the model runs and the
+Why: the statistics and GPTQ caches (:mod:`.calibration.cache`) skip the model runs and the
 rounding, but a rebuild still loads, rewrites, verifies, checks, measures fidelity and
 serializes; that kept cached rebuilds at 1.7-2.7x (issue 13 asks 5x). With ``--calibration-cache
 DIR`` a compile first computes a key over everything that determines its outputs and, on a
@@ -11,11 +11,11 @@ Key (sha256) = this format's version, qcompiler's version *and a digest of its o
 serves an old entry), the onnx/onnxruntime/numpy versions, the host facts that change what
 onnxruntime computes or what the report says (:mod:`.host`), the input model's bytes and its
 external data, the resolved target, the pass list with every option, the calibration and
-evaluation samples (:func:`.calib_cache.data_digest`), a range file's bytes and the remaining
+evaluation samples (:func:`.calibration.cache.data_digest`), a range file's bytes and the remaining
 compile options. Code the key cannot see disables the cache: ``plugins``, a custom
 ``registry``; so do options with side outputs (``print_ir_after``, ``time_passes``, ``analysis``).
 
-Entry ``<key>.qcbuild``: a digest-framed body (:func:`.calib_cache.frame`) holding a JSON
+Entry ``<key>.qcbuild``: a digest-framed body (:func:`.calibration.cache.frame`) holding a JSON
 manifest (the report, the sizes of the blobs) and the blobs (model bytes, range files). No
 pickle: bytes and JSON only. Written atomically; a damaged entry is a miss and is rewritten.
 """
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .calib_cache import frame, unframe, write_entry
+from .calibration.cache import frame, unframe, write_entry
 
 __all__ = ["BUILD_FORMAT", "code_digest", "build_key", "disabled_reason", "load_build", "store_build"]
 

@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from .calibration.options import METHODS, OBSERVE, STATISTICS, CalibrationOptions
 from .errors import PassFailure, Terminated, UserError
 
 __all__ = ["main"]
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--export-ranges", metavar="FILE.json", help="write the calibrated activation ranges here")
     c.add_argument("--export-tensorrt-table", metavar="FILE", help="write the ranges as a TensorRT calibration table")
     c.add_argument("--calibration-limit", type=int, help="use only the first N calibration samples")
-    c.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"],
+    c.add_argument("--calibration-method", choices=METHODS,
                    help="range selection method (default: the target's)")
     c.add_argument("--calibration-override", action="append", default=[], metavar="KEY=METHOD",
                    help="method for one producer node name or op type (node names win); repeatable")
@@ -46,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-cache", metavar="DIR", help="build cache: reuse whole builds, calibration statistics and GPTQ rounding "
                    "stored in DIR")
     c.add_argument("--workers", type=int, help="shard calibration samples over N local processes")
-    c.add_argument("--calibration-observe", choices=("quantized", "all"),
+    c.add_argument("--calibration-observe", choices=OBSERVE,
                    help="observe only the tensors the target quantizes (default) or every float tensor "
                         "(default with --export-ranges / --export-tensorrt-table)")
-    c.add_argument("--calibration-statistics", choices=("all", "ranges"),
+    c.add_argument("--calibration-statistics", choices=STATISTICS,
                    help="collect ranges plus the bias-correction means and GPTQ moments (default), or "
                         "ranges only (faster; plain rounding, no bias correction)")
     c.add_argument("--scheduler", metavar="ADDRESS", help="run calibration shards on this Dask scheduler")
@@ -139,17 +140,16 @@ def _verbosity(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true")
 
 
-def _overrides(items: list[str]) -> dict[str, str] | None:
-    """``--calibration-override KEY=METHOD`` (repeatable) -> {key: method}; the last '=' splits."""
-    if not items:
-        return None
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, method = item.rpartition("=")
-        if not sep or not key:
-            raise UserError(f"--calibration-override {item}: must be KEY=METHOD (KEY: node name or op type)")
-        out[key] = method
-    return out
+def _calibration_options(a: argparse.Namespace) -> CalibrationOptions:
+    """The calibration flags as one ``CalibrationOptions`` (validated there; unset flags keep
+    the defaults, so the pipeline's own calibrate options stay)."""
+    if a.calibration_limit is not None and a.calibration_limit < 1:
+        raise UserError(f"--calibration-limit {a.calibration_limit}: must be at least 1")
+    flags = {"method": a.calibration_method, "overrides": tuple(a.calibration_override) or None,
+             "memory": a.calibration_memory, "cache": a.calibration_cache, "workers": a.workers,
+             "scheduler": a.scheduler, "observe": a.calibration_observe, "statistics": a.calibration_statistics,
+             "limit": a.calibration_limit}
+    return CalibrationOptions(**{k: v for k, v in flags.items() if v is not None})
 
 
 def _bool_flag(flag: str, text: str | None) -> bool | None:
@@ -199,14 +199,10 @@ def _cmd_compile(a: argparse.Namespace) -> int:
         result = qcompile(a.model, target=a.target, calibration=a.calibration, mode=a.mode, format=a.format,
                           pipeline=a.pipeline, plugins=a.plugin, print_ir_after=a.print_ir_after,
                           time_passes=a.time_passes, verify_each=a.verify_each, stop_after=a.stop_after,
-                          disable_passes=a.disable_pass, calibration_limit=a.calibration_limit,
+                          disable_passes=a.disable_pass, calibration_options=_calibration_options(a),
                           image_spec=a.image_spec, import_ranges=a.import_ranges, export_ranges=a.export_ranges,
                           export_tensorrt_table=a.export_tensorrt_table, check=a.check,
-                          calibration_method=a.calibration_method,
-                          calibration_overrides=_overrides(a.calibration_override),
-                          calibration_memory=a.calibration_memory, calibration_cache=a.calibration_cache,
-                          workers=a.workers, scheduler=a.scheduler, calibration_observe=a.calibration_observe,
-                          calibration_statistics=a.calibration_statistics, eval_data=a.eval_data,
+                          eval_data=a.eval_data,
                           analysis=a.analysis, weight_bits=a.weight_bits, block_size=a.block_size,
                           weight_symmetric=_bool_flag("--weight-symmetric", a.weight_symmetric),
                           weight_algorithm=a.weight_algorithm, accuracy=a.accuracy, quiet=a.quiet,

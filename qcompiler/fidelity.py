@@ -14,14 +14,14 @@ saturate on x86 without VNNI (qcompiler.host), and that is not the target's arit
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import onnx
 
-from .calib_data import CalibrationData
+from .calibration.data import CalibrationData
 
-__all__ = ["hold_out", "measure_fidelity", "run_outputs", "HOLD_OUT_MIN", "HOLD_OUT_MAX"]
+__all__ = ["ModelSource", "hold_out", "measure_fidelity", "run_outputs", "HOLD_OUT_MIN", "HOLD_OUT_MAX"]
 
 #: smallest calibration set a slice is held out of (smaller sets keep every sample)
 HOLD_OUT_MIN = 10
@@ -45,28 +45,34 @@ def hold_out(calib: CalibrationData) -> tuple[list[dict[str, np.ndarray]], dict[
                      f"(the last {k} of {n}; calibrated on the first {n - k})", "samples": k}
 
 
-def run_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+#: a model as onnxruntime takes it: a proto, its serialized bytes, or a file path (read by
+#: onnxruntime itself, external data included: no second Python-side copy or serialization)
+ModelSource = Union[onnx.ModelProto, bytes, str]
+
+
+def run_outputs(float_model: ModelSource, quant_model: ModelSource,
                 samples: list[dict[str, np.ndarray]], *, as_written: bool
                 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """Both models' graph outputs (those of ``quant_model``) per sample, run as the module
     text says. ``as_written``: run the quantized model without graph optimizations (QDQ)."""
     import onnxruntime as ort
 
-    def session(m: onnx.ModelProto, plain: bool) -> Any:
+    def session(m: ModelSource, plain: bool) -> Any:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if plain:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        src = m.SerializeToString() if isinstance(m, onnx.ModelProto) else m
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
     fs, qs = session(float_model, False), session(quant_model, as_written)
-    names = [o.name for o in quant_model.graph.output]
+    names = [o.name for o in qs.get_outputs()]
     ref = [dict(zip(names, fs.run(names, feed))) for feed in samples]
     got = [dict(zip(names, qs.run(names, feed))) for feed in samples]
     return ref, got
 
 
-def measure_fidelity(float_model: onnx.ModelProto, quant_model: onnx.ModelProto,
+def measure_fidelity(float_model: ModelSource, quant_model: ModelSource,
                      samples: list[dict[str, np.ndarray]], *, as_written: bool) -> dict[str, Any]:
     """Per graph output of ``quant_model``: cosine, SQNR and (classifier outputs) top-1
     agreement against ``float_model``, over ``samples`` (see :func:`run_outputs`)."""

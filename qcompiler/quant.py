@@ -249,7 +249,7 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point
     column, then to all later columns in one matrix product.
     """
     g_count, rows, k = w.shape
-    h = hessian.astype(np.float64).copy()
+    h = np.array(hessian, dtype=np.float64)  # a copy (damped below)
     diag = np.einsum("gkk->gk", h)
     dead = diag <= 0
     idx = np.arange(k)
@@ -270,13 +270,27 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point
     block = 32  # measured on effnet/MiniLM: 16-32 fastest (Python per column vs in-block updates)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
-        for j in range(b0, b1):
-            sj, zj = (s[:, :, j], z[:, :, j]) if per_element else (s, z)
-            q = np.clip(np.rint(work[:, :, j] / sj) + zj, qmin, qmax)
-            codes[:, :, j] = q
-            d = diff[:, :, j] = w[:, :, j] - (q - zj) * sj
-            if j + 1 < b1:
-                work[:, :, j + 1:b1] += d[:, :, None] * m[:, None, j, j + 1:b1]
+        # the block's columns as contiguous rows [G, columns, R]: a column read or update then
+        # touches contiguous memory, not one cache line per row (2x faster on MiniLM's layers);
+        # the arithmetic is elementwise and in the same order, so the codes are unchanged
+        wb, w0 = (np.ascontiguousarray(a[:, :, b0:b1].transpose(0, 2, 1)) for a in (work, w))
+        if per_element:
+            sb, zb = (np.ascontiguousarray(a[:, :, b0:b1].transpose(0, 2, 1)) for a in (s, z))
+        cb, db = np.empty_like(wb), np.empty_like(wb)
+        mb = m[:, b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            sj, zj = (sb[:, i], zb[:, i]) if per_element else (s, z)
+            q = np.rint(wb[:, i] / sj)
+            q += zj
+            np.minimum(q, qmax, out=q)  # clip, without np.clip's Python-level dispatch
+            np.maximum(q, qmin, out=q)
+            cb[:, i] = q
+            d = db[:, i]
+            np.subtract(w0[:, i], (q - zj) * sj, out=d)
+            if i + 1 < b1 - b0:
+                wb[:, i + 1:] += mb[:, i, i + 1:, None] * d[:, None, :]
+        codes[:, :, b0:b1] = cb.transpose(0, 2, 1)
+        diff[:, :, b0:b1] = db.transpose(0, 2, 1)
         if b1 < k:
             work[:, :, b1:] += diff[:, :, b0:b1] @ m[:, b0:b1, b1:]
     if pair_sum_max:
@@ -287,15 +301,21 @@ def gptq_round(w: np.ndarray, hessian: np.ndarray, scale: np.ndarray, zero_point
 def _enforce_pair_sum(codes: np.ndarray, zero_point: np.ndarray, limit: int) -> np.ndarray:
     """Shrink the largest magnitude of any row whose two largest magnitudes exceed ``limit``."""
     mag = np.abs(codes - zero_point[..., None])
+    if 2 * int(mag.max(initial=0)) <= limit:
+        return codes  # no two magnitudes can sum past the limit (the usual case)
     flat = mag.reshape(-1, mag.shape[-1])
     cflat = codes.reshape(-1, codes.shape[-1])
     zflat = np.broadcast_to(zero_point[..., None], codes.shape).reshape(-1, codes.shape[-1])[:, 0]
     if flat.shape[1] < 2:
         return codes
-    top2 = -np.partition(-flat, 1, axis=1)[:, :2]
-    for r in np.nonzero(top2.sum(axis=1) > limit)[0]:
+    # the two largest magnitudes per row, without a partition (3x cheaper): the maximum, and
+    # the maximum of the rest, which is the maximum again when it occurs twice
+    first = flat.max(axis=1)
+    at_max = flat == first[:, None]
+    second = np.where(at_max.sum(axis=1) > 1, first, np.where(at_max, -1, flat).max(axis=1))
+    for r in np.nonzero(first + second > limit)[0]:
         j = int(np.argmax(flat[r]))
-        allowed = limit - int(top2[r, 1])
+        allowed = limit - int(second[r])
         sign = 1 if cflat[r, j] >= zflat[r] else -1
         cflat[r, j] = zflat[r] + sign * allowed
     return cflat.reshape(codes.shape)

@@ -157,7 +157,8 @@ class PassRegistry:
         """Docstring and option rows of a not yet imported pass, read from its source with
         ``ast``: `qcompiler passes` then imports no pass module, and so not onnx (0.7 s of
         CPU; docs/design.md, "Import time"). None (import it instead) unless the class derives
-        from ``Pass`` directly and every option has a literal default."""
+        from ``Pass`` first (then from option classes it imports by name, whose fields come
+        first, as in the dataclass) and every option has a literal default."""
         if name in self._classes or name not in self._refs:
             return None
         module_name, _, attr = self._refs[name].partition(":")
@@ -166,22 +167,58 @@ class PassRegistry:
             tree = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else None
         except (ImportError, OSError, SyntaxError, ValueError):
             return None
-        cls = next((n for n in (tree.body if tree else []) if isinstance(n, ast.ClassDef) and n.name == attr), None)
-        if cls is None or [ast.unparse(b) for b in cls.bases] != ["Pass"]:
+        cls = _class_def(tree, attr) if tree else None
+        bases = [ast.unparse(b) for b in cls.bases] if cls else []
+        if cls is None or tree is None or bases[:1] != ["Pass"]:
             return None
-        rows = []
-        for item in cls.body:
-            if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
-                continue
-            kind = ast.unparse(getattr(item.annotation, "value", item.annotation))  # tuple[str, ...] -> tuple
-            if kind.startswith("ClassVar"):
-                continue
-            try:
-                default = _constant(item.value, tree, spec.name) if item.value is not None else None
-            except ValueError:
-                return None
-            rows.append((item.target.id.replace("_", "-"), kind, default))
+        rows: list[tuple[str, str, Any]] = []
+        try:
+            for base in bases[1:]:  # an options dataclass the pass extends, in another module
+                other, source = _imported_tree(base, tree, spec.name)
+                rows += _option_rows(_class_def(other, base), other, source)
+            rows += _option_rows(cls, tree, spec.name)
+        except ValueError:
+            return None
         return ast.get_docstring(cls, clean=False) or "", rows
+
+
+def _class_def(tree: ast.Module, name: str) -> ast.ClassDef | None:
+    return next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+
+
+def _option_rows(cls: ast.ClassDef | None, tree: ast.Module, module: str) -> list[tuple[str, str, Any]]:
+    """(option, type, default) of the annotated fields of ``cls``; ValueError if a default is
+    not a literal."""
+    if cls is None:
+        raise ValueError("class not found")
+    rows = []
+    for item in cls.body:
+        if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
+            continue
+        kind = ast.unparse(getattr(item.annotation, "value", item.annotation))  # tuple[str, ...] -> tuple
+        if kind.startswith("ClassVar"):
+            continue
+        default = _constant(item.value, tree, module) if item.value is not None else None
+        rows.append((item.target.id.replace("_", "-"), kind, default))
+    return rows
+
+
+def _imported_tree(name: str, tree: ast.Module, module: str) -> tuple[ast.Module, str]:
+    """The parsed source of the module ``name`` is imported from (``from X import name`` in
+    ``tree``, the source of ``module``), and that module's name; ValueError if there is none."""
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ImportFrom) and any(a.name == name and a.asname is None for a in stmt.names):
+            source = importlib.util.resolve_name("." * stmt.level + (stmt.module or ""), module.rpartition(".")[0]) \
+                if stmt.level else stmt.module or ""
+            try:
+                spec = importlib.util.find_spec(source)
+                other = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else None
+            except (ImportError, OSError, SyntaxError) as exc:
+                raise ValueError(str(exc)) from None
+            if other is None:
+                raise ValueError(source)
+            return other, source
+    raise ValueError(f"name {name}")
 
 
 def _constant(node: ast.expr, tree: ast.Module, module: str, depth: int = 0) -> Any:
@@ -203,15 +240,7 @@ def _constant(node: ast.expr, tree: ast.Module, module: str, depth: int = 0) -> 
                 return _constant(stmt.value, tree, module, depth)
         if isinstance(stmt, ast.ImportFrom) and depth < 2 and any(a.name == node.id and a.asname is None
                                                                   for a in stmt.names):
-            source = importlib.util.resolve_name("." * stmt.level + (stmt.module or ""), module.rpartition(".")[0]) \
-                if stmt.level else stmt.module or ""
-            try:
-                spec = importlib.util.find_spec(source)
-                other = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else None
-            except (ImportError, OSError, SyntaxError) as exc:
-                raise ValueError(str(exc)) from None
-            if other is None:
-                raise ValueError(source)
+            other, source = _imported_tree(node.id, tree, module)
             return _constant(node, other, source, depth + 1)
     raise ValueError(f"name {node.id}")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .calib_cache import array_key, load_array, store_array
+from .calibration.cache import array_key, load_array, store_array
 from .quant import QType, gptq_round
 
 __all__ = ["WeightRounder", "one_blas_thread", "GPTQ_VERSION"]

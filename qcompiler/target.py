@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError, did_you_mean
-from .tomlfile import read_toml
+from .tomlfile import dump_toml, read_toml
 from .quant import DTYPES, MIN_OPSET, QType, qrange, valid_scale
 
 __all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "WeightOnlyRule", "load_target", "builtin_targets", "SCHEMA_VERSION",
@@ -555,7 +555,7 @@ class Target:
 
     def to_toml(self) -> str:
         """The resolved target (extends applied) as TOML text, for ``targets --show``."""
-        return _dump_toml(self.data)
+        return dump_toml(self.data)
 
 
 def _is_depthwise(node: Any) -> bool:
@@ -565,41 +565,3 @@ def _is_depthwise(node: Any) -> bool:
         return False
     shape = node.inputs[1].shape
     return shape is not None and len(shape) >= 2 and shape[1] == 1
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(type(v))
-
-
-def _dump_toml(data: dict[str, Any], prefix: str = "") -> str:
-    lines: list[str] = []
-    tables: list[tuple[str, Any]] = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for k, v in tables:
-        name = f"{prefix}{k}"
-        if isinstance(v, list):
-            for item in v:
-                lines.append(f"\n[[{name}]]")
-                lines.append(_dump_toml(item, f"{name}.").strip())
-        else:
-            lines.append(f"\n[{name}]")
-            body = _dump_toml(v, f"{name}.").strip()
-            if body:
-                lines.append(body)
-    return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Reading the TOML files users hand qcompiler (targets, image specs) with one set of errors.
+"""Reading the TOML files users hand qcompiler (targets, image specs) with one set of errors,
+and writing one back (a resolved target).
 
 tomllib raises three things on hostile input besides its decode error: OSError, a
 UnicodeDecodeError for bytes that are not UTF-8, and RecursionError for deeply nested
@@ -13,7 +14,7 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["read_toml"]
+__all__ = ["read_toml", "dump_toml"]
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
@@ -29,3 +30,43 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read {what} (not UTF-8 text)") from None
     except RecursionError:
         raise UserError(f"{path}: cannot read {what} (TOML nested too deeply)") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(type(v))
+
+
+def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """``data`` (parsed TOML: tables, arrays of tables, scalars) as TOML text that parses back
+    to it (``targets --show`` prints a resolved target with it)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        if isinstance(v, list):
+            for item in v:
+                lines.append(f"\n[[{name}]]")
+                lines.append(dump_toml(item, f"{name}.").strip())
+        else:
+            lines.append(f"\n[{name}]")
+            body = dump_toml(v, f"{name}.").strip()
+            if body:
+                lines.append(body)
+    return "\n".join(lines) + "\n"

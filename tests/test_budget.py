@@ -210,7 +210,7 @@ def test_budget_search_through_a_warm_build_cache(work: Path, tmp_path: Path, ho
         return float(-max(np.abs(r["logits"] - g["logits"]).max() for r, g in zip(ref, got)))
 
     kw: dict[str, object] = ({"accuracy": "cosine>=0.99"} if how == "cosine" else {"metric": worst, "accuracy": -0.05})
-    cold = _compile(work, calibration_cache=str(tmp_path / "cache"), **kw)
-    warm = _compile(work, calibration_cache=str(tmp_path / "cache"), **kw)
+    cold = _compile(work, calibration_options=qcompiler.CalibrationOptions(cache=str(tmp_path / "cache")), **kw)
+    warm = _compile(work, calibration_options=qcompiler.CalibrationOptions(cache=str(tmp_path / "cache")), **kw)
     assert warm.report["accuracy"]["met"] and [m["node"] for m in warm.report["accuracy"]["moved"]] == [BAD]
     assert warm.serialized() == cold.serialized()

@@ -48,7 +48,7 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
 
 def _compile(inputs: dict[str, Path], **kw: Any) -> qcompiler.CompileResult:
     args: dict[str, Any] = {"target": "ort-cpu", "calibration": str(inputs["calib"]),
-                            "calibration_cache": str(inputs["cache"])}
+                            "calibration_options": qcompiler.CalibrationOptions(cache=str(inputs["cache"]))}
     args.update(kw)
     return qcompiler.compile(str(inputs["model"]), **args)
 
@@ -102,7 +102,7 @@ CHANGES = {
     "model byte": lambda i: _bump_weight(i) or {},
     "calibration sample": lambda i: _bump_sample(i) or {},
     "target key": _other_target,
-    "option": lambda i: {"calibration_method": "percentile"},
+    "option": lambda i: {"calibration_options": qcompiler.CalibrationOptions(cache=str(i["cache"]), method="percentile")},
     "disabled pass": lambda i: {"disable_passes": ["fuse-pad-conv"]},
     "qcompiler code": lambda i: {},  # see the monkeypatch below
 }
@@ -120,6 +120,37 @@ def test_any_changed_input_misses(inputs: dict[str, Path], change: str, passes_r
     assert second.report["build_cache"]["key"] != first.report["build_cache"]["key"]
     assert passes_run[0] == 2
     assert len(list(inputs["cache"].glob("*.qcbuild"))) == 2
+
+
+#: a non-default value for every CalibrationOptions field the key must cover (``cache`` is where
+#: the key is looked up, ``ranges_file`` goes through import_ranges and its bytes are keyed)
+OTHER_OPTION = {"method": "mse", "overrides": ("Relu=mse",), "percentile": 99.0, "momentum": 0.5, "bins": 512,
+                "limit": 5, "second_moments": False, "moment_samples": 4, "grouped_moment_samples": 2,
+                "clip_weight": 2.0, "max_moment_dim": 64, "memory": "2GB", "workers": 2, "scheduler": "tcp://h:1",
+                "lanes": 1, "observe": "all", "statistics": "ranges", "saturation": True}
+
+
+def test_every_calibration_option_is_in_the_key(inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each calibration option changes the build key (the key is read before any pass runs)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(qcompiler.CalibrationOptions)}
+    assert set(OTHER_OPTION) == fields - {"cache", "ranges_file"}  # a new option needs a line here
+    keyed: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(options: dict[str, Any]) -> str:
+        keyed.append(json.dumps(options, sort_keys=True, default=str))
+        raise Stop
+
+    monkeypatch.setattr(qcompiler.build_cache, "build_key", record)
+    cache = str(inputs["cache"])
+    for opts in [{}] + [{name: value} for name, value in OTHER_OPTION.items()]:
+        with pytest.raises(Stop):
+            _compile(inputs, calibration_options=qcompiler.CalibrationOptions(cache=cache, **opts))
+    assert len(set(keyed)) == len(OTHER_OPTION) + 1
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
@@ -175,7 +206,7 @@ def test_proto_specs_equal_model_specs() -> None:
     on a hit); they must be the specs the imported Model gives, for a compile to reuse them."""
     from onnx import TensorProto, helper
 
-    from qcompiler.calib_data import input_specs
+    from qcompiler.calibration import input_specs
     from qcompiler.ir import load_model
 
     x = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", None, 7])
@@ -196,8 +227,10 @@ def test_one_shot_iterator_is_read_once_and_cached(inputs: dict[str, Path], pass
     def samples() -> Any:
         return ({TINY_INPUT: data[i:i + 1]} for i in range(len(data)))
 
-    first = qcompiler.compile(str(inputs["model"]), calibration=samples(), calibration_cache=str(inputs["cache"]))
-    second = qcompiler.compile(str(inputs["model"]), calibration=samples(), calibration_cache=str(inputs["cache"]))
+    first = qcompiler.compile(str(inputs["model"]), calibration=samples(),
+                              calibration_options=qcompiler.CalibrationOptions(cache=str(inputs["cache"])))
+    second = qcompiler.compile(str(inputs["model"]), calibration=samples(),
+                              calibration_options=qcompiler.CalibrationOptions(cache=str(inputs["cache"])))
     assert [r.report["build_cache"]["status"] for r in (first, second)] == ["miss", "hit"]
     assert first.report["calibration"]["samples"] > 0 and passes_run[0] == 1
     assert first.serialized() == second.serialized()
@@ -222,6 +255,7 @@ def test_external_data_outside_the_folder_is_not_read_for_the_key(tmp_path: Path
     (tmp_path / "outside.data").write_bytes((tmp_path / "m.data").read_bytes())
     onnx.save_model(bad, str(sub / "m.onnx"))
     with pytest.raises(qcompiler.UserError):
-        qcompiler.compile(str(sub / "m.onnx"), calibration=tiny_calibration(4), calibration_cache=str(tmp_path / "c"))
+        qcompiler.compile(str(sub / "m.onnx"), calibration=tiny_calibration(4),
+                          calibration_options=qcompiler.CalibrationOptions(cache=str(tmp_path / "c")))
     assert not list(tmp_path.glob("c/*.qcbuild"))
     assert not any("outside" in str(p) for p in hashed)

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 import qcompiler
-import qcompiler.calibration
+import qcompiler.calibration.stats
 from conftest import TINY_INPUT, tiny_calibration, tiny_model
-from qcompiler.calib_cache import cache_key, data_digest
+from qcompiler.calibration.cache import cache_key, data_digest
 
 
 @pytest.fixture
 def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts onnxruntime runs of the calibration engine."""
     count = [0]
-    real = qcompiler.calibration.run_model
+    real = qcompiler.calibration.stats.run_model
     lock = threading.Lock()  # runs come from the engine's lanes (threads)
 
     def counting(sess: Any, feed: Any, outputs: Any = None) -> Any:
@@ -29,7 +29,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             count[0] += 1
         return real(sess, feed, outputs)
 
-    monkeypatch.setattr(qcompiler.calibration, "run_model", counting)
+    monkeypatch.setattr(qcompiler.calibration.stats, "run_model", counting)
     return count
 
 
@@ -42,7 +42,8 @@ def _drop_builds(cache: Path) -> None:
 
 def _compile(cache: Path, data: dict[str, np.ndarray], method: str = "mse") -> qcompiler.CompileResult:
     _drop_builds(cache)
-    return qcompiler.compile(tiny_model(), calibration=data, calibration_cache=str(cache), calibration_method=method)
+    return qcompiler.compile(tiny_model(), calibration=data,
+                             calibration_options=qcompiler.CalibrationOptions(cache=str(cache), method=method))
 
 
 def test_hit_skips_model_runs(tmp_path: Path, runs: list[int]) -> None:
@@ -155,7 +156,7 @@ def test_damaged_gptq_entry_is_recomputed(tmp_path: Path, damage: str) -> None:
 def test_array_entries(tmp_path: Path) -> None:
     """Array entries: the key covers dtype, shape, bytes and options; a load states dtype and
     shape, and an entry of another size is a miss; nothing but raw numbers is read."""
-    from qcompiler.calib_cache import array_key, load_array, store_array
+    from qcompiler.calibration.cache import array_key, load_array, store_array
 
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     k = array_key("test-v1", [a], {"o": 1})

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 import qcompiler
 from conftest import make_model, tensor_info, tiny_calibration, tiny_model
-from qcompiler.calib_data import RANDOM_SYMBOLIC_DIM, CalibrationData, input_specs, load_calibration
+from qcompiler.calibration.data import RANDOM_SYMBOLIC_DIM, CalibrationData, input_specs, load_calibration
 from qcompiler.cli import main
 
 

@@ -18,8 +18,9 @@ from onnx import helper
 import qcompiler
 import qcompiler.cli
 from conftest import TINY_INPUT, make_model, tensor_info, tiny_calibration, tiny_model
-from qcompiler.calib_engine import Job, Progress, make_groups, parse_memory, run_job
-from qcompiler.calibration import Statistics
+from qcompiler.calibration.engine import Job, Progress, make_groups, run_job
+from qcompiler.calibration.options import parse_memory
+from qcompiler.calibration.stats import Statistics
 
 METHODS = ["minmax", "percentile", "entropy", "mse"]
 
@@ -164,7 +165,7 @@ def test_lanes_run_ahead_of_the_adder_within_the_byte_bound(monkeypatch: pytest.
     import threading
     import time
 
-    from qcompiler import calib_engine, calibration
+    from qcompiler.calibration import engine as calib_engine, stats as calibration
 
     if bound == "zero":
         monkeypatch.setattr(calib_engine, "_BACKLOG_BYTES", 0)
@@ -343,8 +344,8 @@ def test_report_fields() -> None:
 
 
 def test_compile_kwargs_reach_the_pass() -> None:
-    r = qcompiler.compile(tiny_model(), calibration=tiny_calibration(4), calibration_method="percentile",
-                          calibration_overrides={"Relu": "minmax"}, calibration_memory="1KB")
+    r = qcompiler.compile(tiny_model(), calibration=tiny_calibration(4), calibration_options=qcompiler.CalibrationOptions(
+        method="percentile", overrides={"Relu": "minmax"}, memory="1KB"))
     rep = r.report["calibration"]
     assert rep["method"] == "percentile" and rep["overrides"] == {"Relu": "minmax"} and rep["groups"] > 1
     spec = next(p["spec"] for p in r.report["passes"] if p["name"] == "calibrate")
@@ -389,7 +390,7 @@ def test_graph_output_observed_once_per_sample() -> None:
 def test_subsampled_patches_equal_every_nth_column_of_all_patches(shape, spec) -> None:
     """input_patches(..., max_positions) gathers only the kept positions; they must be exactly
     the every-step-th columns of the full im2col, in the same order."""
-    from qcompiler.calibration import PatchSpec, input_patches
+    from qcompiler.calibration.stats import PatchSpec, input_patches
 
     arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     full = input_patches(arr, PatchSpec(**spec))
@@ -429,7 +430,7 @@ def _naive_patches(arr: np.ndarray, kernel: tuple[int, int], pads: tuple[int, ..
 ])
 def test_patches_equal_naive_im2col(shape, kernel, pads, strides, dilations, group) -> None:
     """input_patches against a loop-by-loop im2col (exact: patches are copies of inputs)."""
-    from qcompiler.calibration import PatchSpec, input_patches
+    from qcompiler.calibration.stats import PatchSpec, input_patches
 
     arr = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     got = input_patches(arr, PatchSpec(kernel, pads, strides, dilations, group))
@@ -440,7 +441,7 @@ def test_patches_equal_naive_im2col(shape, kernel, pads, strides, dilations, gro
 
 def _session_outputs(proto_bytes: bytes, names: list[str], feed: dict[str, np.ndarray],
                      initializers: dict[str, np.ndarray] | None) -> list[np.ndarray]:
-    from qcompiler.calib_engine import _session
+    from qcompiler.calibration.engine import _session
 
     sess = _session(proto_bytes, names, 1, initializers)
     return sess.run(names, feed)
@@ -470,7 +471,7 @@ def test_session_on_shared_weights_equals_embedded(share_all: bool) -> None:
     what the self-contained model computes. Sharing the Conv weight too makes onnxruntime's
     layout optimizer want its bytes: the session falls back to copies, same values."""
     from qcompiler.ir import load_model
-    from qcompiler.passes.calibrate import _kernel_only
+    from qcompiler.calibration.selection import kernel_only as _kernel_only
 
     m = load_model(_weighted_model())
     names = ["c", "r", "p", "f", "y", "e"]
@@ -488,7 +489,7 @@ def test_session_on_shared_weights_equals_embedded(share_all: bool) -> None:
 def test_phases_share_one_session(monkeypatch: pytest.MonkeyPatch) -> None:
     """percentile needs two passes over the data (min/max, then histograms) and the Reshape's
     inferred-unknown dim a size probe: all three run on one onnxruntime session, built once."""
-    import qcompiler.calib_engine as engine
+    import qcompiler.calibration.engine as engine
     from conftest import init
 
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
@@ -517,7 +518,7 @@ def test_a_failing_lane_stops_the_job_and_its_threads(monkeypatch: pytest.Monkey
     and no lane or adder thread outlives the job."""
     import threading
 
-    import qcompiler.calibration as calibration
+    import qcompiler.calibration.stats as calibration
 
     calls = [0]
     real = calibration.run_model
@@ -553,9 +554,9 @@ def test_lanes_and_workers_are_clamped_to_cores_and_samples() -> None:
     result = qcompiler.compile(tiny_model(), calibration=tiny_calibration(2), target="ort-cpu-qdq",
                                pipeline="canonicalize,calibrate{lanes=100000},insert-qdq")
     assert result.report["calibration"]["lanes"] == min(cores, 2)
-    from qcompiler.passes.calibrate import Calibrate, _bounded_parallelism
+    from qcompiler.calibration.core import _bounded_parallelism
 
     data = qcompiler.calibration.load_calibration(tiny_calibration(2), qcompiler.calibration.input_specs(
         qcompiler.load_model(tiny_model())))
-    bounded = _bounded_parallelism(Calibrate(workers=6, lanes=3), data)
+    bounded = _bounded_parallelism(qcompiler.CalibrationOptions(workers=6, lanes=3), data)
     assert (bounded.workers, bounded.lanes) == (min(cores, 2), min(cores, 2))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import qcompiler
-from qcompiler.calib_methods import (RangeTarget, entropy_range, entropy_threshold, moving_average_range, mse_range,
+from qcompiler.calibration.methods import (RangeTarget, entropy_range, entropy_threshold, moving_average_range, mse_range,
                                      percentile_range, weight_mse_clip, weight_mse_ranges, WEIGHT_FRACTIONS)
-from qcompiler.calibration import Statistics
+from qcompiler.calibration.stats import Statistics
 
 BINS = 2048
 

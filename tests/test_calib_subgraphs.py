@@ -71,8 +71,8 @@ def _loop_model(grow: bool = False) -> onnx.ModelProto:
 
 def _ranges(proto, feeds, tmp_path: Path, **kw) -> tuple[dict, qcompiler.CompileResult]:
     path = tmp_path / "ranges.json"
-    r = qcompiler.compile(proto, target="ort-cpu", calibration=feeds, calibration_method="minmax",
-                          export_ranges=path, **kw)
+    r = qcompiler.compile(proto, target="ort-cpu", calibration=feeds, export_ranges=path,
+                          calibration_options=qcompiler.CalibrationOptions(method="minmax", **kw))
     return {k: (v["min"], v["max"]) for k, v in json.loads(path.read_text())["ranges"].items()}, r
 
 
@@ -122,12 +122,13 @@ def test_loop_value_that_cannot_be_stacked_is_left_out(tmp_path: Path) -> None:
     for, and the loop's MatMul is calibrated and lowered."""
     m = _loop_model(grow=True)
     feeds = [{"x": RNG.standard_normal((4, 16)).astype(np.float32)} for _ in range(3)]
-    r = qcompiler.compile(m, target="ort-cpu", calibration=feeds, calibration_method="minmax",
-                          calibration_observe="all")
+    r = qcompiler.compile(m, target="ort-cpu", calibration=feeds,
+                          calibration_options=qcompiler.CalibrationOptions(method="minmax", observe="all"))
     assert r.report["calibration"]["subgraph_values"] == 0
     assert "loop_mm" in r.report["float_nodes"]
     np.testing.assert_allclose(_run(r.proto, feeds[0]), _run(m, feeds[0]), rtol=1e-5, atol=1e-6)
-    r = qcompiler.compile(m, target="ort-cpu", calibration=feeds, calibration_method="minmax")
+    r = qcompiler.compile(m, target="ort-cpu", calibration=feeds,
+                          calibration_options=qcompiler.CalibrationOptions(method="minmax"))
     assert r.report["calibration"]["subgraph_values"] == 3  # s, lt, s_next (not grown/varlen)
     assert "loop_mm" not in r.report["float_nodes"]
     body = next(a.g for n in r.proto.graph.node if n.op_type == "Loop" for a in n.attribute if a.name == "body")

@@ -16,9 +16,9 @@ from onnx import helper
 
 import qcompiler
 from conftest import make_model, tensor_info, tiny_model
-from qcompiler.calib_data import input_specs, load_calibration
+from qcompiler.calibration.data import input_specs, load_calibration
 from qcompiler.cli import main
-from qcompiler.imagedata import ImageSpec, image_files, parse_image_spec, preprocess_image, resolve_image_spec
+from qcompiler.calibration.images import ImageSpec, image_files, parse_image_spec, preprocess_image, resolve_image_spec
 
 Image = pytest.importorskip("PIL.Image")
 

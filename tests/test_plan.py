@@ -138,12 +138,14 @@ def test_observing_only_quantized_tensors_gives_the_same_model(tmp_path) -> None
     rng = np.random.default_rng(1)
     samples = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(8)]
     few = qcompiler.compile(_model(), target="ort-cpu", calibration=samples)
-    every = qcompiler.compile(_model(), target="ort-cpu", calibration=samples, calibration_observe="all")
+    every = qcompiler.compile(_model(), target="ort-cpu", calibration=samples,
+                              calibration_options=qcompiler.CalibrationOptions(observe="all"))
     assert few.report["calibration"]["observe"] == "quantized"
     assert few.report["calibration"]["unobserved_tensors"] == 5 and every.report["calibration"]["unobserved_tensors"] == 0
     assert few.proto.SerializeToString() == every.proto.SerializeToString()
     assert sorted(few.report["lowered"]) == sorted(every.report["lowered"])
-    qcompiler.compile(_model(), target="ort-cpu", calibration=samples, calibration_observe="quantized",
+    qcompiler.compile(_model(), target="ort-cpu", calibration=samples,
+                      calibration_options=qcompiler.CalibrationOptions(observe="quantized"),
                       export_ranges=tmp_path / "r.json")
     ranges = qcompiler.rangefile.read_ranges(tmp_path / "r.json")
     assert set(ranges) == {"x", "c1", "a_in", "c2", "a_rs", "c3", "r"} and ranges["r"] == ranges["a_rs"]

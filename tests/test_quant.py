@@ -255,3 +255,26 @@ def test_gptq_beats_nearest_on_correlated_inputs() -> None:
     assert out_err(gptq) < 0.5 * out_err(near)
     assert np.abs(gptq).max() <= 127
     assert (_top2_sum(gptq[0]) <= 128).all()
+
+
+def test_enforce_pair_sum_matches_a_sorted_reference() -> None:
+    """The pair-sum clamp (ort-cpu's u8s8 limit without VNNI) against a sort-based reference:
+    rows whose two largest magnitudes exceed the limit get their largest shrunk, ties included."""
+    from qcompiler.quant import _enforce_pair_sum
+
+    rng = np.random.default_rng(1)
+    for t in range(200):
+        codes = rng.integers(-127, 128, size=(int(rng.integers(1, 4)), int(rng.integers(1, 12)), int(rng.integers(2, 24))))
+        if t % 3 == 0:
+            codes[..., 0] = codes[..., 1]  # ties at the maximum
+        zp = rng.integers(-3, 4, size=codes.shape[:-1])
+        limit = int(rng.integers(100, 260))
+        want = codes.copy().reshape(-1, codes.shape[-1])
+        for r, z in enumerate(np.broadcast_to(zp[..., None], codes.shape).reshape(-1, codes.shape[-1])[:, 0]):
+            mag = np.abs(want[r] - z)
+            top = np.sort(mag)[::-1]
+            if top[0] + top[1] > limit:
+                j = int(np.argmax(mag))
+                want[r, j] = z + (1 if want[r, j] >= z else -1) * (limit - int(top[1]))
+        got = _enforce_pair_sum(codes.copy(), zp, limit)
+        assert np.array_equal(got, want.reshape(codes.shape)), t

@@ -71,7 +71,7 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
                    limit: int | None = DEFAULT_LIMIT, image_spec: Any = None) -> AnalysisSetup:
     """Load both models, map the quantized model's integer layers to the float model prepared
     by the target's pipeline, and run the float model on the first ``limit`` samples."""
-    from ..calib_data import input_specs, load_calibration
+    from ..calibration.data import input_specs, load_calibration
     from ..inspect import integer_nodes, prepare_model
     from ..ir import load_model
     from ..plan import partitions

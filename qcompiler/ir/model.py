@@ -151,7 +151,7 @@ class Model:
         With ``shared`` (a dict to fill), main-graph initializers of ``min_bytes`` or more are not
         copied: the proto refers to them as external data at ``SHARED_LOCATION`` and
         ``shared`` maps their names to the IR's own arrays (read-only use: onnxruntime's
-        ``add_initializer`` runs on them without a copy, see ``qcompiler.calib_engine``);
+        ``add_initializer`` runs on them without a copy, see ``qcompiler.calibration.engine``);
         ``share`` narrows which constants qualify."""
         self._gs.opset = self.opsets.get("", self._gs.opset)
         _repack_4bit(self)

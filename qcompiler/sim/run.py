@@ -198,7 +198,7 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
     and cosine. Deterministic: the same inputs give the same bytes."""
     from onnx.reference import ReferenceEvaluator
 
-    from ..calib_data import load_calibration
+    from ..calibration.data import load_calibration
     from ..target import Target, load_target
 
     tgt = target if isinstance(target, Target) else load_target(target)
@@ -254,7 +254,7 @@ def simulate(model: Any, target: Any, inputs: Any, *, reference: Any = None, lim
 
 def _input_specs(proto: onnx.ModelProto) -> list[Any]:
     """Run-time inputs (not initializers) as calibration input specs."""
-    from ..calib_data import InputSpec
+    from ..calibration.data import InputSpec
 
     inits = {t.name for t in proto.graph.initializer}
     specs = []

@@ -369,7 +369,7 @@ def _conv_hardswish() -> onnx.ModelProto:
 def test_saturation_bounds_per_reader() -> None:
     """Relu/HardSwish/constant-Clip readers bound a value; any other reader, or being a graph
     output, leaves it unbounded; several saturating readers give the union of their intervals."""
-    from qcompiler.passes.calibrate import saturation_bounds
+    from qcompiler.calibration import saturation_bounds
 
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="r0"),
              helper.make_node("Clip", ["a", "lo", "hi"], ["b"], name="clip"),

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .tomlfile import read_toml
+from ..errors import UserError
+from ..tomlfile import read_toml
+from .data import check_sample
 
 __all__ = ["ImageSpec", "IMAGE_SUFFIXES", "SPEC_FILE", "parse_image_spec", "load_image_spec", "resolve_image_spec",
            "image_files", "image_feeds", "preprocess_image"]
@@ -245,8 +246,6 @@ def _target_input(specs: list[Any], spec: ImageSpec, where: str) -> str:
 
 def image_feeds(directory: Path, specs: list[Any], image_spec: Any = None) -> Iterator[dict[str, np.ndarray]]:
     """One validated feed per image of ``directory``, in name order."""
-    from .calib_data import _check_sample
-
     spec = resolve_image_spec(image_spec, directory)
     name = _target_input(specs, spec, str(directory))
     files = image_files(directory)
@@ -254,4 +253,4 @@ def image_feeds(directory: Path, specs: list[Any], image_spec: Any = None) -> It
         raise UserError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)})")
     _pillow()  # fail with the install hint before the first file
     for path in files:
-        yield _check_sample({name: preprocess_image(path, spec)}, specs, str(path))
+        yield check_sample({name: preprocess_image(path, spec)}, specs, str(path))

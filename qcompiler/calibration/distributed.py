@@ -1,6 +1,6 @@
 """Running calibration jobs on shards: inline, in local worker processes, or on Dask.
 
-Sample i goes to shard i % N; each shard runs the whole :class:`~qcompiler.calib_engine.Job`
+Sample i goes to shard i % N; each shard runs the whole :class:`~qcompiler.calibration.engine.Job`
 (its own onnxruntime session) and returns its statistics serialised; the parent merges them
 in shard order. Min/max, histograms and zero counts are integers or exact extremes, so the
 merge equals a single-process run bit for bit; channel sums and second moments (float32 per
@@ -18,9 +18,10 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from .calib_engine import Job, Progress, lane_threads, run_job
-from .calibration import Feed, Statistics
-from .errors import UserError
+from ..errors import UserError
+from .data import Feed
+from .engine import Job, Progress, lane_threads, run_job
+from .stats import Statistics
 
 __all__ = ["run_sharded"]
 

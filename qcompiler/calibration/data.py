@@ -6,7 +6,7 @@ validated feed dicts (input name -> array, batch of 1 or the sample's own batch)
 
 * a stacked ``.npz`` (keys = input names, samples on axis 0), a directory of per-sample
   ``.npz`` files, a ``.npy`` for single-input models;
-* a directory of images with a preprocessing spec (:mod:`qcompiler.imagedata`, needs Pillow);
+* a directory of images with a preprocessing spec (:mod:`qcompiler.calibration.images`, needs Pillow);
 * ``"random:N"`` (or ``"random:N:SEED"``): N seeded random samples, for smoke tests only
   (``real_data`` is False and the report says so);
 * a mapping of stacked arrays, an iterable of feed dicts, or a zero-argument callable that
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["InputSpec", "CalibrationData", "Feed", "load_calibration", "input_specs", "random_feeds",
-           "RANDOM_SYMBOLIC_DIM", "RANDOM_DEFAULT_SEED"]
+           "RANDOM_SYMBOLIC_DIM", "RANDOM_DEFAULT_SEED", "check_sample"]
 
 Feed = dict[str, np.ndarray]
 
@@ -89,7 +89,7 @@ def input_specs(model: Any, source: str = "<ModelProto>") -> list[InputSpec]:
     return specs
 
 
-def _check_sample(feed: Mapping[str, Any], specs: list[InputSpec], where: str) -> Feed:
+def check_sample(feed: Mapping[str, Any], specs: list[InputSpec], where: str) -> Feed:
     """One sample checked against the model's inputs: names, rank, dtype (same kind is cast,
     e.g. float64 -> float32), fixed dims, one size per symbolic dim name, finite values."""
     names = {s.name for s in specs}
@@ -164,7 +164,7 @@ class CalibrationData:
         if isinstance(source, Iterator):
             # a one-shot iterator is read once and kept: calibration reads the data twice
             head = source if limit is None else itertools.islice(source, limit)
-            self._cached = [_check_sample(_as_mapping(f, i), specs, f"calibration sample {i}")
+            self._cached = [check_sample(_as_mapping(f, i), specs, f"calibration sample {i}")
                             for i, f in enumerate(head)]
         if next(iter(self), None) is None:
             raise UserError(f"{self.description}: calibration set is empty")
@@ -200,7 +200,7 @@ class CalibrationData:
             raise UserError(f"calibration data of type {type(src).__name__}: expected a path, 'random:N', a dict "
                             "of stacked arrays, an iterable of feed dicts or a callable returning one")
         for i, feed in enumerate(src):
-            yield _check_sample(_as_mapping(feed, i), self.specs, f"calibration sample {i}")
+            yield check_sample(_as_mapping(feed, i), self.specs, f"calibration sample {i}")
 
 
 def _as_mapping(feed: Any, index: int) -> Mapping[str, Any]:
@@ -235,7 +235,7 @@ def random_feeds(text: str, specs: list[InputSpec]) -> Iterator[Feed]:
             else:
                 arr = rng.integers(0, 2, shape).astype(spec.dtype)
             feed[spec.name] = arr
-        yield _check_sample(feed, specs, f"{text} sample {i}")
+        yield check_sample(feed, specs, f"{text} sample {i}")
 
 
 def _from_stacked(arrays: Mapping[str, Any], specs: list[InputSpec], where: str) -> Iterator[Feed]:
@@ -256,7 +256,7 @@ def _from_stacked(arrays: Mapping[str, Any], specs: list[InputSpec], where: str)
         for k, arr in stacked.items():
             # same rank as the model input: keep a batch of 1; one more axis: samples carry their own batch
             feed[k] = arr[i : i + 1] if arr.ndim == rank.get(k, arr.ndim) else arr[i]
-        yield _check_sample(feed, specs, f"{where} sample {i}")
+        yield check_sample(feed, specs, f"{where} sample {i}")
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -271,12 +271,12 @@ def _from_path(path: Path, specs: list[InputSpec], image_spec: Any = None) -> It
     if not path.exists():
         raise UserError(f"{path}: no such calibration file or directory")
     if path.is_dir():
-        from .imagedata import image_files, image_feeds
+        from .images import image_feeds, image_files
 
         npz = sorted(p for p in path.iterdir() if p.suffix == ".npz")
         if npz and image_spec is None:
             for f in npz:
-                yield _check_sample(_load_npz(f), specs, str(f))
+                yield check_sample(_load_npz(f), specs, str(f))
         elif image_files(path):
             yield from image_feeds(path, specs, image_spec)
         else:

@@ -1,9 +1,9 @@
 """Calibration statistics: the mergeable collectors (min/max, histograms, channel means,
-input second moments) that :mod:`qcompiler.calib_engine` fills while it runs the float model.
+input second moments) that :mod:`qcompiler.calibration.engine` fills while it runs the float model.
 
 Samples are streamed: each sample's tensors are reduced into these and dropped, so memory does
 not grow with the number of samples. ``Statistics`` extends ``RangeCollector`` with per-sample
-extremes, histograms and zero counts. The data sources live in :mod:`qcompiler.calib_data`.
+extremes, histograms and zero counts. The data sources live in :mod:`qcompiler.calibration.data`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .calib_data import CalibrationData, Feed, InputSpec, input_specs, load_calibration
-from .calib_methods import mse_range
+from .data import Feed
 
-__all__ = ["InputSpec", "CalibrationData", "load_calibration", "input_specs", "RangeCollector", "PatchSpec",
-           "input_patches", "gram", "sample_moments", "flush_columns", "channel_totals", "mse_range", "Statistics", "run_model"]
+__all__ = ["RangeCollector", "PatchSpec", "input_patches", "gram", "sample_moments", "flush_columns",
+           "channel_totals", "Statistics", "run_model"]
 
 
 @dataclass(frozen=True)

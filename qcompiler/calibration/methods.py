@@ -17,13 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .quant import QType, compute_qparams, dequantize, quantize
+from ..quant import QType, compute_qparams, dequantize, quantize
 
-__all__ = ["METHODS", "RangeTarget", "histogram_kind", "percentile_range", "entropy_range", "entropy_threshold",
+__all__ = ["RangeTarget", "histogram_kind", "percentile_range", "entropy_range", "entropy_threshold",
            "moving_average_range", "mse_range", "weight_mse_ranges", "weight_mse_clip"]
-
-METHODS = ("minmax", "percentile", "entropy", "mse")
-
 
 @dataclass(frozen=True)
 class RangeTarget:

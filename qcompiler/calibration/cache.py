@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import Feed, Statistics
-from .errors import UserError
+from ..errors import UserError
+from .data import Feed
+from .stats import Statistics
 
 __all__ = ["data_digest", "cache_key", "load_cached", "store_cached", "array_key", "load_array", "store_array",
            "write_entry", "frame", "unframe"]

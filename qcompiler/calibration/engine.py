@@ -3,7 +3,7 @@
 A :class:`Job` is one pass over the data (one phase) for every group of observed tensors:
 phase 1 records min/max, per-sample extremes, channel sums and layer input moments; phase 2
 fixed-range histograms (over the phase-1 ranges). Jobs are plain data (the model as bytes), so
-the same job runs inline, in a spawned process or on a Dask worker (:mod:`qcompiler.calib_dist`)
+the same job runs inline, in a spawned process or on a Dask worker (:mod:`qcompiler.calibration.distributed`)
 and gives the same statistics. Within a process, ``lanes`` samples are in flight at once on
 threads sharing the session (:func:`run_job`).
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import resource
 import sys
 import time
@@ -29,31 +28,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import calibration
-from .calibration import Feed, PatchSpec, Statistics
-from .errors import UserError
-from .rounding import one_blas_thread
+from ..rounding import one_blas_thread
+from . import stats as collectors
+from .data import Feed
+from .stats import PatchSpec, Statistics
 
-__all__ = ["Job", "run_job", "trial_run", "parse_memory", "tensor_bytes", "make_groups", "Progress", "peak_rss_mb",
-           "DEFAULT_MEMORY", "reuse_sessions", "lane_threads"]
-
-DEFAULT_MEMORY = "1GB"
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
-
-
-def parse_memory(text: str | int) -> int:
-    """Bytes from ``1073741824``, ``512MB``, ``1GB``, ``1.5G`` (K/M/G/T are powers of 1024)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if m is None or unit not in _UNITS:
-        raise UserError(f"--calibration-memory {text}: not a size (bytes, or a number with KB, MB, GB)")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise UserError(f"--calibration-memory {text}: must be positive")
-    return value
+__all__ = ["Job", "run_job", "trial_run", "tensor_bytes", "make_groups", "Progress", "peak_rss_mb", "reuse_sessions",
+           "lane_threads"]
 
 
 @dataclass
@@ -97,7 +78,7 @@ def _placeholder_dir() -> str:
         import shutil
         import tempfile
 
-        from .ir.model import SHARED_LOCATION
+        from ..ir.model import SHARED_LOCATION
 
         path = tempfile.mkdtemp(prefix="qcompiler-calib-")
         open(os.path.join(path, SHARED_LOCATION), "wb").close()
@@ -198,7 +179,7 @@ def trial_run(model: bytes, names: Sequence[str], feed: Feed,
               initializers: Mapping[str, np.ndarray] | None = None) -> None:
     """Build a session exposing ``names`` and run ``feed`` once; raises what onnxruntime raises."""
     sess = _session(model, names, 0, initializers)
-    calibration.run_model(sess, feed)
+    collectors.run_model(sess, feed)
 
 
 # A sample's channel sums and moment vectors, handed from its lane to the accumulator
@@ -218,7 +199,7 @@ def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int
     if name in job.hist_spec:
         stats.update_hist(name, arr)
     if name in job.channel_axes and arr.ndim:  # every sample: bias correction is sensitive to it
-        total = calibration.channel_totals(arr, job.channel_axes[name])
+        total = collectors.channel_totals(arr, job.channel_axes[name])
         if total is not None:
             deferred.append(("mean", name, total, arr.size // total.size))
     if job.moment_limit and index >= job.moment_limit:
@@ -226,7 +207,7 @@ def _observe(stats: Statistics, job: Job, name: str, arr: np.ndarray, index: int
     for key, spec in job.moment_specs.get(name, ()):
         if spec.group > 1 and job.grouped_moment_limit and index >= job.grouped_moment_limit:
             continue
-        kind, value = calibration.sample_moments(stats.moment_columns(arr, spec))
+        kind, value = collectors.sample_moments(stats.moment_columns(arr, spec))
         deferred.append((kind, key, value, 0))
 
 
@@ -284,7 +265,7 @@ def run_job(job: Job, data: Iterable[Feed], progress: "Progress | None" = None) 
         part = parts[lane]
         deferred: Deferred = []
         if sess is not None and fetch:
-            outs = calibration.run_model(sess, feed, fetch)
+            outs = collectors.run_model(sess, feed, fetch)
             runs[lane] += 1
             for i, n in enumerate(fetch):
                 arr, outs[i] = outs[i], None  # each tensor freed once reduced: the other lane's run reuses it
@@ -410,7 +391,7 @@ def tensor_bytes(model: Any, names: Sequence[str], first: Feed, threads: int = 0
             # runs that follow, see reuse_sessions); a run fetches only this chunk
             sess = _session(proto, list(exposed) if exposed is not None else chunk, threads,
                             initializers if serialized is not None else None)
-            outs = calibration.run_model(sess, first, chunk)
+            outs = collectors.run_model(sess, first, chunk)
             runs += 1
             for n, arr in zip(chunk, outs):
                 sizes[n] = int(arr.nbytes) if isinstance(arr, np.ndarray) else 0
