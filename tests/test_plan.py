@@ -72,15 +72,19 @@ def test_without_the_key_every_add_is_integer(tmp_path) -> None:
 
 
 def test_kernel_writing_a_float_graph_output_stays_float() -> None:
-    """x -> conv -> y: ort-cpu (QOperator) leaves graph outputs float and QLinearConv writes only
-    a quantized output, so the Conv stays float (lowering could only run it float on rounded
-    inputs); in QDQ format DQ -> Conv -> y is the format's own way to say it, and it stays."""
-    w = init("w", np.full((4, 4, 1, 1), 0.1, np.float32))
-    model = _typed(make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
-                              [tensor_info("x", [1, 4, 6, 6])], [tensor_info("y", [1, 4, 6, 6])], [w]), [1, 4, 6, 6])
+    """x -> Sigmoid -> y: ort-cpu (QOperator) leaves graph outputs float and QLinearSigmoid writes
+    only a quantized output, so the Sigmoid stays float (lowering could only run it float on a
+    rounded input); in QDQ format DQ -> Sigmoid -> y is the format's own way to say it, and it
+    stays. A weight op (Conv -> y) is still left to lowering."""
+    model = _typed(make_model([helper.make_node("Sigmoid", ["x"], ["y"], name="sig")],
+                              [tensor_info("x", [1, 4, 6, 6])], [tensor_info("y", [1, 4, 6, 6])]), [1, 4, 6, 6])
     plan = plan_quantization(model, load_target("ort-cpu"))
-    assert not plan.nodes and "QLinearConv writes only a quantized output" in plan.float_nodes["conv"]
-    assert "conv" in plan_quantization(model, load_target("ort-cpu"), fmt="qdq").nodes
+    assert not plan.nodes and "QLinearSigmoid writes only a quantized output" in plan.float_nodes["sig"]
+    assert "sig" in plan_quantization(model, load_target("ort-cpu"), fmt="qdq").nodes
+    w = init("w", np.full((4, 4, 1, 1), 0.1, np.float32))
+    conv = _typed(make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                             [tensor_info("x", [1, 4, 6, 6])], [tensor_info("y", [1, 4, 6, 6])], [w]), [1, 4, 6, 6])
+    assert "conv" in plan_quantization(conv, load_target("ort-cpu")).nodes
 
 
 def test_chain_of_elementwise_ops_is_dropped_to_a_fixpoint() -> None:
