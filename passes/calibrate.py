@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompiler import Model, Pass, PassContext, PassResult, plan_for
+from qcompiler import Model, Pass, PassContext, PassResult, plan_for, plan_quantization
 from qcompiler.calibration import calibrate
 from qcompiler.calibration.options import CalibrationOptions
 
@@ -35,9 +35,13 @@ class Calibrate(Pass, CalibrationOptions):
         every = {v.name for g in model.graph.walk() for v in g.inputs}
         every.update(v.name for g in model.graph.walk() for n in g.nodes for v in n.outputs)
         plan = plan_for(model, ctx, ranges=dict.fromkeys(every))
+        # with plan overrides (an accuracy-budget recompile) the full-integer plan's values are
+        # observed too, so every recompile of a search hits the calibration cache
+        full = plan_quantization(model, ctx.target, ranges=dict.fromkeys(every), groups=ctx.analysis.get("groups", {})) \
+            if ctx.analysis.get("plan_overrides") else None
         result = calibrate(model, ctx.calibration, plan, self, target=ctx.target,
                            groups=ctx.analysis.get("groups", {}),
-                           progress=ctx.progress if ctx.status.enabled else None)
+                           progress=ctx.progress if ctx.status.enabled else None, full_plan=full)
         ctx.analysis["input_moments"] = result.moments
         if self.cache:  # later passes keep their expensive results there too (insert-qdq's GPTQ codes)
             ctx.analysis["cache_dir"] = self.cache

@@ -46,6 +46,12 @@ class QuantizeDynamic(Pass):
     `weight-range=mse` clips each weight column to the range with the least quantization
     error instead of its min/max (measured on all-MiniLM-L6: cosine 0.9939 -> 0.9940).
 
+    In a static compile (the pass in a target's static pipeline, after insert-qdq, whose plan it
+    reads from ``ctx.analysis["plan"]``) it builds
+    only the plan's ``dynamic`` outcomes (a per-node accuracy-budget fallback,
+    ``Plan.override(node, "dynamic", why)``) with the same kernel, and nothing else: a
+    static compile without such outcomes is unchanged. The report's ``dynamic_nodes`` lists them.
+
     Why: for MatMul-heavy models (transformers) activation ranges vary per input, so
     run-time ranges keep accuracy without calibration. Requires nothing. Edits in place.
     """
@@ -83,78 +89,94 @@ class QuantizeDynamic(Pass):
         rw.create_node(graph, "Mul", [gf, gs_], [out], name=node.name + "_dequantize")
         return True
 
+    def _matmul(self, rw, graph, node: Node, cfg, shared: dict[int, tuple], target: str) -> str:
+        """Build the dynamic kernel for one MatMul (weight quantized now, activation per call);
+        ``shared``: this graph's DynamicQuantizeLinear outputs per activation. Returns the
+        kernel node's name."""
+        w_val = node.inputs[1]
+        w = const_value(w_val)
+        qtype = cfg.weight.qtype
+        # the pair-sum limit matters here too: the dynamic kernels are u8s8 GEMMs
+        axis = 1 if cfg.weight.per_channel else None
+        # mse: each channel's clipping range minimises its own quantization error
+        qp = weight_qparams(weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" else w, qtype, axis)
+        wq = rw.constant(w_val.name + "_quantized", quantize(w, qp))
+        ws = rw.constant(w_val.name + "_scale", qp.scale)
+        wz = rw.constant(w_val.name + "_zero_point", qp.zero_point)
+        out = node.outputs[0]
+        a = node.inputs[0]
+        spec = kernel_spec(cfg.kernel_op)
+        form = _form(spec)
+        if form == "fused":
+            assert spec is not None
+            bias, final = Variable.empty(), out
+            readers = out.outputs
+            if (self.fold_bias and len(readers) == 1 and readers[0].op == "Add"
+                    and not graph.is_graph_output(out)):
+                add = readers[0]
+                other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+                if is_constant(other) and const_value(other).shape == (w.shape[1],):
+                    bias, final = other, add.outputs[0]
+                    rw.erase_node(graph, add)
+            rw.erase_node(graph, node)
+            inputs = assemble_inputs(spec, [None, (wq, ws, wz)], None, Variable.empty)
+            inputs[0] = a  # the float activation, quantized by the kernel (then the bias)
+            rw.create_node(graph, spec.name, inputs + [bias],
+                           [final], name=node.name + "_quant", domain=spec.domains[0])
+        elif form == "integer":
+            assert spec is not None
+            # one DynamicQuantizeLinear per activation, shared by all its MatMuls
+            # (attention's Q, K and V projections read the same input)
+            if id(a) not in shared:
+                aq = rw.value(a.name + "_quantized", dtype=np.uint8)
+                as_ = rw.value(a.name + "_scale", dtype=np.float32, shape=[])
+                az = rw.value(a.name + "_zero_point", dtype=np.uint8, shape=[])
+                rw.create_node(graph, "DynamicQuantizeLinear", [a], [aq, as_, az], name=node.name + "_dql")
+                shared[id(a)] = (aq, as_, az)
+            aq, as_, az = shared[id(a)]
+            acc = rw.value(out.name + "_int32", dtype=np.int32)
+            accf = rw.value(out.name + "_float", dtype=np.float32)
+            sc = rw.value(out.name + "_scale", dtype=np.float32)
+            rw.erase_node(graph, node)
+            rw.create_node(graph, spec.name, assemble_inputs(spec, [(aq, as_, az), (wq, ws, wz)], None,
+                                                             Variable.empty),
+                           [acc], name=node.name + "_quant", domain=spec.domains[0])
+            rw.create_node(graph, "Cast", [acc], [accf], {"to": 1}, name=node.name + "_cast")
+            rw.create_node(graph, "Mul", [as_, ws], [sc], name=node.name + "_scale_mul")
+            rw.create_node(graph, "Mul", [accf, sc], [out], name=node.name + "_rescale")
+        else:
+            known = ", ".join(k.name for k in kernels_for("MatMul") if _form(k))
+            raise UserError(f"target '{target}': key dynamic.ops.MatMul.kernel = "
+                            f"'{cfg.kernel}' is not a dynamic kernel ({known})")
+        return node.name + "_quant"
+
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if self.weight_range not in ("minmax", "mse"):
             raise UserError(f"pass 'quantize-dynamic': option 'weight-range={self.weight_range}' must be minmax or mse")
+        # after insert-qdq (a static compile) the plan exists: build its dynamic outcomes (accuracy-
+        # budget fallbacks) and nothing else; otherwise this pass makes the dynamic-mode plan
+        static = ctx.analysis.get("plan")
         cfg = ctx.target.op("MatMul", mode="dynamic")
-        if cfg is None:
+        if static is not None:
+            plan = static
+        elif cfg is None:
             raise UserError(f"target '{ctx.target.name}' has no dynamic kernel for MatMul (key dynamic.ops.MatMul)")
-        plan = plan_dynamic(model, ctx.target, exclude=self.exclude, min_weight_elements=self.min_weight_elements,
-                            max_k=self.max_k, overrides=ctx.analysis.get("plan_overrides"))
+        else:
+            plan = plan_dynamic(model, ctx.target, exclude=self.exclude, min_weight_elements=self.min_weight_elements,
+                                max_k=self.max_k, overrides=ctx.analysis.get("plan_overrides"))
         rw = ctx.rewriter(model)
         lowered: list[str] = []
         for graph in list(model.graph.walk()):
             shared: dict[int, tuple] = {}
             for node in graph.nodes:
                 outcome = plan.outcome(node.name) if node.op == "MatMul" and node.outputs else None
-                if outcome is None or outcome.kind != "dynamic":
-                    continue
-                w_val = node.inputs[1]
-                w = const_value(w_val)
-                qtype = cfg.weight.qtype
-                # the pair-sum limit matters here too: the dynamic kernels are u8s8 GEMMs
-                axis = 1 if cfg.weight.per_channel else None
-                # mse: each channel's clipping range minimises its own quantization error
-                qp = weight_qparams(weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" else w, qtype, axis)
-                wq = rw.constant(w_val.name + "_quantized", quantize(w, qp))
-                ws = rw.constant(w_val.name + "_scale", qp.scale)
-                wz = rw.constant(w_val.name + "_zero_point", qp.zero_point)
-                out = node.outputs[0]
-                a = node.inputs[0]
-                spec = kernel_spec(cfg.kernel_op)
-                form = _form(spec)
-                if form == "fused":
-                    assert spec is not None
-                    bias, final = Variable.empty(), out
-                    readers = out.outputs
-                    if (self.fold_bias and len(readers) == 1 and readers[0].op == "Add"
-                            and not graph.is_graph_output(out)):
-                        add = readers[0]
-                        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
-                        if is_constant(other) and const_value(other).shape == (w.shape[1],):
-                            bias, final = other, add.outputs[0]
-                            rw.erase_node(graph, add)
-                    rw.erase_node(graph, node)
-                    inputs = assemble_inputs(spec, [None, (wq, ws, wz)], None, Variable.empty)
-                    inputs[0] = a  # the float activation, quantized by the kernel (then the bias)
-                    rw.create_node(graph, spec.name, inputs + [bias],
-                                   [final], name=node.name + "_quant", domain=spec.domains[0])
-                elif form == "integer":
-                    assert spec is not None
-                    # one DynamicQuantizeLinear per activation, shared by all its MatMuls
-                    # (attention's Q, K and V projections read the same input)
-                    if id(a) not in shared:
-                        aq = rw.value(a.name + "_quantized", dtype=np.uint8)
-                        as_ = rw.value(a.name + "_scale", dtype=np.float32, shape=[])
-                        az = rw.value(a.name + "_zero_point", dtype=np.uint8, shape=[])
-                        rw.create_node(graph, "DynamicQuantizeLinear", [a], [aq, as_, az], name=node.name + "_dql")
-                        shared[id(a)] = (aq, as_, az)
-                    aq, as_, az = shared[id(a)]
-                    acc = rw.value(out.name + "_int32", dtype=np.int32)
-                    accf = rw.value(out.name + "_float", dtype=np.float32)
-                    sc = rw.value(out.name + "_scale", dtype=np.float32)
-                    rw.erase_node(graph, node)
-                    rw.create_node(graph, spec.name, assemble_inputs(spec, [(aq, as_, az), (wq, ws, wz)], None,
-                                                                     Variable.empty),
-                                   [acc], name=node.name + "_quant", domain=spec.domains[0])
-                    rw.create_node(graph, "Cast", [acc], [accf], {"to": 1}, name=node.name + "_cast")
-                    rw.create_node(graph, "Mul", [as_, ws], [sc], name=node.name + "_scale_mul")
-                    rw.create_node(graph, "Mul", [accf, sc], [out], name=node.name + "_rescale")
-                else:
-                    known = ", ".join(k.name for k in kernels_for("MatMul") if _form(k))
-                    raise UserError(f"target '{ctx.target.name}': key dynamic.ops.MatMul.kernel = "
-                                    f"'{cfg.kernel}' is not a dynamic kernel ({known})")
-                lowered.append(node.name + "_quant")
+                if outcome is not None and outcome.kind == "dynamic":
+                    lowered.append(self._matmul(rw, graph, node, cfg, shared, ctx.target.name))
+        if static is not None:
+            if lowered:
+                ctx.report["dynamic_nodes"] = {n: plan.outcome(n).reason for n in sorted(plan.dynamic)}  # type: ignore
+            ctx.analysis["lowered"] = sorted(set(ctx.analysis.get("lowered", [])) | set(lowered))
+            return PassResult(rw.modified)
         gather_cfg = ctx.target.op("Gather", mode="dynamic")
         if gather_cfg is not None and gather_cfg.weight.qtype is not None:
             for graph in list(model.graph.walk()):

@@ -12,14 +12,19 @@ integer, so every move is a plan override and the compiled model is an ordinary 
    (``10 ** (-SQNR / 10)``, noise powers of independent layers add) divided by the estimated
    cost of its first fallback (``Target.fallback_cost``), and orders by that, ties by graph order;
 3. predicts, on the analysis's fake-quant model (no recompile), the shortest prefix of that order
-   that meets the budget; recompiles with that prefix moved and measures for real; while the
-   real figure still fails, half as many layers again are moved (never fewer than one) and it
-   recompiles, until the budget holds or no layer is left (then ``UserError``: nothing written;
-   a target's default budget instead keeps the best compile, ``met: false``, and a warning).
+   that meets the budget, by bisection, with the predicted noise scaled by how much noisier the
+   real integer compile was than its fake-quant image (``_Predictor``); recompiles with that
+   prefix moved and measures for real; while the real figure still fails, the scale is refit on
+   that compile and the prefix predicted again (at least a quarter more steps; half more when
+   nothing is predicted to meet it), until the budget holds or no layer is left (then
+   ``UserError``: nothing written; a target's default budget instead keeps the best compile,
+   ``met: false``, and a warning); when a grown prefix holds 3 or more steps past the last short
+   one, one more compile tries the prefix halfway back and keeps it if it holds.
 
 Deterministic: the order is a function of the measured numbers and graph order; onnxruntime
 runs Q/DQ as float ops on every CPU (``qcompiler.fidelity``). Calibration statistics are reused
-across the recompiles through the calibration cache (a temporary one unless the user gave one).
+across the recompiles through the calibration cache (a temporary one unless the user gave one):
+calibrate observes the full-integer plan's values under any overrides, so the key stays the same.
 """
 
 from __future__ import annotations
@@ -180,32 +185,55 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
         ranked, setup, sens = _rank(first, target, base)
         if not explicit:
             ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
-        moved = _predict(ranked, setup, measure)
+        ranked = _moves(ranked)
+        pred = _Predictor(ranked, setup, measure)
+        scale = pred.scale(v0, 0)  # how much noisier the real integer model is than its fake-quant image
+        moved = ranked[:pred.shortest(1, scale) or len(ranked)]
+        fit = _Fit(ranked, budget, v0)
         best = (v0, first, [])
-        while True:
+        failed = 0  # the longest prefix a real compile measured short of the budget
+
+        def build(steps: Sequence[dict[str, Any]]) -> tuple[Any, float | None]:
             ov = dict(base)
-            for r in moved:
-                ov[r["node"]] = ("float", r["why"])
-            result = compile_with(ov, cache_dir)
-            if result._eval is None and budget.func is not None:
-                result = compile_with(ov, cache_dir, True)
+            for r in _effective(steps):
+                ov[r["node"]] = ("dynamic" if r["to"] == "dynamic" else "float", r["why"])
+            res = compile_with(ov, cache_dir)
+            if res._eval is None and budget.func is not None:
+                res = compile_with(ov, cache_dir, True)
+            return res, measure.compiled(res)
+
+        while True:
+            result, value = build(moved)
             compiles += 1
-            value = measure.compiled(result)
             if value is not None and (best[0] is None or value > best[0]):
                 best = (value, result, moved)
             if budget.holds(value) or len(moved) >= len(ranked):
+                if budget.holds(value) and failed and len(moved) - failed >= 3:
+                    # one trim: the prefix halfway back to the last short one, if it holds too
+                    # (a step past the need costs latency: MiniLM 16 moved at 0.60x, 13 at 0.54x)
+                    mid = ranked[:(failed + len(moved)) // 2]
+                    res_mid, v_mid = build(mid)
+                    compiles += 1
+                    if budget.holds(v_mid):
+                        result, value, moved = res_mid, v_mid, mid
                 break
-            moved = ranked[:len(moved) + max(1, len(moved) // 2)]
+            failed = len(moved)
+            # fit the measured compiles (noise vs the sensitivity noise still in integer) and
+            # take the prefix the fit says meets it: at least a quarter more steps (half more
+            # when the fit says none does)
+            n = len(moved)
+            nxt = fit.add(n, value).shortest(n + 1)
+            moved = ranked[:n + max(1, n // 2)] if nxt is None else ranked[:max(nxt, n + max(1, n // 4))]
         if not budget.holds(value) and not explicit:  # a default budget never fails a compile
             value, result, moved = best
-            result.report["accuracy"] = _finish(section, result, value, moved, compiles, start, False,
+            result.report["accuracy"] = _finish(section, result, value, _effective(moved), compiles, start, False,
                                                 ranking=[r["layer"] for r in sens[:10]])
             return result
         if not budget.holds(value):
             raise UserError(f"--accuracy {budget.text}: not met; best {budget.metric} {_fmt(max(value, v0))} "
-                            f"(integer plan: {_fmt(v0)}) with every one of {len(ranked)} movable layers on its "
-                            f"fallback after {compiles} compiles; nothing written")
-        result.report["accuracy"] = _finish(section, result, value, moved, compiles, start, True,
+                            f"(integer plan: {_fmt(v0)}) with every one of {len(_effective(ranked))} movable layers "
+                            f"on its last fallback after {compiles} compiles; nothing written")
+        result.report["accuracy"] = _finish(section, result, value, _effective(moved), compiles, start, True,
                                             ranking=[r["layer"] for r in sens[:10]])
         return result
 
@@ -233,30 +261,31 @@ def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[
     sens = layer_sensitivity(setup=setup)
     rows = []
     for worst, r in enumerate(sens):
-        fallbacks = target.fallbacks(r["op"])
+        fallbacks = setup.fallbacks.get(r["layer"], target.fallbacks(r["op"]))
         if r["layer"] in base or not fallbacks:
             continue
-        to = fallbacks[0]
-        cost = target.fallback_cost(r["op"], to)
+        cost = target.fallback_cost(r["op"], fallbacks[0])
         noise = 0.0 if r["score"] is None else 10.0 ** (-r["score"] / 10.0)
         why = (f"accuracy budget: sensitivity rank {worst + 1} (output SQNR {_fmt(r['score'])} dB with only this "
-               f"layer in integer); fallback '{to}', estimated cost {cost:g}x its integer kernel")
-        rows.append({"node": r["layer"], "layer": r["layer"], "op": r["op"], "index": r["index"], "to": to,
-                     "cost": cost, "sensitivity_db": r["score"], "gain_per_cost": noise / cost, "why": why})
+               f"layer in integer)")
+        rows.append({"node": r["layer"], "layer": r["layer"], "op": r["op"], "index": r["index"],
+                     "fallbacks": fallbacks, "sensitivity_db": r["score"], "noise": noise,
+                     "gain_per_cost": noise / cost, "why": why})
     rows.sort(key=lambda x: (-x["gain_per_cost"], x["index"]))
     # integer nodes that are no analysis layer (a Concat, a node on integer data), and float
     # nodes the compile still altered: no sensitivity of their own, so they move last, in order
     ops = {n.name: n.op_type for n in setup.model.proto.graph.node}
     have = {r["node"] for r in rows} | set(base) | {layer.name for layer in setup.layers}
     for i, (name, how) in enumerate(_touched(result, setup.integer).items()):
-        fallbacks = target.fallbacks(ops.get(name, ""))
+        fallbacks = setup.fallbacks.get(name, target.fallbacks(ops.get(name, "")))
         if name in have or how.startswith("fused into") or name not in ops or not fallbacks:
             continue
-        cost = target.fallback_cost(ops[name], fallbacks[0])
-        rows.append({"node": name, "layer": name, "op": ops[name], "index": len(setup.layers) + i, "to": fallbacks[0],
-                     "cost": cost, "sensitivity_db": None, "gain_per_cost": 0.0,
+        rows.append({"node": name, "layer": name, "op": ops[name], "index": len(setup.layers) + i,
+                     "fallbacks": fallbacks, "sensitivity_db": None, "noise": 0.0, "gain_per_cost": 0.0,
                      "why": f"accuracy budget: integer node without a sensitivity of its own ({how}), moved after "
-                            f"the ranked layers; fallback '{fallbacks[0]}', estimated cost {cost:g}x"})
+                            f"the ranked layers"})
+    for r in rows:
+        r["costs"] = [target.fallback_cost(r["op"], f) for f in r["fallbacks"]]
     return rows, setup, sens
 
 
@@ -276,14 +305,129 @@ def _touched(result: Any, integer: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _predict(ranked: Sequence[dict[str, Any]], setup: Any, measure: _Measure) -> list[dict[str, Any]]:
-    """The shortest prefix of ``ranked`` whose fake-quant prediction meets the budget (at least one)."""
-    on = {layer.name for layer in setup.layers}
-    for i, r in enumerate(ranked):
-        on.discard(r["node"])
-        if measure.budget.holds(measure.predicted(setup, on)):
-            return list(ranked[:i + 1])
-    return list(ranked)
+def _moves(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The search's steps in order: every ranked layer to its first fallback (rank order), then
+    every layer with a second one to that, and so on (static -> dynamic int8 for all before any
+    -> float). A prefix of the steps is a state: each layer at its last step in it."""
+    out = []
+    for level in range(max((len(r["fallbacks"]) for r in rows), default=0)):
+        for r in rows:
+            if level < len(r["fallbacks"]):
+                to, cost = r["fallbacks"][level], r["costs"][level]
+                out.append(dict(r, to=to, cost=cost, noise=r["noise"] if level == 0 else 0.0,
+                                why=f"{r['why']}; fallback '{to}' (choice {level + 1} of "
+                                f"{len(r['fallbacks'])}), estimated cost {cost:g}x its integer kernel"))
+    return out
+
+
+def _effective(moved: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each moved layer once, at its last step in ``moved`` (first-move order)."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in moved:
+        last[r["node"]] = r
+    return list(last.values())
+
+
+def _noise(metric: str, v: float | None) -> float | None:
+    """The budget figure as an output noise power that adds across layers (cosine: 1 - cos;
+    sqnr: 10^(-dB/10)); None for a metric without one (top-1, a user metric)."""
+    if v is None or metric not in ("cosine", "sqnr"):
+        return None
+    if metric == "cosine":
+        return max(1.0 - v, 0.0)
+    return 0.0 if math.isinf(v) else 10.0 ** (-v / 10.0)
+
+
+def _from_noise(metric: str, n: float) -> float:
+    if metric == "cosine":
+        return 1.0 - n
+    return math.inf if n <= 0 else -10.0 * math.log10(n)
+
+
+class _Predictor:
+    """The fake-quant prediction of the budget figure after the first ``n`` steps (memoised).
+    The fake-quant model has no dynamic int8: a layer moved anywhere counts as float
+    (optimistic for a dynamic step; the real compiles correct it through ``scale``)."""
+
+    def __init__(self, steps: Sequence[dict[str, Any]], setup: Any, measure: _Measure) -> None:
+        self.steps, self.setup, self.measure = steps, setup, measure
+        self.memo: dict[int, float | None] = {}
+
+    def value(self, n: int) -> float | None:
+        if n not in self.memo:
+            on = {layer.name for layer in self.setup.layers} - {r["node"] for r in self.steps[:n]}
+            self.memo[n] = self.measure.predicted(self.setup, on)
+        return self.memo[n]
+
+    def scale(self, measured: float | None, n: int) -> float:
+        """measured noise / predicted noise after ``n`` steps (1 when the metric has no noise
+        form), kept within [0.25, 100]."""
+        metric = self.measure.budget.metric
+        real, fake = _noise(metric, measured), _noise(metric, self.value(n))
+        if real is None or fake is None or fake <= 0 or real <= 0:
+            return 1.0
+        return min(max(real / fake, 0.25), 100.0)
+
+    def holds(self, n: int, scale: float) -> bool:
+        v, metric = self.value(n), self.measure.budget.metric
+        noise = _noise(metric, v)
+        return self.measure.budget.holds(v if noise is None else _from_noise(metric, noise * scale))
+
+    def shortest(self, lo: int, scale: float) -> int | None:
+        """The shortest prefix of at least ``lo`` steps predicted (noise times ``scale``) to meet
+        the budget, by bisection (the prediction taken as monotone in the number of steps: each
+        step moves one more layer off integer); None when even all steps are not."""
+        hi = len(self.steps)
+        if lo > hi or not self.holds(hi, scale):
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.holds(mid, scale):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi
+
+
+class _Fit:
+    """The real compiles' noise (``_noise``) as a line in the sensitivity noise the steps leave
+    in integer, ``R(n)`` (the ranked layers' ``10^(-SQNR/10)`` summed after the first ``n``
+    steps): ``noise = c0 + c1 R(n)`` through the last two measured compiles. ``c0`` is what the
+    ranking does not see (integer nodes without a sensitivity, requantization between layers).
+    Why: the fake-quant prediction undershoots more the more layers move (effnet: the real model
+    2.3x then 13x noisier than predicted), and a fit costs no model run."""
+
+    def __init__(self, steps: Sequence[dict[str, Any]], budget: Budget, v0: float | None) -> None:
+        self.budget = budget
+        left = [0.0] * (len(steps) + 1)
+        for i in range(len(steps) - 1, -1, -1):
+            left[i] = left[i + 1] + steps[i]["noise"]
+        self.left = left
+        self.points: list[tuple[float, float]] = []
+        self.add(0, v0)
+
+    def add(self, n: int, value: float | None) -> "_Fit":
+        noise = _noise(self.budget.metric, value)
+        if noise is not None:
+            self.points.append((self.left[n], noise))
+        return self
+
+    def shortest(self, lo: int) -> int | None:
+        """The first ``n >= lo`` the fit says meets the budget; None without a usable fit."""
+        target = _noise(self.budget.metric, self.budget.threshold)
+        if target is None or len(self.points) < 2:
+            return None
+        (r1, y1), (r2, y2) = self.points[-2:]
+        if r1 == r2:
+            return None
+        c1 = (y1 - y2) / (r1 - r2)
+        c0 = y2 - c1 * r2
+        if c1 <= 0 or c0 >= target:
+            return None
+        for n in range(lo, len(self.left)):
+            if c0 + c1 * self.left[n] <= target:
+                return n
+        return None
 
 
 def _finish(section: dict[str, Any], result: Any, value: float | None, moved: Sequence[dict[str, Any]],
@@ -303,10 +447,16 @@ def _finish(section: dict[str, Any], result: Any, value: float | None, moved: Se
     before = _fmt(section["value_before"])
     verdict = "met" if met else "NOT met (warning: the target's default budget; the best model is written)"
     out["summary"] = (f"accuracy {section['budget']} {verdict}: {_name(section)} {before} -> {_fmt(value)}, "
-                      f"{len(moved)} layer(s) moved" + (f" ({', '.join(sorted({r['to'] for r in moved}))}, est. "
+                      f"{len(moved)} layer(s) moved" + (f" ({_counts(moved)}, est. "
                                                          f"+{extra:.3g} kernel-latency units)" if moved else "")
                       + f", {compiles} compile(s), {secs:.1f} s")
     return out
+
+
+def _counts(moved: Sequence[dict[str, Any]]) -> str:
+    """'12 dynamic, 1 float': how many layers went to each fallback."""
+    tos = [r["to"] for r in moved]
+    return ", ".join(f"{tos.count(t)} {t}" for t in sorted(set(tos)))
 
 
 def _name(section: Mapping[str, Any]) -> str:

@@ -41,6 +41,8 @@ def integer_nodes(model: Model, tgt: Target, ctx: PassContext) -> tuple[dict[str
         lowered[name] = np_.config.kernel or f"{np_.node.op} (Q/DQ)"
     for tail, head in plan.fused.items():
         lowered[tail] = f"fused into '{head}'"
+    for name, kernel in plan.dynamic.items():
+        lowered[name] = f"{kernel} (dynamic: activation quantized per call)"
     floats = dict(plan.float_nodes)
     # data movement follows its input, as insert-qdq will place it (the same walk)
     for step in quantization_walk(model, tgt, plan):

@@ -5,7 +5,11 @@ quantize-dynamic, lower-qoperator (which records where it deviates), ``qcompiler
 and ``qcompiler check`` read it; the target decides, this module only reads the target.
 
 :meth:`Plan.override` (or ``compile(plan_overrides=...)``, which every reader honours) sets a
-node's outcome from outside: the hook for a per-node accuracy fallback.
+node's outcome from outside: the hook for a per-node accuracy fallback. Two outcomes can be set:
+``float``, and ``dynamic`` in a static compile (the node's activation is quantized at run time by
+the target's dynamic kernel, ``dynamic.ops.<Op>``, which quantize-dynamic builds; no calibrated
+range is needed for it). :func:`fallback_outcomes` says which of a target's fallbacks a node can
+take.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from .quant import QType
 from .target import OpConfig, Target, TensorRule
 
 __all__ = ["NodePlan", "Plan", "Outcome", "OUTCOMES", "plan_quantization", "plan_for", "plan_dynamic", "value_qtypes", "QuantStep", "quantization_walk", "ranges_read", "weight_axis",
-           "reduction_axis", "is_float", "producer_op", "partitions"]
+           "reduction_axis", "is_float", "producer_op", "partitions", "OVERRIDES", "dynamic_blocker",
+           "fallback_outcomes"]
 
 
 @dataclass
@@ -44,6 +49,8 @@ class NodePlan:
 #: how a node runs: a DQ -> op -> Q group, an integer kernel the target names, a kernel that
 #: quantizes its activations at run time, or float
 OUTCOMES = ("qdq", "kernel", "dynamic", "float")
+#: the outcomes an override may set (the others are the plan's own decisions)
+OVERRIDES = ("float", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,8 @@ class Plan:
         """How node ``name`` runs; None for nodes the plan does not decide (Q/DQ, data
         movement, which follows its input)."""
         if name in self.dynamic:
-            return Outcome("dynamic", kernel=self.dynamic[name])
+            ov = self.overrides.get(name)
+            return Outcome("dynamic", ov.reason if ov is not None else "", self.dynamic[name])
         if name in self.float_nodes:  # (before the integer tables: a deviation wins)
             return Outcome("float", self.float_nodes[name])
         head = self.fused.get(name)
@@ -82,18 +90,22 @@ class Plan:
             return Outcome("kernel", reason, np_.config.kernel) if np_.config.kernel else Outcome("qdq", reason)
         return None
 
-    def override(self, node: str, outcome: str, reason: str) -> None:
-        """Run ``node`` as ``outcome`` whatever the target allows. Only ``float`` is supported
-        (a node can always fall back to float); the other outcomes are the plan's own
-        decisions. Readers that plan again get it through ``compile(plan_overrides=...)``."""
+    def override(self, node: str, outcome: str, reason: str, kernel: str | None = None) -> None:
+        """Run ``node`` as ``outcome`` (one of :data:`OVERRIDES`): ``float``, or ``dynamic`` as
+        ``kernel`` (the target's ``dynamic.ops`` kernel; :func:`plan_quantization` checks the
+        node can take it). Readers that plan again get it through ``compile(plan_overrides=...)``."""
         self.overrides[node] = _override(node, outcome, reason)
         self.nodes.pop(node, None)
         self.dynamic.pop(node, None)
+        self.float_nodes.pop(node, None)
         for tail, head in list(self.fused.items()):
             if node in (tail, head):
                 del self.fused[tail]
-                self.float_nodes[tail] = reason if tail == node else f"fused activation of float node '{head}'"
-        self.float_nodes[node] = reason
+                self.float_nodes[tail] = reason if tail == node else f"fused activation of overridden node '{head}'"
+        if outcome == "dynamic":
+            self.dynamic[node] = kernel or ""
+        else:
+            self.float_nodes[node] = reason
 
     def deviate(self, node: str, reason: str) -> None:
         """A later pass could not run ``node`` as planned (lowering found no kernel that fits):
@@ -212,9 +224,10 @@ def _group_tail(node: Node, graph: Graph, target: Target, groups: Mapping[str, s
 
 
 def _override(node: str, kind: str, reason: str) -> Outcome:
-    """An override's outcome; only ``float`` is built by the passes today (module docstring)."""
-    if kind != "float":
-        raise UserError(f"plan override for node '{node}': outcome '{kind}' is not supported (float only)")
+    """An override's outcome (module docstring: which ones the passes build)."""
+    if kind not in OVERRIDES:
+        raise UserError(f"plan override for node '{node}': outcome '{kind}' is not supported "
+                        f"({', '.join(OVERRIDES)})")
     return Outcome(kind, reason)
 
 
@@ -241,7 +254,8 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
     ``fmt`` the output format (default: the target's).
     """
     plan = Plan(overrides=_overrides(overrides))
-    groups = {h: t for h, t in (groups or {}).items() if t not in plan.overrides}
+    # an overridden node is no member of a fused group (a float or dynamic head's tail runs float)
+    groups = {h: t for h, t in (groups or {}).items() if t not in plan.overrides and h not in plan.overrides}
     excluded = set(exclude)
     unranged: dict[str, str] = {}  # integer but for a missing range: decided after the drop below
     for graph in model.graph.walk():
@@ -393,7 +407,14 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
     if node.op in ("QuantizeLinear", "DequantizeLinear"):
         return None
     if node.name in plan.overrides:
-        return plan.overrides[node.name].reason
+        ov = plan.overrides[node.name]
+        if ov.kind == "dynamic":
+            why = dynamic_blocker(node, target)
+            if why is not None:
+                raise UserError(f"plan override for node '{node.name}': outcome 'dynamic': {why}")
+            plan.dynamic[node.name] = target.op(node.op, mode="dynamic").kernel or ""  # type: ignore[union-attr]
+            return None
+        return ov.reason
     domain = "" if node.domain in (None, "ai.onnx") else node.domain
     if domain:
         return f"op domain '{domain}' is not quantized by qcompiler"
@@ -499,19 +520,63 @@ def plan_dynamic(model: Model, target: Target, *, exclude: Sequence[str] = (), m
 
 def _why_float_dynamic(node: Node, plan: Plan, excluded: set[str], min_weight_elements: int, max_k: int
                        ) -> str | None:
-    if node.name in plan.overrides:
-        return plan.overrides[node.name].reason
+    ov = plan.overrides.get(node.name)
+    if ov is not None and ov.kind == "float":
+        return ov.reason
+    if ov is not None:  # dynamic whatever the size options say, if it can be built at all
+        why = _dynamic_weight_blocker(node)
+        if why is not None:
+            raise UserError(f"plan override for node '{node.name}': outcome 'dynamic': {why}")
+        return None
     if node.name in excluded:
         return "excluded by option"
-    w_val = node.inputs[1]
-    if not isinstance(w_val, gs.Constant):
-        return "MatMul of two run-time values (no constant weight)"
-    w = np.asarray(w_val.values)
-    if w.ndim != 2 or w.dtype != np.float32 or w.size < min_weight_elements:
+    why = _dynamic_weight_blocker(node)
+    if why is not None:
+        return why
+    w = np.asarray(node.inputs[1].values)  # type: ignore[attr-defined]
+    if w.size < min_weight_elements:
         return "weight is not a large 2-D float32 matrix"
     if max_k and w.shape[0] > max_k:
         return f"{w.shape[0]} input features > max-k {max_k}"
     return None
+
+
+def _dynamic_weight_blocker(node: Node) -> str | None:
+    """Why a MatMul cannot run as a dynamic kernel (which quantizes its weight ahead of time):
+    the weight must be a constant 2-D float32 matrix."""
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return "MatMul of two run-time values (no constant weight)"
+    w = np.asarray(node.inputs[1].values)
+    if w.ndim != 2 or w.dtype != np.float32:
+        return "weight is not a large 2-D float32 matrix"
+    return None
+
+
+def dynamic_blocker(node: Node, target: Target) -> str | None:
+    """Why ``node`` cannot take the ``dynamic`` outcome in a static compile, or None: the
+    target needs a dynamic kernel for its op (``dynamic.ops.<Op>``, a MatMul kernel of the
+    kernel table that quantize-dynamic builds) and the weight must be a constant 2-D matrix."""
+    from .kernels import kernel_spec
+
+    cfg = target.op(node.op, mode="dynamic")
+    spec = kernel_spec(cfg.kernel_op) if cfg is not None else None
+    if spec is None or not spec.dynamic or spec.float_op != node.op or node.op != "MatMul":
+        return f"target '{target.name}' has no dynamic kernel for {node.op} (key dynamic.ops.{node.op}.kernel)"
+    return _dynamic_weight_blocker(node)
+
+
+def fallback_outcomes(model: Model, target: Target, nodes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Per node of ``nodes`` (in ``model``, the graph the plan decides on): the target's
+    fallbacks for its op (``[accuracy] fallbacks``) that this node can take, in order (a
+    ``dynamic`` fallback needs :func:`dynamic_blocker` to find nothing). Unknown names are left out."""
+    wanted = set(nodes)
+    out: dict[str, tuple[str, ...]] = {}
+    for graph in model.graph.walk():
+        for node in graph.gs.nodes:
+            if node.name in wanted:
+                out[node.name] = tuple(f for f in target.fallbacks(node.op)
+                                       if f != "dynamic" or dynamic_blocker(node, target) is None)
+    return out
 
 
 def value_qtypes(model: Model, target: Target, plan: Plan) -> dict[str, QType]:

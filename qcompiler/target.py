@@ -71,11 +71,11 @@ def _weight_only_kernel_names(float_op: str) -> tuple[str, ...]:
 
 _OP["depthwise"] = {k: v for k, v in _OP.items()}
 #: what a layer may fall back to under an accuracy budget (``[accuracy] fallbacks``, ``ops.X.fallbacks``):
-#: ``float`` and ``host-float`` (float on the host: the same graph, plus a partition boundary's cost) are
-#: built; ``dynamic`` and ``int16-activations`` are named here so that a target using them gets a clear
-#: refusal instead of "unknown"
-FALLBACKS = ("float", "host-float")
-_FALLBACKS_NOT_BUILT = ("dynamic", "int16-activations")
+#: ``float``, ``host-float`` (float on the host: the same graph, plus a partition boundary's cost) and
+#: ``dynamic`` (the target's dynamic kernel inside a static compile; MatMul) are built;
+#: ``int16-activations`` is named here so that a target using it gets a clear refusal instead of "unknown"
+FALLBACKS = ("float", "host-float", "dynamic")
+_FALLBACKS_NOT_BUILT = ("int16-activations",)
 _ROLES = ("activation", "weight", "bias", "float", "any")
 _SCHEMA: dict[str, Any] = {
     "schema": int,
@@ -108,7 +108,7 @@ _SCHEMA: dict[str, Any] = {
     "fixed_qparams": ("table-of", {"scale": float, "zero_point": int, "note": str}),
     "dynamic": {"ops": ("table-of", _OP), "weight": _TENSOR_RULE, "activation": _TENSOR_RULE},
     "accuracy": {"default": str, "fallbacks": list, "cost": ("table-of", float), "boundary_cost": float,
-                 "note": str},
+                 "fallback_cost": ("table-of", ("table-of", float)), "note": str},
     "weight_only": {"kernel": _weight_only_kernel_names("MatMul") + ("DequantizeLinear",),
                     "gather_kernel": _weight_only_kernel_names("Gather") + ("",),
                     "bits": list, "block_sizes": list, "symmetric": list, "accuracy_level": int,
@@ -411,12 +411,21 @@ class Target:
         for op, cfg in data.get("ops", {}).items():
             if "fallbacks" in cfg:
                 self._fallbacks[op] = self._fallback_list(cfg["fallbacks"], src, f"ops.{op}.fallbacks")
-        for op, v in self.fallback_costs.items():
-            if not v > 0:
-                raise UserError(f"{src}: key 'accuracy.cost.{op}' = {v} must be positive")
+        # per fallback: its own cost table over [accuracy.cost] (a dynamic MatMul costs less than a float one)
+        self.outcome_costs: dict[str, dict[str, float]] = {
+            k: {op: float(v) for op, v in t.items()} for k, t in acc.get("fallback_cost", {}).items()}
+        for key, table in [("accuracy.cost", self.fallback_costs)] + [
+                (f"accuracy.fallback_cost.{k}", t) for k, t in self.outcome_costs.items()]:
+            for op, v in table.items():
+                if not v > 0:
+                    raise UserError(f"{src}: key '{key}.{op}' = {v} must be positive")
+        for k in self.outcome_costs:
+            if k not in FALLBACKS:
+                raise UserError(f"{src}: key 'accuracy.fallback_cost.{k}': not a fallback ({', '.join(FALLBACKS)})")
         dyn = data.get("dynamic", {})
         self.dynamic_ops: dict[str, OpConfig] = {
             op: self._op_config(op, cfg, src, f"dynamic.ops.{op}", dyn) for op, cfg in dyn.get("ops", {}).items()}
+        self._check_dynamic_fallback(src)
         for key in ("activation", "weight", "bias"):
             self._rule(self._rules[key], src, f"quantization.{key}")  # validate eagerly
         wo = data.get("weight_only")
@@ -448,6 +457,24 @@ class Target:
             raise UserError(f"{src}: key '{where}' lists a fallback twice")
         return tuple(raw)
 
+    def _check_dynamic_fallback(self, src: str) -> None:
+        """A ``dynamic`` fallback needs what builds it: a dynamic MatMul kernel and the
+        quantize-dynamic pass in the static pipeline (which builds the plan's dynamic outcomes)."""
+        where = [f"ops.{op}.fallbacks" if op else "accuracy.fallbacks" for op, f in self._fallbacks.items()
+                 if "dynamic" in f]
+        if not where:
+            return
+        from .pipeline import parse_pipeline
+
+        cfg = self.dynamic_ops.get("MatMul")
+        if cfg is None or not cfg.kernel:
+            raise UserError(f"{src}: key '{where[0]}' names 'dynamic', but the target has no dynamic MatMul "
+                            "kernel (key dynamic.ops.MatMul.kernel)")
+        names = [p.name for p in parse_pipeline(self._pipelines["static"])]
+        if "quantize-dynamic" not in names or "insert-qdq" not in names[:names.index("quantize-dynamic")]:
+            raise UserError(f"{src}: key '{where[0]}' names 'dynamic', but the static pipeline (defaults.pipeline) "
+                            "has no quantize-dynamic pass after insert-qdq to build it")
+
     def fallbacks(self, op: str) -> tuple[str, ...]:
         """The ordered fallbacks of a layer of type ``op`` under an accuracy budget."""
         return self._fallbacks.get(op, self._fallbacks[""])
@@ -457,6 +484,8 @@ class Target:
         kernel (1.0): ``[accuracy.cost]`` per op class (``default`` for the rest), plus
         ``boundary_cost`` for ``host-float`` (a host partition's transfer)."""
         base = self.fallback_costs.get(op, self.fallback_costs.get("default", 2.0))
+        own = self.outcome_costs.get(outcome, {})
+        base = own.get(op, own.get("default", base))
         return base + (self.boundary_cost if outcome == "host-float" else 0.0)
 
     def _rule(self, raw: dict[str, Any], src: str, where: str) -> TensorRule:

@@ -175,9 +175,18 @@ def test_target_fallback_keys(tmp_path: Path) -> None:
     npu = load_target("npu-int8")
     assert npu.fallbacks("Conv") == ("host-float",)
     assert npu.fallback_cost("Conv", "host-float") == npu.fallback_cost("Conv", "float") + npu.boundary_cost > 0
+    cpu = load_target("ort-cpu")  # MatMul: dynamic int8 first, at its own (lower) cost, then float
+    assert cpu.fallbacks("MatMul") == ("dynamic", "float") and cpu.fallbacks("Conv") == ("float",)
+    assert 1 < cpu.fallback_cost("MatMul", "dynamic") < cpu.fallback_cost("MatMul", "float")
     bad = tmp_path / "t.toml"
-    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[ops.MatMul]\nfallbacks = ["dynamic", "float"]\n')
-    with pytest.raises(UserError, match=r"ops\.MatMul\.fallbacks.*'dynamic'.*not built"):
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu-qdq"\n[ops.MatMul]\nfallbacks = ["dynamic", "float"]\n')
+    with pytest.raises(UserError, match=r"ops\.MatMul\.fallbacks.*'dynamic'.*no quantize-dynamic"):
+        load_target(str(bad))
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[ops.MatMul]\nfallbacks = ["int16-activations"]\n')
+    with pytest.raises(UserError, match=r"ops\.MatMul\.fallbacks.*'int16-activations'.*not built"):
+        load_target(str(bad))
+    bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[accuracy.fallback_cost.gpu]\nMatMul = 1.0\n')
+    with pytest.raises(UserError, match=r"accuracy\.fallback_cost\.gpu"):
         load_target(str(bad))
     bad.write_text('name = "t"\ndescription = "x"\nextends = "ort-cpu"\n[accuracy]\nfallbacks = ["gpu"]\n')
     with pytest.raises(UserError, match=r"accuracy\.fallbacks"):
@@ -214,3 +223,84 @@ def test_budget_search_through_a_warm_build_cache(work: Path, tmp_path: Path, ho
     warm = _compile(work, calibration_options=qcompiler.CalibrationOptions(cache=str(tmp_path / "cache")), **kw)
     assert warm.report["accuracy"]["met"] and [m["node"] for m in warm.report["accuracy"]["moved"]] == [BAD]
     assert warm.serialized() == cold.serialized()
+
+
+def _mlp() -> onnx.ModelProto:
+    """x -> mm0 -> Relu -> mm1 -> Relu -> mm2 -> Neg -> y; x's scale varies over four decades between
+    samples (``_mlp_data``), so mm0's static per-tensor input range fits no sample well."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((64, 64)) * 0.2).astype(np.float32), f"w{i}")
+             for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="mm0"),
+             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="mm2"),
+             # a float op after the last MatMul: its output is no graph output (a kernel without a
+             # float output would have nowhere to write it)
+             helper.make_node("Neg", ["h2"], ["y"], name="neg")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _mlp_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    return {"x": r.standard_normal((n, 64)).astype(np.float32) * (10.0 ** r.uniform(-2, 2, (n, 1))).astype(np.float32)}
+
+
+@pytest.mark.parametrize("budget, moves", [("sqnr>=24", [("mm2", "dynamic")]),
+                                           ("sqnr>=36", [("mm2", "float"), ("mm0", "dynamic"), ("mm1", "dynamic")])])
+def test_budget_moves_a_matmul_to_dynamic_before_float(budget: str, moves: list[tuple[str, str]]) -> None:
+    """ort-cpu's MatMul falls back to dynamic int8, then float: a budget dynamic int8 meets moves
+    the worst layer (mm2, reading the widest-ranging input) to the dynamic kernel (still integer,
+    cheaper than float); a stricter one goes on to float once every layer's dynamic step is spent.
+
+    CPU facts: ort-cpu's static and dynamic MatMul weights both keep the pair-sum limit
+    (pair_sum_max = 128), so onnxruntime's u8s8 kernels are exact with and without VNNI and
+    the measured figures (and the verdicts) are the same on both."""
+    res = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
+                            eval_data=_mlp_data(16, 1), accuracy=budget)
+    acc = res.report["accuracy"]
+    assert acc["met"] and acc["value_before"] < float(budget.split(">=")[1]) <= acc["value_after"], acc
+    assert [(m["node"], m["to"]) for m in acc["moved"]] == moves, acc["moved"]
+    cost = load_target("ort-cpu").fallback_cost("MatMul", moves[0][1])
+    assert acc["moved"][0]["cost"] == cost and f"fallback '{moves[0][1]}'" in acc["moved"][0]["why"]
+    ops = {n.name: n.op_type for n in res.proto.graph.node}
+    for node, to in moves:
+        if to == "dynamic":
+            assert ops.get(f"{node}_quant") == "MatMulInteger" and node not in ops
+            assert res.report["dynamic_nodes"][node].startswith("accuracy budget")
+        else:
+            assert ops[node] == "MatMul" and res.report["float_nodes"][node].startswith("accuracy budget")
+    assert [n for n in ("mm0", "mm1", "mm2") if n not in dict(moves)] == [n for n in ("mm0", "mm1", "mm2")
+                                                                         if ops.get(n) == "QLinearMatMul"]
+    counts = ", ".join(f"{sum(t == k for _, t in moves)} {k}" for k in sorted({t for _, t in moves}))
+    assert f"({counts}, est." in acc["summary"], acc["summary"]
+    assert acc["compiles"] >= (3 if moves[0][1] == "float" else 2)
+
+
+def test_recompiles_share_the_first_compiles_calibration(tmp_path: Path) -> None:
+    """calibrate observes the full-integer plan's values whatever the overrides, so each recompile
+    of a search is a calibration-cache hit (the statistics do not change when layers move)."""
+    res = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
+                            eval_data=_mlp_data(16, 1), accuracy="sqnr>=24",
+                            calibration_options=qcompiler.CalibrationOptions(cache=str(tmp_path)))
+    assert res.report["accuracy"]["compiles"] == 2 and res.report["calibration"]["cache"] == "hit"
+    plain = qcompiler.compile(_mlp(), target="ort-cpu", mode="static", calibration=_mlp_data(32, 0),
+                              eval_data=_mlp_data(16, 1), accuracy="off",
+                              plan_overrides={"mm2": ("dynamic", res.report["dynamic_nodes"]["mm2"])})
+    assert plain.proto.SerializeToString() == res.proto.SerializeToString()  # the cache changes nothing
+
+
+def test_fit_of_measured_noise_picks_the_prefix() -> None:
+    """_Fit: noise = c0 + c1 * (sensitivity noise left in integer), through the last two compiles;
+    no prefix when the unseen part c0 alone misses the budget."""
+    from qcompiler.budget import _Fit
+
+    steps = [{"noise": x} for x in (0.004, 0.002, 0.001, 0.0005, 0.0005)]  # left: .008 .004 .002 .001 .0005 0
+    fit = _Fit(steps, parse_budget("cosine>=0.999"), 1 - 0.0082)  # c0 = 0.0002, c1 = 1: noise(n) = .0002 + left
+    assert fit.add(1, 1 - 0.0042).shortest(2) == 4  # n = 3: .0002 + .001 > .001; n = 4: .0002 + .0005 <= .001
+    assert fit.shortest(5) == 5
+    high = _Fit(steps, parse_budget("cosine>=0.999"), 1 - 0.0092)  # c0 = 0.0012 > the budget's 0.001
+    assert high.add(1, 1 - 0.0052).shortest(2) is None

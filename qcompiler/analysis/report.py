@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ class AnalysisSetup:
     integer: dict[str, str]                  # node -> kernel / how it runs in integer
     float_nodes: dict[str, str]              # node -> why it stays float
     partitions: list[dict[str, Any]]
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # integer node -> fallbacks it can take
 
     def fidelity(self, on: Sequence[str] | set[str]) -> OutputFidelity:
         """Model-output fidelity with the layers in ``on`` quantized, the rest float."""
@@ -74,7 +75,7 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
     from ..calibration.data import input_specs, load_calibration
     from ..inspect import integer_nodes, prepare_model
     from ..ir import load_model
-    from ..plan import partitions
+    from ..plan import fallback_outcomes, partitions
     from ..target import Target, load_target
 
     fproto = _load_proto(float_model, "float model")
@@ -116,7 +117,8 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
     parts = partitions(prepared, sorted(integer))
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     return AnalysisSetup(tgt, layers, fq, feeds, reference, samples, bool(getattr(data, "real_data", True)),
-                         dict(sorted(integer.items())), dict(sorted(float_nodes.items())), parts)
+                         dict(sorted(integer.items())), dict(sorted(float_nodes.items())), parts,
+                         fallback_outcomes(prepared, tgt, sorted(integer)))
 
 
 def layer_sensitivity(float_model: Any = None, quant_model: Any = None, inputs: Any = None, *, target: Any = None,

@@ -51,19 +51,23 @@ class CalibrationResult:
 
 
 def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, *, target: Any,
-              groups: Mapping[str, str] | None = None, progress: Show | None = None) -> CalibrationResult:
+              groups: Mapping[str, str] | None = None, progress: Show | None = None,
+              full_plan: Plan | None = None) -> CalibrationResult:
     """Observe the activation ranges of ``model`` (float, after fusions) on ``data`` (a
     :class:`CalibrationData`, or None when ``options.ranges_file`` pins every tensor).
 
     ``plan`` (:func:`qcompiler.plan.plan_for`, planned as if every value had a range) says
     which values are quantized and on which QType; ``target`` gives the default method and
     the ops with fixed qparams; ``groups`` (head -> fused activation, group-activations) the
-    values never observed; ``progress`` draws a status line (None: silent)."""
+    values never observed; ``progress`` draws a status line (None: silent). ``full_plan``: the
+    plan without the compile's plan overrides, whose values are observed too (per tensor the
+    statistics are the same, and the observed set, hence the cache key, is the plain compile's:
+    an accuracy-budget search's recompiles all hit the cache)."""
     method = check_method(options.method or target.calibration_method, "method")
     overrides = options.override_map
     budget = parse_memory(options.memory)
     pinned = read_ranges(options.ranges_file) if options.ranges_file else {}
-    seen = Observed(model, plan, target, groups or {}, options.observed)
+    seen = Observed(model, plan, target, groups or {}, options.observed, full_plan)
     if data is None and pinned:  # every tensor pinned: no data, no model runs
         return _pinned_only(seen, pinned, options.ranges_file)
     if data is None:
@@ -76,7 +80,7 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
             raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
                             f"of the model")
     names, inputs = list(seen.values), list(seen.inputs)
-    methods, qtypes, fixed = method_plan(model, plan, target, seen, overrides, method)
+    methods, qtypes, fixed = method_plan(model, plan, target, seen, overrides, method, full_plan)
     shared: dict[str, np.ndarray] = {}  # weights the sessions read from the IR, not copied
     base, exposed = observe_bodies(model, model.to_proto(shared=shared, share=kernel_only), data, target, methods,
                                    overrides, method, shared, qtypes, seen.keep)

@@ -169,7 +169,8 @@ class Observed:
     the values insert-qdq reads a range of (``keep``), data-movement outputs that inherit
     their source's range (``inherited``) and the integer nodes (``integer``)."""
 
-    def __init__(self, model: Model, plan: Plan, target: Any, groups: Mapping[str, str], observe: str) -> None:
+    def __init__(self, model: Model, plan: Plan, target: Any, groups: Mapping[str, str], observe: str,
+                 also: Plan | None = None) -> None:
         graph = model.graph
         values: dict[str, Any] = {}
         for node in graph.nodes:
@@ -192,6 +193,9 @@ class Observed:
         if observe == "quantized":
             self.keep, self.inherited = ranges_read(model, target, plan)
             self.integer = set(plan.nodes)
+            if also is not None:  # (the plan without overrides: calibrate's full_plan)
+                self.keep |= ranges_read(model, target, also)[0]
+                self.integer |= set(also.nodes)
             self.values = {n: v for n, v in self.values.items() if n in self.keep}
             self.inputs = {n: v for n, v in self.inputs.items() if n in self.keep}
 
@@ -205,11 +209,13 @@ def _method_for(producer: Any, name: str, overrides: Mapping[str, str], method: 
 
 
 def method_plan(model: Model, plan: Plan, target: Any, seen: Observed, overrides: Mapping[str, str],
-                method: str) -> tuple[MethodPlan, dict[str, QType], int]:
+                method: str, also: Plan | None = None) -> tuple[MethodPlan, dict[str, QType], int]:
     """Per observed value: its method, the grid the plan quantizes it on
-    (:func:`qcompiler.plan.value_qtypes`) and its histogram kind; also the QTypes and how
-    many values the target pins with fixed qparams (those only need min/max)."""
-    qtypes = value_qtypes(model, target, plan)
+    (:func:`qcompiler.plan.value_qtypes`; ``also``'s for values only it quantizes) and its
+    histogram kind; also the QTypes and how many values the target pins with fixed qparams
+    (those only need min/max)."""
+    qtypes = {**value_qtypes(model, target, also), **value_qtypes(model, target, plan)} if also is not None \
+        else value_qtypes(model, target, plan)
     out: MethodPlan = {}
     fixed = 0
     for n, value in list(seen.values.items()) + list(seen.inputs.items()):
