@@ -158,9 +158,11 @@ def run_rows(rows: tuple[Row, ...], bench_dir: Path, work: Path, runs: int, eval
         try:
             t0 = time.perf_counter()
             feeds = bench.calibration_feeds(row.model, bench_dir, row.calib)
-            # explicit eval data: no calibration sample is held out for the report's fidelity section,
-            # so "64 calib" calibrates on 64 samples
-            result = qcompiler.compile(str(fp32), target=row.target, calibration=feeds, eval_data=ev.feeds[:2],
+            # as a user runs it: the report's fidelity (and so the accuracy budget) is measured on the
+            # held-out calibration slice, so "64 calib" calibrates on 58 and checks the budget on 6.
+            # (Eval images as eval_data would let the budget tune on the measured set; the first eval
+            # images' PP-OCR maps are all ~0, where SQNR is noise: the float model scored -1.1 dB.)
+            result = qcompiler.compile(str(fp32), target=row.target, calibration=feeds,
                                        **_compile_kwargs(row.options))
             result.save(out)
             res.compile_s = time.perf_counter() - t0

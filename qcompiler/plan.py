@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import UserError
 from .ir import Graph, Model, Node, Value
+from .kernels import kernel_spec
 from .quant import QType
 from .target import OpConfig, Target, TensorRule
 
@@ -239,17 +240,18 @@ def plan_for(model: Model, ctx: Any, *, ranges: Mapping[str, object] | None = No
     """The static plan a pass works with: ``ctx``'s target, the fused groups of
     ``group-activations`` and the compile's plan overrides."""
     return plan_quantization(model, ctx.target, ranges=ranges, groups=ctx.analysis.get("groups", {}),
-                             exclude=exclude, overrides=ctx.analysis.get("plan_overrides"))
+                             exclude=exclude, overrides=ctx.analysis.get("plan_overrides"), fmt=ctx.format)
 
 
 def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, object] | None = None,
                       groups: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
-                      overrides: Mapping[str, tuple[str, str]] | None = None) -> Plan:
+                      overrides: Mapping[str, tuple[str, str]] | None = None, fmt: str | None = None) -> Plan:
     """Decide, node by node, what runs in integer under ``target`` (static mode).
 
     ``ranges`` (tensor name -> calibrated range) makes missing calibration a reason to stay
     float; ``groups`` (head node -> fused activation node) comes from ``group-activations``;
-    ``overrides`` (node -> (outcome, reason)) sets outcomes from outside (float only).
+    ``overrides`` (node -> (outcome, reason)) sets outcomes from outside (float only);
+    ``fmt`` the output format (default: the target's).
     """
     plan = Plan(overrides=_overrides(overrides))
     # an overridden node is no member of a fused group (a float or dynamic head's tail runs float)
@@ -258,7 +260,8 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
     unranged: dict[str, str] = {}  # integer but for a missing range: decided after the drop below
     for graph in model.graph.walk():
         for node in graph.gs.nodes:
-            reason = _why_float(node, graph, model, target, ranges, plan, excluded, groups, unranged)
+            reason = _why_float(node, graph, model, target, ranges, plan, excluded, groups, unranged,
+                                fmt or target.default_format)
             if reason is not None:
                 plan.float_nodes[node.name] = reason
     _drop_without_integer_consumer(plan, target)
@@ -400,7 +403,7 @@ def _drop_without_integer_consumer(plan: Plan, target: Target) -> None:
 
 def _why_float(node: Node, graph: Graph, model: Model, target: Target,
                ranges: Mapping[str, object] | None, plan: Plan, excluded: set[str],
-               groups: Mapping[str, str], unranged: dict[str, str]) -> str | None:
+               groups: Mapping[str, str], unranged: dict[str, str], fmt: str) -> str | None:
     if node.op in ("QuantizeLinear", "DequantizeLinear"):
         return None
     if node.name in plan.overrides:
@@ -469,10 +472,30 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
         if float(node.attrs.get("beta", 1.0)) != 1.0 and len(node.inputs) > 2:
             return "Gemm with beta != 1 has no integer kernel"
     tail = _group_tail(node, graph, target, groups)
+    unwritable = None if "weight" in roles else _no_integer_output(cfg, graph, (tail or node).outputs[0], target, fmt)
+    if unwritable is not None:
+        return unwritable
     if tail is not None:
         plan.fused[tail.name] = node.name
     plan.nodes[node.name] = NodePlan(node, graph, cfg, roles, tail)
     return None
+
+
+def _no_integer_output(cfg: OpConfig, graph: Graph, out: Value, target: Target, fmt: str) -> str | None:
+    """Why a weightless node cannot run in integer because its kernel has nowhere to write: in
+    QOperator format a kernel without a float output (QLinearSigmoid) writes the quantized
+    output, and a graph output the target leaves float (``quantize_graph_outputs = false``) has
+    none. lower-qoperator would leave the node float on dequantized inputs, so quantizing its
+    inputs would only round them (PP-OCR's final Sigmoid read its logits on a uint8 grid).
+    (Weight ops such as QLinearConv are still left to lowering: docs/design.md.)"""
+    if fmt != "qoperator" or not cfg.output_quantized or target.quantize_graph_outputs \
+            or not graph.is_graph_output(out):
+        return None
+    spec = kernel_spec(cfg.kernel_op) if cfg.kernel else None
+    if spec is None or spec.float_output:
+        return None
+    return (f"its output '{out.name}' is a graph output left float (quantize_graph_outputs = false) and "
+            f"{spec.name} writes only a quantized output: integer would only round its inputs")
 
 
 def plan_dynamic(model: Model, target: Target, *, exclude: Sequence[str] = (), min_weight_elements: int = 0,

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompiler
-from qcompiler.budget import parse_budget
+from qcompiler.budget import DEFAULT_MAX_MOVED, parse_budget
 from qcompiler.cli import main
 from qcompiler.errors import UserError
 from qcompiler.target import load_target
@@ -202,9 +202,9 @@ def test_unmet_default_budget_keeps_the_best_with_a_warning(work: Path, tmp_path
     acc = res.report["accuracy"]
     assert acc["met"] is False and "NOT met" in acc["summary"] and acc["value_after"] > acc["value_before"]
     assert BAD in {m["node"] for m in acc["moved"]}
-    # a default budget keeps a quantized model quantized: at most a quarter of the movable layers
+    # a default budget keeps a quantized model quantized: at most a share of the movable layers
     integer = [n for n in res.report["lowered"]] + [m["node"] for m in acc["moved"]]
-    assert len(acc["moved"]) <= max(1, int(len(integer) * 0.25)), (acc["moved"], integer)
+    assert len(acc["moved"]) <= max(1, int(len(integer) * DEFAULT_MAX_MOVED)), (acc["moved"], integer)
     explicit = qcompiler.compile(str(work / "float.onnx"), target=str(t), calibration=str(work / "calib.npz"),
                                  eval_data=str(work / "eval.npz"), accuracy="sqnr>=30")
     assert explicit.report["accuracy"]["met"]

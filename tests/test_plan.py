@@ -20,7 +20,7 @@ from qcompiler.plan import plan_quantization, ranges_read
 def _model() -> onnx.ModelProto:
     """conv -> add_in (residual, read by conv2: integer region) -> conv2 -> add_out (read only
     by Softmax, which ort-cpu runs in float) -> mul_out (graph output) ; add_rs -> Reshape ->
-    conv3 (integer through a passthrough op)."""
+    conv3 (integer through a passthrough op) -> Neg (float: conv3 writes a quantized output)."""
     rng = np.random.default_rng(0)
     w = lambda *s: init(f"w{len(s)}_{rng.integers(1 << 30)}", (rng.standard_normal(s) * 0.3).astype(np.float32))
     w1, w2, w3 = w(4, 4, 3, 3), w(4, 4, 3, 3), w(4, 4, 1, 1)
@@ -34,7 +34,8 @@ def _model() -> onnx.ModelProto:
         helper.make_node("Mul", ["s", "c2"], ["m"], name="mul_out"),
         helper.make_node("Add", ["c1", "c2"], ["a_rs"], name="add_rs"),
         helper.make_node("Reshape", ["a_rs", "shape"], ["r"], name="reshape"),
-        helper.make_node("Conv", ["r", w3.name], ["y3"], name="conv3"),
+        helper.make_node("Conv", ["r", w3.name], ["c3"], name="conv3"),
+        helper.make_node("Neg", ["c3"], ["y3"], name="neg3"),
     ]
     return make_model(nodes, [tensor_info("x", [1, 4, 6, 6])],
                       [tensor_info("m", [1, 4, 6, 6]), tensor_info("y3", [1, 4, 6, 6])], [w1, w2, w3, shape])
@@ -51,10 +52,10 @@ def test_elementwise_ops_stay_float_outside_integer_regions() -> None:
     model = _typed(_model(), [1, 4, 6, 6])
     plan = plan_quantization(model, load_target("ort-cpu"))
     assert {"conv1", "conv2", "conv3", "add_in", "add_rs"} <= set(plan.nodes)
-    # add_out feeds only the float Softmax; mul_out only the graph output
-    for name in ("add_out", "mul_out"):
-        assert name not in plan.nodes
-        assert "needs_integer_consumer" in plan.float_nodes[name]
+    # add_out feeds only the float Softmax; mul_out only the graph output (nowhere to write)
+    assert not {"add_out", "mul_out"} & set(plan.nodes)
+    assert "needs_integer_consumer" in plan.float_nodes["add_out"]
+    assert "quantize_graph_outputs" in plan.float_nodes["mul_out"]
 
 
 def test_without_the_key_every_add_is_integer(tmp_path) -> None:
@@ -64,7 +65,26 @@ def test_without_the_key_every_add_is_integer(tmp_path) -> None:
                     '[ops.Add]\nneeds_integer_consumer = false\n[ops.Mul]\nneeds_integer_consumer = false\n')
     model = _typed(_model(), [1, 4, 6, 6])
     plan = plan_quantization(model, load_target(str(path)))
-    assert {"add_in", "add_out", "add_rs", "mul_out"} <= set(plan.nodes)
+    assert {"add_in", "add_out", "add_rs"} <= set(plan.nodes)
+    # mul_out writes a graph output, which ort-cpu leaves float: QLinearMul has nowhere to write
+    assert "quantize_graph_outputs" in plan.float_nodes["mul_out"]
+    assert "mul_out" in plan_quantization(model, load_target(str(path)), fmt="qdq").nodes
+
+
+def test_kernel_writing_a_float_graph_output_stays_float() -> None:
+    """x -> Sigmoid -> y: ort-cpu (QOperator) leaves graph outputs float and QLinearSigmoid writes
+    only a quantized output, so the Sigmoid stays float (lowering could only run it float on a
+    rounded input); in QDQ format DQ -> Sigmoid -> y is the format's own way to say it, and it
+    stays. A weight op (Conv -> y) is still left to lowering."""
+    model = _typed(make_model([helper.make_node("Sigmoid", ["x"], ["y"], name="sig")],
+                              [tensor_info("x", [1, 4, 6, 6])], [tensor_info("y", [1, 4, 6, 6])]), [1, 4, 6, 6])
+    plan = plan_quantization(model, load_target("ort-cpu"))
+    assert not plan.nodes and "QLinearSigmoid writes only a quantized output" in plan.float_nodes["sig"]
+    assert "sig" in plan_quantization(model, load_target("ort-cpu"), fmt="qdq").nodes
+    w = init("w", np.full((4, 4, 1, 1), 0.1, np.float32))
+    conv = _typed(make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                             [tensor_info("x", [1, 4, 6, 6])], [tensor_info("y", [1, 4, 6, 6])], [w]), [1, 4, 6, 6])
+    assert "conv" in plan_quantization(conv, load_target("ort-cpu")).nodes
 
 
 def test_chain_of_elementwise_ops_is_dropped_to_a_fixpoint() -> None:
@@ -107,17 +127,16 @@ def test_compiled_model_keeps_float_adds_and_matches_float_model() -> None:
 
 def test_ranges_read_is_what_insert_qdq_quantizes() -> None:
     """Integer nodes' quantized inputs and outputs need a range; the Reshape output inherits
-    a_rs's qparams (mapped to it); float ops' values (a_out, s, m) and the float graph output
-    y3 need none."""
+    a_rs's qparams (mapped to it); float ops' values (a_out, s, m, y3) need none."""
     model = _typed(_model(), [1, 4, 6, 6])
     target = load_target("ort-cpu")
     need, inherited = ranges_read(model, target, plan_quantization(model, target))
-    assert need == {"x", "c1", "a_in", "c2", "a_rs"}
+    assert need == {"x", "c1", "a_in", "c2", "a_rs", "c3"}
     assert inherited == {"r": "a_rs"}
 
 
 def test_observing_only_quantized_tensors_gives_the_same_model(tmp_path) -> None:
-    """calibrate observes 5 of the 10 float tensors by default, and the compiled model is
+    """calibrate observes 6 of the 11 float tensors by default, and the compiled model is
     byte-identical to the one calibrated on all of them; the Reshape output's range is its
     source's (the qparams it shares)."""
     rng = np.random.default_rng(1)
@@ -133,4 +152,4 @@ def test_observing_only_quantized_tensors_gives_the_same_model(tmp_path) -> None
                       calibration_options=qcompiler.CalibrationOptions(observe="quantized"),
                       export_ranges=tmp_path / "r.json")
     ranges = qcompiler.rangefile.read_ranges(tmp_path / "r.json")
-    assert set(ranges) == {"x", "c1", "a_in", "c2", "a_rs", "r"} and ranges["r"] == ranges["a_rs"]
+    assert set(ranges) == {"x", "c1", "a_in", "c2", "a_rs", "c3", "r"} and ranges["r"] == ranges["a_rs"]
