@@ -348,11 +348,23 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
         calib = load_calibration(_early(early_calib, specs, calibration), specs, limit=calibration_limit,
                                  image_spec=image_spec)
         if eval_data is None:
-            from .fidelity import hold_out
+            from .fidelity import HOLD_OUT_MAX_MODEL_BYTES, hold_out
 
-            eval_samples, fidelity = hold_out(calib)
+            if input_size > HOLD_OUT_MAX_MODEL_BYTES:  # a second full-precision copy in onnxruntime
+                fidelity = {"status": f"not measured: the input model is {input_size / 2**30:.1f} GiB, above "
+                                      f"{HOLD_OUT_MAX_MODEL_BYTES / 2**30:.0f} GiB, and measuring holds a second "
+                                      "full-precision copy in onnxruntime; pass --eval-data to measure anyway",
+                            "source": calib.description}
+            else:
+                eval_samples, fidelity = hold_out(calib)
     elif needs_calibration and mode == "static" and not any(getattr(p, "ranges_file", "") for p in passes):
         raise UserError(f"{m.source}: static mode needs calibration data (--calibration PATH), or use --mode dynamic")
+    float_file = None if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    reference = None
+    if eval_samples and stop_after is None:
+        from .fidelity import FloatReference
+
+        reference = FloatReference(float_file if float_file is not None else model, eval_samples)
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose,
                       log=log, status=status)
     if plan_overrides:
@@ -398,8 +410,7 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     }
     if check_report is not None:
         report["check"] = check_report
-    float_file = None if isinstance(model, onnx.ModelProto) else os.fspath(model)
-    report["fidelity"] = _fidelity(float_proto, float_file, result, fidelity, eval_samples, stop_after, tgt, analysis,
+    report["fidelity"] = _fidelity(float_proto, reference, result, fidelity, eval_samples, stop_after, tgt, analysis,
                                    report)
     report.update({k: v for k, v in ctx.report.items() if k not in report})
     result.report = report
@@ -479,12 +490,12 @@ def _store_build(directory: Any, key: str, result: CompileResult, extras: dict[s
         store_build(directory, key, data, result.report, extras)
 
 
-def _fidelity(float_model: Callable[[], onnx.ModelProto], float_source: str | None, result: CompileResult,
+def _fidelity(float_model: Callable[[], onnx.ModelProto], reference: Any, result: CompileResult,
               info: dict[str, Any], samples: list[Any], stop_after: str | None, tgt: Target, analysis: Any,
               report: dict[str, Any]) -> dict[str, Any]:
-    """The report's ``fidelity`` section (and the analysis page when asked). The float model
-    runs from ``float_source`` (its file, read by onnxruntime) when there is one, else from
-    ``float_model()``; the compiled one from its serialized bytes, which the save reuses."""
+    """The report's ``fidelity`` section (and the analysis page when asked). The float outputs
+    come from ``reference`` (a :class:`qcompiler.fidelity.FloatReference` started before the
+    passes); the compiled model runs from its serialized bytes, which the save reuses."""
     from .fidelity import measure_fidelity
 
     if stop_after is not None:
@@ -495,8 +506,7 @@ def _fidelity(float_model: Callable[[], onnx.ModelProto], float_source: str | No
                             "calibration samples to hold some out)")
         return info or {"status": "not measured: no real data (pass --eval-data PATH)"}
     as_written = report["format"] == "qdq"
-    source = float_source if float_source is not None else float_model()
-    info = dict(info, outputs=measure_fidelity(source, result.serialized() or result.proto, samples,
+    info = dict(info, outputs=measure_fidelity(reference, result.serialized() or result.proto, samples,
                                                as_written=as_written),
                 engine="onnxruntime CPU provider, " + ("QDQ as written (graph optimizations off)" if as_written
                                                        else "the model's integer kernels"))
