@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,10 @@ from qcompiler.quant import INT_RANGES
 from qcompiler.rounding import WeightRounder
 
 __all__ = ["InsertQdq", "qparams_of"]
+
+#: layers rounded at once (GPTQ): the column loop is GIL-bound between numpy calls, two threads
+#: fill a 2-core machine; the codes do not depend on it
+_ROUNDING_THREADS = 2
 
 
 def qparams_of(value: Value) -> QParams | None:
@@ -128,11 +133,24 @@ class InsertQdq(Pass):
         means = ctx.analysis.get("channel_means", {}) if self.bias_correction else {}
         moments = ctx.analysis.get("input_moments", {}) if self.rounding == "gptq" else {}
         rounder = WeightRounder(ctx.analysis.get("cache_dir", ""), total=sum(1 for n in plan.nodes if n in moments))
-        with rounder:
+        with rounder, ThreadPoolExecutor(max_workers=_ROUNDING_THREADS) as pool:
+            # every layer's GPTQ rounding is started first, two at a time: the column loop holds
+            # the GIL only between numpy calls, so two layers in flight use both cores (1.5x on
+            # MiniLM); each layer's codes are what one call gives, so the output is unchanged
+            jobs: dict[str, tuple[Future, tuple[np.ndarray, QParams]]] = {}  # node -> (codes, input 1's params)
+            seen: set[tuple[str, int | None, QType, int]] = set()  # a weight two nodes share is rounded once
+            for name, np_ in plan.nodes.items():
+                params = self._weight_params(np_, 1, model) if name in moments else None
+                if params is None or np_.config.weight.block_size:
+                    continue
+                shared = (np_.node.inputs[1].name, params[1].axis, params[1].qtype, 0)  # the constants' cache key
+                if shared not in seen:
+                    seen.add(shared)
+                    jobs[name] = (pool.submit(_gptq_codes, np_.node, *params, moments[name], rounder), params)
             for i, (name, np_) in enumerate(plan.nodes.items()):
                 ctx.progress("quantizing weights" + (" (GPTQ rounding)" if moments else ""), i, len(plan.nodes))
                 self._quantize_params(rw, np_, weights, model, means.get(input_names.get(name, "")),
-                                      moments.get(name), rounder)
+                                      jobs.get(name))
         ctx.report["weight_rounding"] = rounder.summary()
         ctx.analysis["plan"] = plan
         ctx.analysis["lowered"] = sorted(plan.nodes) + sorted(plan.fused) + sorted(passthrough)
@@ -152,35 +170,56 @@ class InsertQdq(Pass):
         rw.create_node(graph, "DequantizeLinear", [q, scale, zp], [dq], name=f"{base}_DequantizeLinear",
                        before=first)
 
+    def _weight_params(self, np_: NodePlan, i: int, model: Model) -> tuple[np.ndarray, QParams] | None:
+        """Input ``i``'s float weight and its qparams, if it is a quantized constant weight (the
+        one place that decides them: the GPTQ jobs and the constants built below both use it)."""
+        node, cfg = np_.node, np_.config
+        if i >= len(np_.roles) or np_.roles[i] != "weight" or not is_constant(node.inputs[i]):
+            return None
+        qtype = cfg.weight.qtype
+        if qtype is None:
+            return None
+        w = const_value(node.inputs[i]).astype(np.float32)
+        block = cfg.weight.block_size
+        axis = self._axis(np_, w, model)
+        if self.weight_range not in ("minmax", "mse"):
+            raise UserError(f"pass 'insert-qdq': weight-range '{self.weight_range}' is not one of minmax, mse")
+        src = weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" and not block else w
+        qp = weight_qparams(src, qtype, axis, block)
+        if not block and i == 1:
+            qp = _bias_safe(qp, node, np_, cfg.bias.dtype)
+        return w, qp
+
+    def _axis(self, np_: NodePlan, w: np.ndarray, model: Model) -> int | None:
+        """The weight's quantization axis: blocks along the reduction axis, channels per the
+        target and ``per_channel``; none before opset 13 (DequantizeLinear has no axis there)."""
+        node, cfg = np_.node, np_.config
+        if cfg.weight.block_size:
+            axis = reduction_axis(node, w)  # plan_quantization checked it exists
+        else:
+            axis = weight_axis(node, w) if (cfg.weight.per_channel and self.per_channel) else None
+        return None if axis is not None and (model.opset("") or 0) < 13 else axis
+
     def _quantize_params(self, rw: Rewriter, np_: NodePlan, cache: dict, model: Model,
-                         mean: np.ndarray | None, moment: np.ndarray | None, rounder: WeightRounder) -> None:
+                         mean: np.ndarray | None, gptq: tuple[Future, tuple[np.ndarray, QParams]] | None) -> None:
         node, cfg = np_.node, np_.config
         w_qp: QParams | None = None
         shift: np.ndarray | None = None
         for i, role in enumerate(np_.roles):
             value = node.inputs[i]
-            if role != "weight" or not is_constant(value):
+            if role != "weight" or not is_constant(value) or cfg.weight.qtype is None:
                 continue
             qtype = cfg.weight.qtype
-            if qtype is None:
-                continue
             w = const_value(value).astype(np.float32)
             block = cfg.weight.block_size
-            if block:
-                axis = reduction_axis(node, w)  # plan_quantization checked it exists
-            else:
-                axis = weight_axis(node, w) if (cfg.weight.per_channel and self.per_channel) else None
-            if axis is not None and (model.opset("") or 0) < 13:
-                axis = None  # DequantizeLinear has no axis before opset 13
+            axis = self._axis(np_, w, model)
             key = (value.name, axis, qtype, block)
             if key not in cache:
-                if self.weight_range not in ("minmax", "mse"):
-                    raise UserError(f"pass 'insert-qdq': weight-range '{self.weight_range}' is not one of minmax, mse")
-                src = weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" and not block else w
-                qp = weight_qparams(src, qtype, axis, block)
-                if not block and i == 1:
-                    qp = _bias_safe(qp, node, np_, cfg.bias.dtype)
-                codes = _gptq_codes(node, w, qp, moment, rounder) if (moment is not None and i == 1 and not block) else None
+                job = gptq if (gptq is not None and i == 1 and not block) else None
+                params = job[1] if job is not None else self._weight_params(np_, i, model)
+                assert params is not None
+                qp = params[1]
+                codes = job[0].result() if job is not None else None
                 stored = codes if codes is not None else quantize(w, qp)
                 wq = rw.constant(f"{value.name}_quantized", stored)
                 scale = rw.constant(f"{value.name}_scale", qp.scale)

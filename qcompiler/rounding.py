@@ -11,6 +11,7 @@ and it calls a progress hook after each layer.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,7 @@ class WeightRounder:
         self.cached = 0
         self.seconds = 0.0
         self._stack = contextlib.ExitStack()
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "WeightRounder":
         self._stack.enter_context(one_blas_thread())
@@ -73,17 +75,19 @@ class WeightRounder:
                             {"qmin": qtype.qmin, "qmax": qtype.qmax, "pair_sum_max": qtype.pair_sum_max,
                              "dtype": qtype.dtype, "damp": self.damp})
             codes = load_array(self.cache_dir, key, qtype.np_dtype, w.shape)
-        if codes is not None:
-            self.cached += 1
-        else:
+        hit = codes is not None
+        if codes is None:
             codes = gptq_round(w, moment, scale, zero_point, qtype.qmin, qtype.qmax, damp=self.damp,
                                pair_sum_max=qtype.pair_sum_max).astype(qtype.np_dtype)
-            self.computed += 1
             if key:
                 store_array(self.cache_dir, key, codes)
-        self.seconds += time.perf_counter() - start
+        with self._lock:  # layers may be rounded from several threads (insert-qdq rounds two at once)
+            self.cached += hit
+            self.computed += not hit
+            self.seconds += time.perf_counter() - start
+            done = self.computed + self.cached
         if self.progress is not None:
-            self.progress(self.computed + self.cached, self.total)
+            self.progress(done, self.total)
         return codes
 
     def summary(self) -> dict[str, Any]:
