@@ -6,7 +6,9 @@ the graph facade do not import each other: io sits on top of all three.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -123,23 +125,34 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
             raise UserError(f"{path}: cannot write a model above 2 GB (saved with external data) to a special file")
         files.write_bytes(out, data)
         return len(data)
-    data_name = out.name + ".data"
+    with _staged(path, out) as (tmp, tmp_data):
+        if large:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=_EXTERNAL_MIN_BYTES)
+            if tmp_data.exists():  # (no tensor above the threshold: everything stayed inline)
+                # the model refers to the data file by name: rewrite it to the final name
+                _rename_external(str(tmp), tmp_data.name, out.name + ".data")
+                _restore_inline(proto, tmp_data.name, directory)
+        else:
+            tmp.write_bytes(data)
+        size = tmp.stat().st_size + (tmp_data.stat().st_size if tmp_data.exists() else 0)
+    return size
+
+
+@contextlib.contextmanager
+def _staged(path: str | os.PathLike[str], out: Path) -> Iterator[tuple[Path, Path]]:
+    """Temp files beside ``out`` for the model and its ``.data`` file: both are published when
+    the body returns (the data file first, so the model never names a missing file) and removed
+    when it raises; an OSError becomes one line naming ``path``."""
+    from .. import files
+
     try:
         tmp = files.temp_beside(out)
-        tmp_data = directory / (tmp.name + ".data")
+        tmp_data = out.parent / (tmp.name + ".data")
         try:
-            if large:
-                onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=tmp_data.name, size_threshold=_EXTERNAL_MIN_BYTES)
-                if tmp_data.exists():  # (no tensor above the threshold: everything stayed inline)
-                    # the model refers to the data file by name: rewrite it to the final name
-                    _rename_external(str(tmp), tmp_data.name, data_name)
-                    _restore_inline(proto, tmp_data.name, directory)
-            else:
-                tmp.write_bytes(data)
-            size = tmp.stat().st_size + (tmp_data.stat().st_size if tmp_data.exists() else 0)
+            yield tmp, tmp_data
             if tmp_data.exists():
-                files.publish(tmp_data, directory / data_name)
+                files.publish(tmp_data, out.parent / (out.name + ".data"))
             files.publish(tmp, out)
         except BaseException:
             files.discard(tmp)
@@ -147,7 +160,6 @@ def save_proto(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> int:
             raise
     except OSError as exc:
         raise UserError(f"{path}: cannot write output: {exc.strerror or exc}") from exc
-    return size
 
 
 def save_model(model: Model, path: str | os.PathLike[str]) -> int:
@@ -170,26 +182,12 @@ def save_model(model: Model, path: str | os.PathLike[str]) -> int:
         data = model_bytes(model)
         files.write_bytes(out, data)
         return len(data)
-    data_name = out.name + ".data"
-    try:
-        tmp = files.temp_beside(out)
-        tmp_data = out.parent / (tmp.name + ".data")
-        try:
-            with open(tmp, "wb") as fh:
-                if inline:
-                    size = writer.write_inline(fh)
-                else:
-                    with open(tmp_data, "wb") as dfh:
-                        size = sum(writer.write_external(fh, dfh, data_name))
-            if not inline:
-                files.publish(tmp_data, out.parent / data_name)
-            files.publish(tmp, out)
-        except BaseException:
-            files.discard(tmp)
-            files.discard(tmp_data)
-            raise
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write output: {exc.strerror or exc}") from exc
+    with _staged(path, out) as (tmp, tmp_data), open(tmp, "wb") as fh:
+        if inline:
+            size = writer.write_inline(fh)
+        else:
+            with open(tmp_data, "wb") as dfh:
+                size = sum(writer.write_external(fh, dfh, out.name + ".data"))
     return size
 
 
