@@ -180,15 +180,20 @@ class InsertQdq(Pass):
         if qtype is None:
             return None
         w = const_value(node.inputs[i]).astype(np.float32)
-        block = cfg.weight.block_size
-        axis = self._axis(np_, w, model)
+        return w, self._qparams(np_, i, w, self._axis(np_, w, model))
+
+    def _qparams(self, np_: NodePlan, i: int, w: np.ndarray, axis: int | None) -> QParams:
+        """The qparams of weight input ``i`` (float array ``w``, quantization ``axis``)."""
+        cfg = np_.config
+        qtype, block = cfg.weight.qtype, cfg.weight.block_size
+        assert qtype is not None
         if self.weight_range not in ("minmax", "mse"):
             raise UserError(f"pass 'insert-qdq': weight-range '{self.weight_range}' is not one of minmax, mse")
         src = weight_mse_clip(w, qtype, axis) if self.weight_range == "mse" and not block else w
         qp = weight_qparams(src, qtype, axis, block)
         if not block and i == 1:
-            qp = _bias_safe(qp, node, np_, cfg.bias.dtype)
-        return w, qp
+            qp = _bias_safe(qp, np_.node, np_, cfg.bias.dtype)
+        return qp
 
     def _axis(self, np_: NodePlan, w: np.ndarray, model: Model) -> int | None:
         """The weight's quantization axis: blocks along the reduction axis, channels per the
@@ -216,9 +221,7 @@ class InsertQdq(Pass):
             key = (value.name, axis, qtype, block)
             if key not in cache:
                 job = gptq if (gptq is not None and i == 1 and not block) else None
-                params = job[1] if job is not None else self._weight_params(np_, i, model)
-                assert params is not None
-                qp = params[1]
+                qp = job[1][1] if job is not None else self._qparams(np_, i, w, axis)
                 codes = job[0].result() if job is not None else None
                 stored = codes if codes is not None else quantize(w, qp)
                 wq = rw.constant(f"{value.name}_quantized", stored)

@@ -364,7 +364,7 @@ def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | o
     if eval_samples and stop_after is None:
         from .fidelity import FloatReference
 
-        reference = FloatReference(float_file if float_file is not None else model, eval_samples)
+        reference = FloatReference.start(float_file if float_file is not None else model, eval_samples)
     ctx = PassContext(target=tgt, calibration=calib, mode=mode, format=fmt, quiet=quiet, verbose=verbose,
                       log=log, status=status)
     if plan_overrides:

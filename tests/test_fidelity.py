@@ -53,3 +53,18 @@ def test_large_input_keeps_every_sample_and_says_why(tmp_path: Path, monkeypatch
     assert result.report["calibration"]["samples"] == 20  # nothing held out for a measurement not made
     with_eval = qcompiler.compile(str(src), target="ort-cpu", calibration=_samples(20), eval_data=_samples(3))
     assert with_eval.report["fidelity"]["samples"] == 3 and "outputs" in with_eval.report["fidelity"]
+
+
+def test_same_model_and_samples_reuse_the_reference(tmp_path: Path) -> None:
+    """A budget search compiles one model on one sample set several times: the float outputs
+    are computed once; another sample set or a rewritten file computes them again."""
+    src = tmp_path / "m.onnx"
+    onnx.save(tiny_model(), str(src))
+    a = FloatReference.start(str(src), _samples(2))
+    assert FloatReference.start(str(src), _samples(2)) is a  # equal content, new arrays
+    b = FloatReference.start(str(src), _samples(3))
+    assert b is not a
+    m = tiny_model()
+    m.doc_string = "changed"
+    onnx.save(m, str(src))
+    assert FloatReference.start(str(src), _samples(3)) is not b

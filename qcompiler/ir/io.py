@@ -18,7 +18,7 @@ from .model import Model
 from .verify import verify_model
 
 __all__ = ["load_model", "save_proto", "save_model", "model_bytes", "model_size", "save_bytes", "atomic_write_text",
-           "proto_size", "proto_bytes", "external_data_files"]
+           "proto_bytes", "external_data_files"]
 
 _TWO_GB = 2**31 - 2**20  # leave headroom below protobuf's hard limit
 _EXTERNAL_MIN_BYTES = 1024  # in a model saved with external data, smaller tensors stay inline
@@ -72,9 +72,9 @@ def load_model(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = 
                 onnx.checker.check_model(str(path), full_check=True)
             else:
                 # onnx's checker insists on topological order: check the sorted graph
-                checked = model.to_proto() if reordered else proto
-                if proto_bytes(checked) is not None:  # above 2 GB only a file can be checked
-                    onnx.checker.check_model(checked, full_check=True)
+                data = proto_bytes(model.to_proto() if reordered else proto)
+                if data is not None:  # serialized once; above 2 GB only a file can be checked
+                    onnx.checker.check_model(data, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"{source}: invalid model: {' '.join(lines[:2])}") from exc
@@ -236,13 +236,6 @@ def save_bytes(data: bytes, path: str | os.PathLike[str]) -> int:
 
     files.write_bytes(_output_path(path), data)
     return len(data)
-
-
-def proto_size(proto: onnx.ModelProto) -> int | None:
-    """Serialized size in bytes, or None above the size :func:`save_proto` stores with external
-    data (protobuf cannot size or serialize a message above 2 GB)."""
-    data = proto_bytes(proto)
-    return None if data is None else len(data)
 
 
 def proto_bytes(proto: onnx.ModelProto) -> bytes | None:
