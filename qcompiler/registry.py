@@ -47,6 +47,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "cleanup-qdq": "qcompiler.passes.cleanup_qdq:CleanupQdq",
     "compact-qparams": "qcompiler.passes.compact_qparams:CompactQparams",
     "compress-weights": "qcompiler.passes.compress_weights:CompressWeights",
+    "guard-float-convs": "qcompiler.passes.guard_float_convs:GuardFloatConvs",
     "convert-float16": "qcompiler.passes.convert_float16:ConvertFloat16",
     "quantize-dynamic": "qcompiler.passes.quantize_dynamic:QuantizeDynamic",
     "quantize-weights": "qcompiler.passes.quantize_weights:QuantizeWeights",
