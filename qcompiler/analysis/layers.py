@@ -207,7 +207,7 @@ class FakeQuantModel:
     ``on`` quantized and the rest float."""
 
     def __init__(self, float_model: onnx.ModelProto, layers: Sequence[Layer], extra: Iterable[str] = (),
-                 opt_level: Any = None) -> None:
+                 opt_level: Any = None, threads: int = 0) -> None:
         import onnxruntime as ort
 
         self.layers = list(layers)
@@ -303,6 +303,7 @@ class FakeQuantModel:
         # CPU ISA). tests/test_analysis.py checks the numbers against ORT_DISABLE_ALL.
         so.graph_optimization_level = opt_level if opt_level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        so.intra_op_num_threads = threads  # 0: onnxruntime's default (every core)
         self.session = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"],
                                             disabled_optimizers=list(_QDQ_OPTIMIZERS))
         self.proto = m

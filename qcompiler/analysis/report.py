@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ __all__ = ["analyze", "layer_sensitivity", "AnalysisSetup", "setup_analysis", "D
 DEFAULT_LIMIT = 8
 #: layers (worst first) whose output histogram the report carries
 HISTOGRAM_LAYERS = 6
+#: most fake-quant runs at once (each holds its own activations)
+MAX_LANES = 4
 _BINS = 48
 
 
@@ -47,6 +50,7 @@ class AnalysisSetup:
     float_nodes: dict[str, str]              # node -> why it stays float
     partitions: list[dict[str, Any]]
     fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # integer node -> fallbacks it can take
+    lanes: int = 1                           # fake-quant runs at once (fidelities)
 
     def fidelity(self, on: Sequence[str] | set[str]) -> OutputFidelity:
         """Model-output fidelity with the layers in ``on`` quantized, the rest float."""
@@ -54,6 +58,18 @@ class AnalysisSetup:
         for feed, ref in zip(self.batches, self.reference):
             fid.add(ref, self.model.run(feed, set(on)))
         return fid
+
+    def fidelities(self, configs: Sequence[Sequence[str] | set[str]]) -> list[OutputFidelity]:
+        """``fidelity`` of each set of quantized layers, in order, run on ``lanes`` threads.
+        Why: the fake-quant session is single-threaded (``setup_analysis``), and independent runs
+        side by side beat onnxruntime's intra-op threads, which wait on each other after every
+        op: badly so when other processes share the cores (effnet_lite0's sensitivity run took
+        0.27-0.33 s on two intra-op threads and 0.17 s on one at load average 7). Each run is
+        single-threaded, so the numbers do not depend on the lanes."""
+        if self.lanes <= 1 or len(configs) <= 1:
+            return [self.fidelity(c) for c in configs]
+        with ThreadPoolExecutor(min(self.lanes, len(configs)), thread_name_prefix="qcompiler-analysis") as pool:
+            return list(pool.map(self.fidelity, configs))
 
 
 def _load_proto(model: Any, what: str) -> onnx.ModelProto:
@@ -96,7 +112,7 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
                         "model maps to a node of the float model (is it compiled from this float model?)")
     watch = {g.float for layer in layers for g in [layer.output, *layer.activations.values()] if g is not None}
     watch |= {layer.result for layer in layers}
-    fq = FakeQuantModel(pproto, layers, extra=sorted(watch))
+    fq = FakeQuantModel(pproto, layers, extra=sorted(watch), threads=1)
     feeds = batches(data)
     if not feeds:
         raise UserError(f"{inputs}: no input samples")
@@ -118,7 +134,13 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     return AnalysisSetup(tgt, layers, fq, feeds, reference, samples, bool(getattr(data, "real_data", True)),
                          dict(sorted(integer.items())), dict(sorted(float_nodes.items())), parts,
-                         fallback_outcomes(prepared, tgt, sorted(integer)))
+                         fallback_outcomes(prepared, tgt, sorted(integer)), lanes=_lanes())
+
+
+def _lanes() -> int:
+    """The cores this process may use, at most ``MAX_LANES``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_LANES))
 
 
 def layer_sensitivity(float_model: Any = None, quant_model: Any = None, inputs: Any = None, *, target: Any = None,
@@ -129,8 +151,7 @@ def layer_sensitivity(float_model: Any = None, quant_model: Any = None, inputs: 
     when exact); ties keep graph order. Pass ``setup`` to reuse loaded models and data."""
     s = setup or setup_analysis(float_model, quant_model, inputs, target=target, limit=limit)
     rows = []
-    for layer in s.layers:
-        fid = s.fidelity({layer.name})
+    for layer, fid in zip(s.layers, s.fidelities([{layer.name} for layer in s.layers])):
         rows.append({"layer": layer.name, "op": layer.op, "index": layer.index, "outputs": fid.result(),
                      "score": rounded(fid.score(), 3)})
     return sorted(rows, key=lambda r: (math.inf if r["score"] is None else r["score"], r["index"]))
