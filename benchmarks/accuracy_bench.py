@@ -48,7 +48,8 @@ class Row:
 
 _ORT_CPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn,fold-conv-affine,fuse-hardswish,"
             "fuse-gelu{domain=com.microsoft},fuse-pad-conv,group-activations,calibrate,insert-qdq,lower-qoperator,"
-            "quantize-dynamic,cleanup-qdq,convert-float16,compress-weights,compact-qparams")  # ort-cpu's static pipeline
+            "quantize-dynamic,cleanup-qdq,convert-float16,compress-weights,guard-float-convs,compact-qparams")
+# (ort-cpu's static pipeline)
 
 _NPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn,fold-conv-affine,fuse-hardswish,"
         "fuse-pad-conv,group-activations,calibrate,insert-qdq,cleanup-qdq,convert-float16,compress-weights,"
