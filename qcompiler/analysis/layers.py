@@ -243,7 +243,7 @@ class _DynamicLayers:
         wz = np.asarray(self.consts[ins[zp_at]]) if zp_at is not None and len(ins) > zp_at and ins[zp_at] in \
             self.consts else np.zeros((), wq.dtype)
         if spec.float_output:   # fused: float activation in, float result out
-            act, result = ins[0], node.output[0]
+            result = node.output[0]
             ws = self.consts.get(ins[weight_op.scale]) if weight_op.scale is not None else None
         else:                   # DynamicQuantizeLinear -> kernel -> Cast -> Mul(acc, x_scale * w_scale)
             dql = self.producer.get(ins[0])
@@ -251,7 +251,7 @@ class _DynamicLayers:
             mul = self._only(cast.output[0], "Mul") if cast is not None else None
             if dql is None or dql.op_type != "DynamicQuantizeLinear" or mul is None:
                 return None
-            act, result = dql.input[0], mul.output[0]
+            result = mul.output[0]
             other = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
             sm = self.producer.get(other)
             ws = None
@@ -271,8 +271,6 @@ class _DynamicLayers:
         layer.activations[0] = TensorGrid(fnode.input[0], np.zeros((), np.float32), np.zeros((), np.uint8),
                                           dynamic=True)
         layer.result = fnode.output[0]
-        if act != fnode.input[0]:
-            layer.notes.append(f"activation '{act}' is not the float node's input '{fnode.input[0]}'")
         return layer
 
 
