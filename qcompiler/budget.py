@@ -12,7 +12,8 @@ integer, so every move is a plan override and the compiled model is an ordinary 
    (``10 ** (-SQNR / 10)``, noise powers of independent layers add) divided by the estimated
    cost of its first fallback (``Target.fallback_cost``), and orders by that, ties by graph order;
 3. predicts, on the analysis's fake-quant model (no recompile), the shortest prefix of that order
-   that meets the budget, by bisection, with the predicted noise scaled by how much noisier the
+   that meets the budget (from the sensitivities' guess, galloping to a bisection), with the
+   predicted noise scaled by how much noisier the
    real integer compile was than its fake-quant image (``_Predictor``); recompiles with that
    prefix moved and measures for real; while the real figure still fails, the scale is refit on
    that compile and the prefix predicted again (at least a quarter more steps; half more when
