@@ -60,7 +60,8 @@ def test_ort_cpu_loads_with_expected_rules() -> None:
     assert "Reshape" in t.passthrough
     assert t.fixed["Sigmoid"] == (0.00390625, 0)
     assert t.op("MatMul", mode="dynamic").kernel == "MatMulInteger"
-    assert t.pipeline("static").split(",")[-4:] == ["cleanup-qdq", "convert-float16", "compress-weights", "compact-qparams"]
+    assert t.pipeline("static").split(",")[-5:] == ["cleanup-qdq", "convert-float16", "compress-weights",
+                                                   "guard-float-convs", "compact-qparams"]
 
 
 def test_tensorrt_loads_with_expected_rules() -> None:

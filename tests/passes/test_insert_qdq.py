@@ -34,7 +34,7 @@ def run_prefix(proto: onnx.ModelProto, feeds: Mapping[str, np.ndarray] | list, *
     specs = []
     for spec in qcompiler.parse_pipeline(target.pipeline("static")):
         if spec.name in ("lower-qoperator", "quantize-dynamic", "cleanup-qdq", "convert-float16", "compress-weights",
-                         "compact-qparams"):
+                         "guard-float-convs", "compact-qparams"):
             continue
         extra = {"insert-qdq": insert_options, "calibrate": calibrate_options}.get(spec.name, "")
         if extra:
