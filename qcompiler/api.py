@@ -216,7 +216,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     calib = calibration_options or CalibrationOptions()
 
     def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False) -> CompileResult:
-        return _compile(**dict(opts, plan_overrides=overrides or None,
+        # a recompile with moved layers repeats the first compile's pass log lines: those only with verbose
+        quiet = opts["quiet"] or (dict(overrides or {}) != dict(plan_overrides or {}) and not opts["verbose"])
+        return _compile(**dict(opts, plan_overrides=overrides or None, quiet=quiet,
                                calibration_options=dataclasses.replace(calib, cache=cache or ""), build_cache=not fresh))
 
     return search(compile_with, budget, tgt, source=source, overrides=plan_overrides, cache=calib.cache or None,
