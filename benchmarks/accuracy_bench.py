@@ -71,6 +71,13 @@ ROWS: dict[str, tuple[Row, ...]] = {
         # a budget that moves layers: its compile time against the default compile's (row above)
         Row("effnet_lite0", options=(("accuracy", "cosine>=0.999"),)),
     ),
+    # the int16-activations fallback (ort-cpu-qdq: int16 activations, then float)
+    "int16": (
+        Row("ppocrv4_det", target="ort-cpu-qdq", calib=64, options=(("accuracy", "off"),)),
+        Row("ppocrv4_det", target="ort-cpu-qdq", calib=64, options=(("accuracy", "sqnr>=20"),)),
+        Row("effnet_lite0", target="ort-cpu-qdq", options=(("accuracy", "off"),)),
+        Row("effnet_lite0", target="ort-cpu-qdq", options=(("accuracy", "cosine>=0.999"),)),
+    ),
     "ppocr-calib": tuple(Row("ppocrv4_det", calib=n) for n in (32, 64, 80)),
     "ppocr-32": (Row("ppocrv4_det", calib=32), Row("ppocrv4_det", calib=32, options=(("calibration_statistics", "ranges"),))),
     # calibration-set instability: which statistic moves when 16 images are added

@@ -20,6 +20,7 @@ import numpy as np
 from .errors import UserError, did_you_mean
 from .tomlfile import dump_toml, read_toml
 from .quant import DTYPES, MIN_OPSET, QType, qrange, valid_scale
+from .wide import check_wide_fallback
 
 __all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "WeightOnlyRule", "load_target", "builtin_targets", "SCHEMA_VERSION",
            "NODE_FACTS"]
@@ -428,8 +429,6 @@ class Target:
         self.dynamic_ops: dict[str, OpConfig] = {
             op: self._op_config(op, cfg, src, f"dynamic.ops.{op}", dyn) for op, cfg in dyn.get("ops", {}).items()}
         self._check_dynamic_fallback(src)
-        from .wide import check_wide_fallback
-
         check_wide_fallback(self, src, self._fallbacks)
         for key in ("activation", "weight", "bias"):
             self._rule(self._rules[key], src, f"quantization.{key}")  # validate eagerly
