@@ -288,3 +288,13 @@ def test_target_schema(tmp_path: Path) -> None:
     plan = plan_quantization(model, load_target(str(signed)), overrides={BAD: (WIDE, "x")})
     act = plan.nodes[BAD].config.activation
     assert (act.dtype, act.symmetric, act.qtype.qmin, act.qtype.qmax) == ("int16", True, -32767, 32767)
+
+
+def test_inspect_shows_the_outcome(work: Path) -> None:
+    """``qcompiler inspect`` with the override: the group runs on 16-bit activations, its Relu
+    fused into it (the plan's answer after upgrade-opset raised the model to opset 21)."""
+    from qcompiler.inspect import inspect_model
+
+    shown = inspect_model(work / "float.onnx", TARGET, plan_overrides={BAD: (WIDE, "x")})
+    assert shown["lowered"][BAD] == "Conv (Q/DQ, int16-activations)"
+    assert shown["lowered"]["relu1"] == f"fused into '{BAD}'" and BAD not in shown["float_nodes"]
