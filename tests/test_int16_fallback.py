@@ -298,3 +298,20 @@ def test_inspect_shows_the_outcome(work: Path) -> None:
     shown = inspect_model(work / "float.onnx", TARGET, plan_overrides={BAD: (WIDE, "x")})
     assert shown["lowered"][BAD] == "Conv (Q/DQ, int16-activations)"
     assert shown["lowered"]["relu1"] == f"fused into '{BAD}'" and BAD not in shown["float_nodes"]
+
+
+def test_fallbacks_a_node_can_take() -> None:
+    """A node the target has no Q/DQ rule for (ort-cpu-qdq's ConvTranspose, which the compile only
+    stores with integer weights) can go float but not to int16-activations; a Conv can take both.
+    (The budget reads these for every node it may move: PP-OCR's float ConvTranspose.)"""
+    from qcompiler.plan import fallback_outcomes
+
+    w = numpy_helper.from_array(np.ones((4, 2, 2, 2), np.float32), "w")
+    g = helper.make_graph([helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="ct", strides=[2, 2]),
+                           helper.make_node("Conv", ["y", "wc"], ["z"], name="conv")], "ct",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 6, 6])],
+                          [w, numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "wc")])
+    model = qcompiler.load_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    got = fallback_outcomes(model, load_target(TARGET), ["ct", "conv"])
+    assert got == {"ct": ("float",), "conv": (WIDE, "float")}
