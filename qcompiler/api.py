@@ -178,7 +178,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ``plan_overrides`` ({node name: (outcome, reason)}) sets nodes' outcomes in the plan
     (``qcompiler.plan``) that every pass reads: ``("float", why)`` keeps a node float;
     ``("dynamic", why)`` runs a MatMul with a constant weight as the target's dynamic kernel in a
-    static compile (``report["dynamic_nodes"]``; targets with quantize-dynamic after insert-qdq).
+    static compile (``report["dynamic_nodes"]``; targets with quantize-dynamic after insert-qdq);
+    ``("int16-activations", why)`` keeps a node integer with 16-bit activations where the target lists
+    that fallback (``report["int16_nodes"]``; the model is raised to opset 21, ``qcompiler.wide``).
 
     Fidelity (``report["fidelity"]``, see ``qcompiler.fidelity``): measured on ``eval_data``
     (any calibration source) or, without it, on a held-out slice of the calibration data
