@@ -211,7 +211,7 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
 
     ``ranges`` (tensor name -> calibrated range) makes missing calibration a reason to stay
     float; ``groups`` (head node -> fused activation node) comes from ``group-activations``;
-    ``overrides`` (node -> (outcome, reason)) sets outcomes from outside (float only);
+    ``overrides`` (node -> (outcome, reason)) sets outcomes from outside (:data:`OVERRIDES`);
     ``fmt`` the output format (default: the target's).
     """
     plan = Plan(overrides=_overrides(overrides))
