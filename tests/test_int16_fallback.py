@@ -1,5 +1,5 @@
 """The int16-activations fallback (qcompiler.wide): a layer kept integer with its activations on
-the target's 16-bit grid, chosen by the accuracy budget before float on ort-cpu-qdq.
+the target's 16-bit grid, chosen by the accuracy budget before float on a target listing it first (benchmarks/targets/ort-cpu-qdq-int16.toml).
 
 CPU facts pinned: every numeric comparison runs the compiled model as written (onnxruntime with
 ORT_DISABLE_ALL, or onnx.reference) or through qcompiler.simulate, so no u8s8 kernel (which
@@ -26,7 +26,8 @@ from qcompiler.plan import plan_quantization
 from qcompiler.quant import QType, compute_qparams
 from qcompiler.target import load_target
 
-TARGET = "ort-cpu-qdq"
+#: ort-cpu-qdq with int16-activations first (the built-in ort-cpu-qdq falls back to float only)
+TARGET = str(Path(__file__).resolve().parent.parent / "benchmarks" / "targets" / "ort-cpu-qdq-int16.toml")
 BAD = "conv_in"
 WIDE = "int16-activations"
 
@@ -277,11 +278,11 @@ def test_target_schema(tmp_path: Path) -> None:
     msg = str(err.value)
     assert msg.startswith(str(bad)) and "accuracy.fallbacks" in msg and "already uint16" in msg and "\n" not in msg
     assert load_target("dsp-a16w8").fallbacks("Conv") == ("float",)
-    bad.write_text('name = "d"\ndescription = "x"\nextends = "ort-cpu-qdq"\n[accuracy]\nint16_dtype = "int12"\n')
+    bad.write_text('name = "d"\ndescription = "x"\nextends = "ort-cpu-qdq"\n[accuracy]\nfallbacks = [\"int16-activations\", \"float\"]\nint16_dtype = "int12"\n')
     with pytest.raises(UserError, match=r"accuracy\.int16_dtype"):
         load_target(str(bad))
     signed = tmp_path / "s16.toml"
-    signed.write_text('name = "s16"\ndescription = "x"\nextends = "ort-cpu-qdq"\n[accuracy]\nint16_dtype = "int16"\n')
+    signed.write_text('name = "s16"\ndescription = "x"\nextends = "ort-cpu-qdq"\n[accuracy]\nfallbacks = [\"int16-activations\", \"float\"]\nint16_dtype = "int16"\n')
     model = qcompiler.load_model(onnx.shape_inference.infer_shapes(_model(21)))
     plan = plan_quantization(model, load_target(str(signed)), overrides={BAD: (WIDE, "x")})
     act = plan.nodes[BAD].config.activation

@@ -177,8 +177,8 @@ def test_inspect_and_fallback_outcomes_show_dynamic(tmp_path) -> None:
     tgt = qcompiler.load_target("ort-cpu")
     got = fallback_outcomes(qcompiler.load_model(_mlp()), tgt, ["mm0", "att", "relu0"])
     assert got == {"mm0": ("dynamic", "float"), "att": ("float",), "relu0": tgt.fallbacks("Relu")}
-    qdq = qcompiler.load_target("ort-cpu-qdq")  # no dynamic kernel: 16-bit activations, then float
-    assert fallback_outcomes(qcompiler.load_model(_mlp()), qdq, ["mm0"]) == {"mm0": ("int16-activations", "float")}
+    qdq = qcompiler.load_target("ort-cpu-qdq")  # its file keeps MatMul's fallback float
+    assert fallback_outcomes(qcompiler.load_model(_mlp()), qdq, ["mm0"]) == {"mm0": ("float",)}
 
 
 def test_deviation_and_override_change_the_outcome() -> None:
