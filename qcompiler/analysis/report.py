@@ -49,7 +49,7 @@ class AnalysisSetup:
     integer: dict[str, str]                  # node -> kernel / how it runs in integer
     float_nodes: dict[str, str]              # node -> why it stays float
     partitions: list[dict[str, Any]]
-    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # integer node -> fallbacks it can take
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> fallbacks it can take
     prepared: onnx.ModelProto | None = None  # the float model as the target's pipeline prepared it
     lanes: int = 1                           # fake-quant runs at once (fidelities)
 
@@ -136,7 +136,10 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     return AnalysisSetup(tgt, layers, fq, feeds, reference, samples, bool(getattr(data, "real_data", True)),
                          dict(sorted(integer.items())), dict(sorted(float_nodes.items())), parts,
-                         fallback_outcomes(prepared, tgt, sorted(integer)), pproto, lanes=_lanes())
+                         # every node: the budget also moves float nodes the compile touched (a float
+                         # ConvTranspose on integer-stored weights can go float, not int16-activations)
+                         fallback_outcomes(prepared, tgt, [n.name for g in prepared.graph.walk() for n in g.gs.nodes]),
+                         pproto, lanes=_lanes())
 
 
 def _lanes() -> int:

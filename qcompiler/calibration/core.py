@@ -29,7 +29,7 @@ from .engine import Job, Progress, lane_threads, make_groups, peak_rss_mb, reuse
 from .methods import entropy_range, moving_average_range, mse_range, percentile_range
 from .options import CalibrationOptions, check_method, parse_memory
 from .selection import (MethodPlan, Observed, clamp, kernel_only, method_plan, moment_specs, observe_bodies,
-                        saturation_bounds, shared_moments, weighted_inputs)
+                        saturation_bounds, shared_moments, weighted_inputs, wide_methods, wide_qtypes)
 from .stats import Statistics
 
 __all__ = ["calibrate", "CalibrationResult", "input_moments"]
@@ -41,13 +41,15 @@ Show = Callable[[str], None]
 class CalibrationResult:
     """What calibration hands to later passes: ``ranges`` (tensor -> (lo, hi), pinned and
     inherited ones included), ``moments`` (layer -> input second moments, GPTQ rounding),
-    ``channel_means`` (activation -> per-channel mean, bias correction) and ``report`` (the
-    report's ``calibration`` section, written as is)."""
+    ``channel_means`` (activation -> per-channel mean, bias correction), ``report`` (the
+    report's ``calibration`` section, written as is) and ``wide_ranges`` (the ranges of the values
+    an int16-activations override puts on the 16-bit grid, chosen for that grid)."""
 
     ranges: dict[str, tuple[float, float]]
     moments: dict[str, np.ndarray] = field(default_factory=dict)
     channel_means: dict[str, np.ndarray] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    wide_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, *, target: Any,
@@ -121,6 +123,12 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
         if options.cache:
             store_cached(options.cache, key, stats)
     ranges, used = _choose_ranges(stats, methods, per_sample, bounds, options, progress)
+    wide_plan, wide_src = wide_methods(methods, wide_qtypes(model, target, plan), seen.inherited)
+    if wide_plan:  # the same statistics, each range chosen again for the 16-bit grid
+        chosen = _choose_ranges(stats, wide_plan, per_sample, bounds, options, None)[0]
+        wide = {n: pinned.get(n, pinned.get(src, chosen[src])) for n, src in wide_src.items() if src in chosen}
+    else:
+        wide = {}
     ranges = {exposed.get(n, (n, ""))[0]: r for n, r in ranges.items()}  # body values by their own names
     moments = dict(stats.moments)
     moments.update({node: moments[first] for node, first in alias.items() if first in moments})
@@ -144,7 +152,7 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
         "statistics": options.statistics,
         "unobserved_tensors": seen.candidates - len(seen.values) - len(seen.inputs), "lanes": options.lanes,
     }
-    return CalibrationResult(ranges, moments, stats.means(), report)
+    return CalibrationResult(ranges, moments, stats.means(), report, wide)
 
 
 def _choose_ranges(stats: Statistics, methods: MethodPlan, per_sample: frozenset[str],
@@ -171,7 +179,8 @@ def _choose_ranges(stats: Statistics, methods: MethodPlan, per_sample: frozenset
             ranges[n] = moving_average_range(*stats.sample_extremes(n), options.momentum)
     used: dict[str, int] = {}
     for n in ranges:
-        used[methods[n][0]] = used.get(methods[n][0], 0) + 1
+        if n in methods:
+            used[methods[n][0]] = used.get(methods[n][0], 0) + 1
     return ranges, used
 
 
