@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -215,12 +215,16 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
 
     calib = calibration_options or CalibrationOptions()
 
-    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False) -> CompileResult:
-        return _compile(**dict(opts, plan_overrides=overrides or None,
-                               calibration_options=dataclasses.replace(calib, cache=cache or ""), build_cache=not fresh))
+    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False,
+                     methods: Mapping[str, str] | None = None) -> CompileResult:
+        # methods: per-node calibration methods (the search's method trial), after the user's overrides
+        extra = tuple(f"{k}={v}" for k, v in sorted((methods or {}).items()))
+        return _compile(**dict(opts, plan_overrides=overrides or None, build_cache=not fresh,
+                               calibration_options=dataclasses.replace(calib, cache=cache or "",
+                                                                       overrides=calib.overrides + extra)))
 
     return search(compile_with, budget, tgt, source=source, overrides=plan_overrides, cache=calib.cache or None,
-                  explicit=explicit)
+                  explicit=explicit, calibration=calib)
 
 
 def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os.PathLike[str] | Target,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .budget_methods import methods_note, try_methods
 from .errors import UserError
 
 __all__ = ["Budget", "parse_budget", "METRICS", "search", "SENSITIVITY_SAMPLES"]
@@ -153,7 +154,7 @@ def _fmt(v: float | None) -> str:
 
 def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
            source: str, overrides: Mapping[str, tuple[str, str]] | None = None, cache: str | None = None,
-           explicit: bool = True) -> Any:
+           explicit: bool = True, calibration: Any = None) -> Any:
     """Run the search (module text). ``compile_with(plan_overrides, calibration_cache, fresh=False)``
     is one ordinary compile returning a ``CompileResult`` (``fresh``: past the whole-build
     cache). Returns the result meeting the budget, with
@@ -183,6 +184,15 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
         if first._eval is None:  # a build-cache hit: recompile (from cached statistics) for the samples
             first = compile_with(base, cache_dir if explicit else cache, True)
         ranked, setup, sens = _rank(first, target, base)
+        # per-layer calibration methods first (qcompiler.budget_methods): no layer leaves integer for them
+        tried = try_methods(compile_with, first, v0, setup, sens, measure, target, cache_dir, calibration, base)
+        section["methods"], section["method_trial"] = tried.rows, tried.info
+        compiles += tried.compiles
+        if tried.kept:
+            compile_with, first, v0, setup = tried.compile_with, tried.result, tried.value, tried.setup
+            if budget.holds(v0):
+                first.report["accuracy"] = _finish(section, first, v0, [], compiles, start, True)
+                return first
         if not explicit:
             ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
         ranked = _moves(ranked)
@@ -449,7 +459,7 @@ def _finish(section: dict[str, Any], result: Any, value: float | None, moved: Se
     out["summary"] = (f"accuracy {section['budget']} {verdict}: {_name(section)} {before} -> {_fmt(value)}, "
                       f"{len(moved)} layer(s) moved" + (f" ({_counts(moved)}, est. "
                                                          f"+{extra:.3g} kernel-latency units)" if moved else "")
-                      + f", {compiles} compile(s), {secs:.1f} s")
+                      + f"{methods_note(section)}, {compiles} compile(s), {secs:.1f} s")
     return out
 
 

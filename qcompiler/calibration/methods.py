@@ -19,7 +19,7 @@ import numpy as np
 
 from ..quant import QType, compute_qparams, dequantize, quantize
 
-__all__ = ["RangeTarget", "histogram_kind", "percentile_range", "entropy_range", "entropy_threshold",
+__all__ = ["RangeTarget", "histogram_kind", "serves", "abs_from_signed", "percentile_range", "entropy_range", "entropy_threshold",
            "moving_average_range", "mse_range", "weight_mse_ranges", "weight_mse_clip"]
 
 @dataclass(frozen=True)
@@ -45,6 +45,53 @@ def histogram_kind(method: str, target: RangeTarget) -> str | None:
     if method == "entropy" or (method == "percentile" and target.symmetric):
         return "abs"
     return "signed"
+
+
+def serves(kind: str | None, method: str, target: RangeTarget) -> bool:
+    """Whether statistics with a histogram of ``kind`` (None: min/max only) give ``method``
+    its range on ``target``: its own kind, min/max (every kind), or an abs histogram derived
+    from a signed one (:func:`abs_from_signed`). So a signed histogram serves all four methods."""
+    need = histogram_kind(method, target)
+    return need is None or need == kind or (need == "abs" and kind == "signed")
+
+
+def abs_from_signed(counts: np.ndarray, lo: float, hi: float, zeros: int = 0) -> np.ndarray:
+    """The |x| histogram over [0, max(|lo|, |hi|)] (as many bins as ``counts``) of values
+    histogrammed signed over [lo, hi]: each signed bin's count is spread evenly over the |x|
+    interval it covers (a bin across 0 over both halves), apportioned to the abs bins by
+    overlap; the ``zeros`` exact zeros go to the first abs bin. Exact up to where the values
+    lie inside a signed bin: the derived |x| quantiles move by at most one signed bin width,
+    (hi - lo) / bins <= 2 abs bins (docs/design.md, "Per-layer calibration method")."""
+    c = counts.astype(np.float64)
+    bins = c.shape[0]
+    amax = max(abs(lo), abs(hi))
+    out = np.zeros(bins, dtype=np.float64)
+    if not hi > lo or not amax > 0:
+        out[0] = c.sum()
+        return out
+    edges = lo + (hi - lo) * np.arange(bins + 1, dtype=np.float64) / bins
+    if zeros and lo <= 0.0 <= hi:
+        z = min(int((0.0 - lo) * bins / (hi - lo)), bins - 1)
+        moved = min(float(zeros), c[z])
+        c[z] -= moved
+        out[0] += moved
+    # each signed bin as up to two |x| intervals: its negative part and its positive part
+    a, b = edges[:-1], edges[1:]
+    width = b - a
+    neg_lo, neg_hi = np.maximum(-np.minimum(b, 0.0), 0.0), np.maximum(-a, 0.0)  # |x| of the part below 0
+    pos_lo, pos_hi = np.maximum(a, 0.0), np.maximum(b, 0.0)
+    at = np.arange(bins + 1, dtype=np.float64) * (amax / bins)  # the abs bins' edges
+    cum = np.zeros(bins + 1)  # mass below each abs edge: piecewise linear through each side's intervals
+    for s_lo, s_hi in ((neg_lo, neg_hi), (pos_lo, pos_hi)):
+        keep = s_hi > s_lo
+        if not keep.any():
+            continue
+        order = np.argsort(s_lo[keep], kind="stable")  # one side's intervals tile [start, end]
+        starts, ends = s_lo[keep][order], s_hi[keep][order]
+        mass = ((ends - starts) / width[keep][order]) * c[keep][order]
+        cum += np.interp(at, np.concatenate(([starts[0]], ends)), np.concatenate(([0.0], np.cumsum(mass))))
+    out += np.diff(cum)
+    return out
 
 
 def _quantile(counts: np.ndarray, lo: float, hi: float, q: float) -> float:
