@@ -71,6 +71,15 @@ ROWS: dict[str, tuple[Row, ...]] = {
         # a budget that moves layers: its compile time against the default compile's (row above)
         Row("effnet_lite0", options=(("accuracy", "cosine>=0.999"),)),
     ),
+    # issue 11 section 2's method trial (qcompiler.budget_methods): run with the default and with
+    # --method-trial-layers 0 (no trial) to compare; the plain rows time the default compile
+    "methods": (
+        Row("effnet_lite0"),
+        Row("effnet_lite0", options=(("accuracy", "cosine>=0.998"),)),
+        Row("effnet_lite0", options=(("accuracy", "cosine>=0.999"),)),
+        Row("ppocrv4_det", calib=64),
+        Row("ppocrv4_det", calib=64, options=(("accuracy", "sqnr>=20"),)),
+    ),
     "ppocr-calib": tuple(Row("ppocrv4_det", calib=n) for n in (32, 64, 80)),
     "ppocr-32": (Row("ppocrv4_det", calib=32), Row("ppocrv4_det", calib=32, options=(("calibration_statistics", "ranges"),))),
     # calibration-set instability: which statistic moves when 16 images are added
@@ -226,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="", help="only these models (comma-separated)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per variant (0: no latency)")
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--method-trial-layers", type=int, default=None,
+                    help="the budget's method trial over this many layers (0: off; default: TRIAL_LAYERS)")
     args = ap.parse_args(argv)
+    if args.method_trial_layers is not None:
+        from qcompiler import budget_methods
+
+        budget_methods.TRIAL_LAYERS = args.method_trial_layers
     rows = tuple(r for r in ROWS[args.rows] if not args.models or r.model in args.models.split(","))
     with tempfile.TemporaryDirectory() as work:
         results = run_rows(rows, args.bench_dir, Path(work), args.runs, args.eval_limit)

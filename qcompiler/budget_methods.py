@@ -91,7 +91,8 @@ def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, 
         return out
     compiles = 0
     key = first.report.get("calibration", {}).get("cache_key")
-    if not key:  # the first compile kept no statistics (a default budget's plain compile): again, cached
+    if not key and first.report.get("calibration", {}).get("cache") == "off":
+        # the first compile kept no statistics (a default budget's plain compile): again, cached
         first = compile_with(dict(base), cache_dir, True)
         compiles += 1
         key = first.report.get("calibration", {}).get("cache_key")
