@@ -459,7 +459,7 @@ def _finish(section: dict[str, Any], result: Any, value: float | None, moved: Se
     out["summary"] = (f"accuracy {section['budget']} {verdict}: {_name(section)} {before} -> {_fmt(value)}, "
                       f"{len(moved)} layer(s) moved" + (f" ({_counts(moved)}, est. "
                                                          f"+{extra:.3g} kernel-latency units)" if moved else "")
-                      + f"{methods_note(section)}, {compiles} compile(s), {secs:.1f} s")
+                      + f"{methods_note(section, moved)}, {compiles} compile(s), {secs:.1f} s")
     return out
 
 

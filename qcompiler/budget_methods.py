@@ -72,6 +72,7 @@ class _Tensor:
     hi: float
     tags: list[str]             # where the fake-quant model quantizes it
     base: tuple[np.ndarray, np.ndarray]  # its scale and zero point in the first compile
+    layers: list[str]           # the layers quantizing it there (one per tag)
 
 
 def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, setup: Any,
@@ -137,7 +138,8 @@ def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, 
         if best is not None and _improves(metric, current, best[1]):
             tuned.set(t, *best[2])
             chosen[t.key] = best[0]
-            out.rows.append({"layer": t.layer, "tensor": t.name, "node": t.key, "from": t.method, "to": best[0],
+            out.rows.append({"layer": t.layer, "layers": sorted(set(t.layers)), "tensor": t.name, "node": t.key,
+                             "from": t.method, "to": best[0],
                              "predicted_before": _r(current), "predicted_after": _r(best[1]),
                              "predicted_gain": _r(None if current is None or best[1] is None else best[1] - current)})
             current = best[1]
@@ -230,6 +232,7 @@ def _tensors(setup: Any, sens: Sequence[Mapping[str, Any]], stats: Any, calib: M
             where.setdefault(g.float, []).append((f"{layer.index}_{fi}", g))
         if layer.output is not None:
             where.setdefault(layer.output.float, []).append((f"{layer.index}_o", layer.output))
+    owner = {str(layer.index): layer.name for layer in setup.layers}
     user = dict(calib.get("overrides") or {})
     method = calib.get("method", "")
     by_name = {layer.name: layer for layer in setup.layers}
@@ -256,8 +259,9 @@ def _tensors(setup: Any, sens: Sequence[Mapping[str, Any]], stats: Any, calib: M
             base = (np.asarray(qp.scale), np.asarray(qp.zero_point))
             if not all(_same(g, base) for _, g in where[name]):
                 continue
-            out.append(_Tensor(name, layer.name, node, m, grid, rule.qtype, rule.clamp, lo, hi,
-                               [tag for tag, _ in where[name]], base))
+            tags = [tag for tag, _ in where[name]]
+            out.append(_Tensor(name, layer.name, node, m, grid, rule.qtype, rule.clamp, lo, hi, tags, base,
+                               [owner[tag.split("_")[0]] for tag in tags]))
     return out
 
 
@@ -326,7 +330,13 @@ def _subgraphs(g: onnx.GraphProto) -> list[onnx.GraphProto]:
     return out
 
 
-def methods_note(section: Mapping[str, Any]) -> str:
-    """The summary line's part on the method trial: ', 2 method change(s)' (kept ones only)."""
-    rows = [r for r in section.get("methods", []) if r.get("kept", True)]
-    return f", {len(rows)} method change(s)" if rows else ""
+def methods_note(section: Mapping[str, Any], moved: Sequence[Mapping[str, Any]]) -> str:
+    """The summary line's part on the method trial, ', 2 method change(s)': the kept changes
+    still in effect. A change whose every quantizing layer the search then ``moved`` off
+    integer gets ``in_effect: false`` (its override stays, but nothing reads that range)."""
+    gone = {r["node"] for r in moved}
+    live = 0
+    for row in section.get("methods", []):
+        row["in_effect"] = row.get("kept", True) and not set(row["layers"]) <= gone
+        live += row["in_effect"]
+    return f", {live} method change(s)" if live else ""
