@@ -193,6 +193,8 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
             if budget.holds(v0):
                 first.report["accuracy"] = _finish(section, first, v0, [], compiles, start, True)
                 return first
+            sens = tried.resensed(sens)  # the changed layers' sensitivity under their new ranges
+            ranked, setup, sens = _rank(first, target, base, (setup, sens))
         if not explicit:
             ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
         ranked = _moves(ranked)
@@ -261,14 +263,19 @@ def _unmeasurable(result: Any, explicit: bool, budget: Budget) -> str | None:
     return None
 
 
-def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, list[Any]]:
+def _rank(result: Any, target: Any, base: Mapping[str, Any], reuse: tuple[Any, list[Any]] | None = None
+          ) -> tuple[list[dict[str, Any]], Any, list[Any]]:
     """The movable layers, best sensitivity gain per cost first, each with its fallback, cost
-    and why; plus the analysis setup (for predictions) and the sensitivity rows."""
+    and why; plus the analysis setup (for predictions) and the sensitivity rows (``reuse``:
+    those two as given)."""
     from .analysis import layer_sensitivity, setup_analysis
 
-    load_float, samples, _ = result._eval
-    setup = setup_analysis(load_float(), result.proto, samples, target=target, limit=SENSITIVITY_SAMPLES)
-    sens = layer_sensitivity(setup=setup)
+    if reuse is None:
+        load_float, samples, _ = result._eval
+        setup = setup_analysis(load_float(), result.proto, samples, target=target, limit=SENSITIVITY_SAMPLES)
+        sens = layer_sensitivity(setup=setup)
+    else:
+        setup, sens = reuse
     rows = []
     for worst, r in enumerate(sens):
         fallbacks = setup.fallbacks.get(r["layer"], target.fallbacks(r["op"]))

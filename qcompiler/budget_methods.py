@@ -4,18 +4,19 @@ method (minmax, percentile, entropy, mse) for the most sensitive layers' quantiz
 Why here and how: a range method is a pure function of the calibration statistics
 (:func:`qcompiler.calibration.method_range`), so every method's range of a tensor comes from
 the statistics the search's first compile stored in its calibration cache, with no model run.
-Each candidate range is tried on the analysis's fake-quant model (one onnxruntime session in
-which the trial tensors' scale and zero point are graph inputs, so a swap costs one run, not a
-new session), all layers quantized; a tensor keeps the best method (ties: the order of
-``METHODS``, the current method first) only when it lowers the predicted output noise by
-``MARGIN``. The choices are calibration overrides keyed by the tensor's producer node, and the
-compile stays the only builder: one real compile (its statistics a cache hit: the collected
-statistics serve every method, ``qcompiler.calibration.core._collection_plan``) measures them,
-and they are kept only when the measured figure beats the integer plan's. The search then goes
-on with its fallbacks from there (``qcompiler.budget``).
+Each candidate range is tried on the analysis's fake-quant model with all layers quantized (one
+onnxruntime session in which the trial tensors' scale and zero point are graph inputs, so a swap
+costs one run, not a new session): screened on the first batch of the sensitivity samples, the
+best candidate confirmed on all of them. A tensor keeps it (ties: the order of ``METHODS``) only
+when both lower the predicted output noise to ``MARGIN`` of it. The choices are calibration
+overrides keyed by the tensor's producer node, and the compile stays the only builder: one real
+compile (its statistics a cache hit: the collected statistics serve every method,
+``qcompiler.calibration.core._collection_plan``) measures them, and they are kept only when the
+measured figure beats the integer plan's. The search then goes on with its fallbacks from there
+(``qcompiler.budget``).
 
-Bounded: the ``TRIAL_LAYERS`` most sensitive layers, their input and output tensors, three
-other methods each (effnet: about 40 fake-quant runs on the 16 sensitivity samples).
+Bounded: the ``TRIAL_LAYERS`` most sensitive layers, their input and output tensors, up to
+three other methods each (effnet: 13 tensors, 26 screening runs on 8 samples).
 Deterministic: the order is the sensitivity ranking, then graph order of the tensors, then
 ``METHODS``.
 """
@@ -58,6 +59,17 @@ class MethodTrial:
     setup: Any = None
     compiles: int = 0
 
+    def resensed(self, sens: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The sensitivity rows (``qcompiler.layer_sensitivity``'s) with the layers the kept
+        changes touch measured again on ``setup`` (their new ranges), in the same order rule
+        (worst first, ties by graph order): the fallbacks then go to what still misses."""
+        from .analysis.report import by_sensitivity, sensitivity_rows
+
+        touched = {name for row in self.rows for name in row["layers"]}
+        fresh = {r["layer"]: r for r in sensitivity_rows(self.setup, [x for x in self.setup.layers
+                                                                       if x.name in touched])}
+        return by_sensitivity([fresh.get(r["layer"], r) for r in sens])
+
 
 @dataclass
 class _Tensor:
@@ -86,7 +98,7 @@ def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, 
     from .calibration.options import CalibrationOptions
 
     start = time.perf_counter()
-    out = MethodTrial(info={"layers": 0, "tensors": 0, "runs": 0})
+    out = MethodTrial(info={"layers": 0, "tensors": 0, "runs": 0, "screen_runs": 0})
     options = calibration or CalibrationOptions()
     if TRIAL_LAYERS <= 0:
         return out
@@ -107,10 +119,12 @@ def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, 
         return _done(out, start, compiles)
     tuned = _TunedModel(setup.model, setup.layers, tensors)
     trial = dataclasses.replace(setup, model=tuned)
+    # candidates are screened on the first batch; a tensor's best one is confirmed on all
+    screen = dataclasses.replace(trial, batches=trial.batches[:1], reference=trial.reference[:1])
     on = {layer.name for layer in setup.layers}
     metric = measure.budget.metric
-    current = measure.predicted(trial, on)
-    runs = 1
+    current, current_screen = measure.predicted(trial, on), measure.predicted(screen, on)
+    runs, screens = 1, 1
     chosen: dict[str, str] = {}
     from .calibration.core import method_range
     from .calibration.methods import serves
@@ -130,19 +144,26 @@ def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, 
                 continue
             tried.add(sig)
             tuned.set(t, qp.scale, qp.zero_point)
-            v = measure.predicted(trial, on)
-            runs += 1
+            v = measure.predicted(screen, on)
+            screens += 1
             if v is not None and (best is None or best[1] is None or v > best[1]):
                 best = (m, v, (qp.scale, qp.zero_point))
-        tuned.set(t, *t.base)
-        if best is not None and _improves(metric, current, best[1]):
-            tuned.set(t, *best[2])
-            chosen[t.key] = best[0]
-            out.rows.append({"layer": t.layer, "layers": sorted(set(t.layers)), "tensor": t.name, "node": t.key,
-                             "from": t.method, "to": best[0],
-                             "predicted_before": _r(current), "predicted_after": _r(best[1]),
-                             "predicted_gain": _r(None if current is None or best[1] is None else best[1] - current)})
-            current = best[1]
+        if best is None or not _improves(metric, current_screen, best[1]):
+            tuned.set(t, *t.base)
+            continue
+        tuned.set(t, *best[2])
+        full = measure.predicted(trial, on)
+        runs += 1
+        if not _improves(metric, current, full):
+            tuned.set(t, *t.base)
+            continue
+        chosen[t.key] = best[0]
+        out.rows.append({"layer": t.layer, "layers": sorted(set(t.layers)), "tensor": t.name, "node": t.key,
+                         "from": t.method, "to": best[0], "predicted_before": _r(current),
+                         "predicted_after": _r(full),
+                         "predicted_gain": _r(None if current is None or full is None else full - current)})
+        current, current_screen = full, best[1]
+    out.info["screen_runs"] = screens
     out.info["runs"] = runs
     if not chosen:
         return _done(out, start, compiles)
