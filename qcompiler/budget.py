@@ -183,23 +183,28 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
             return first
         if first._eval is None:  # a build-cache hit: recompile (from cached statistics) for the samples
             first = compile_with(base, cache_dir if explicit else cache, True)
-        ranked, setup, sens = _rank(first, target, base)
-        # per-layer calibration methods first (qcompiler.budget_methods): no layer leaves integer for them
-        tried = try_methods(compile_with, first, v0, setup, sens, measure, target, cache_dir, calibration, base)
+
+        def order(reuse: tuple[Any, list[Any]] | None = None
+                  ) -> tuple[list[dict[str, Any]], Any, list[Any], _Predictor, float]:
+            ranked, setup, sens = _rank(first, target, base, reuse)
+            if not explicit:
+                ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
+            ranked = _moves(ranked)
+            pred = _Predictor(ranked, setup, measure)
+            return ranked, setup, sens, pred, pred.scale(v0, 0)  # scale: real noise / fake-quant noise
+
+        ranked, setup, sens, pred, scale = order()
+        # per-layer calibration methods before any layer leaves integer (qcompiler.budget_methods)
+        tried = try_methods(compile_with, first, v0, setup, sens, measure, target, cache_dir, calibration, base,
+                            pred.shortest(1, scale))
         section["methods"], section["method_trial"] = tried.rows, tried.info
         compiles += tried.compiles
         if tried.kept:
-            compile_with, first, v0, setup = tried.compile_with, tried.result, tried.value, tried.setup
+            compile_with, first, v0 = tried.compile_with, tried.result, tried.value
             if budget.holds(v0):
                 first.report["accuracy"] = _finish(section, first, v0, [], compiles, start, True)
                 return first
-            sens = tried.resensed(sens)  # the changed layers' sensitivity under their new ranges
-            ranked, setup, sens = _rank(first, target, base, (setup, sens))
-        if not explicit:
-            ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
-        ranked = _moves(ranked)
-        pred = _Predictor(ranked, setup, measure)
-        scale = pred.scale(v0, 0)  # how much noisier the real integer model is than its fake-quant image
+            ranked, setup, sens, pred, scale = order((tried.setup, tried.resensed(sens)))
         moved = ranked[:pred.shortest(1, scale) or len(ranked)]
         fit = _Fit(ranked, budget, v0)
         best = (v0, first, [])

@@ -89,11 +89,15 @@ class _Tensor:
 
 def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, setup: Any,
                 sens: Sequence[Mapping[str, Any]], measure: Any, target: Any, cache_dir: str,
-                calibration: Any, base: Mapping[str, Any]) -> MethodTrial:
+                calibration: Any, base: Mapping[str, Any], guess: int | None) -> MethodTrial:
     """Run the trial (module text) after the search's first compile ``first`` (figure ``v0``,
     plan overrides ``base``) missed the budget; ``sens`` is the sensitivity ranking,
-    ``measure`` the search's ``_Measure``, ``calibration`` the compile's CalibrationOptions.
-    A model it cannot try gives no rows."""
+    ``measure`` the search's ``_Measure``, ``calibration`` the compile's CalibrationOptions,
+    ``guess`` the fallback steps the prediction says the budget needs (None: more than all).
+    Skipped when that is more than ``TRIAL_LAYERS``: the most sensitive layers, the ones the
+    trial would change, are then the first to move anyway (measured: on effnet at cosine>=0.999
+    and on PP-OCR every change the trial kept was on a layer the fallbacks moved). A model it
+    cannot try gives no rows."""
     from .calibration.cache import load_cached
     from .calibration.options import CalibrationOptions
 
@@ -101,6 +105,10 @@ def try_methods(compile_with: Callable[..., Any], first: Any, v0: float | None, 
     out = MethodTrial(info={"layers": 0, "tensors": 0, "runs": 0, "screen_runs": 0})
     options = calibration or CalibrationOptions()
     if TRIAL_LAYERS <= 0:
+        return out
+    if guess is None or guess > TRIAL_LAYERS:
+        out.info["skipped"] = (f"the fallbacks need {'more than all' if guess is None else guess} step(s) by the "
+                               f"prediction, more than the {TRIAL_LAYERS} layers the trial would change")
         return out
     compiles = 0
     key = first.report.get("calibration", {}).get("cache_key")

@@ -23,7 +23,8 @@ from ..errors import UserError
 from .layers import FakeQuantModel, Layer, batches, find_layers
 from .metrics import OutputFidelity, rounded
 
-__all__ = ["analyze", "layer_sensitivity", "sensitivity_rows", "by_sensitivity", "AnalysisSetup", "setup_analysis", "DEFAULT_LIMIT", "HISTOGRAM_LAYERS"]
+__all__ = ["analyze", "layer_sensitivity", "sensitivity_rows", "by_sensitivity",
+           "AnalysisSetup", "setup_analysis", "DEFAULT_LIMIT", "HISTOGRAM_LAYERS"]
 
 #: samples analyzed when no limit is given: enough to rank layers, small enough for seconds
 DEFAULT_LIMIT = 8

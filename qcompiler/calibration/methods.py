@@ -19,7 +19,8 @@ import numpy as np
 
 from ..quant import QType, compute_qparams, dequantize, quantize
 
-__all__ = ["RangeTarget", "histogram_kind", "serves", "abs_from_signed", "percentile_range", "entropy_range", "entropy_threshold",
+__all__ = ["RangeTarget", "histogram_kind", "serves", "abs_from_signed",
+           "percentile_range", "entropy_range", "entropy_threshold",
            "moving_average_range", "mse_range", "weight_mse_ranges", "weight_mse_clip"]
 
 @dataclass(frozen=True)
