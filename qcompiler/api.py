@@ -220,8 +220,8 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
         # methods: per-node calibration methods (the search's method trial), after the user's overrides
         extra = tuple(f"{k}={v}" for k, v in sorted((methods or {}).items()))
         return _compile(**dict(opts, plan_overrides=overrides or None, build_cache=not fresh,
-                               calibration_options=dataclasses.replace(calib, cache=cache or "",
-                                                                       overrides=calib.overrides + extra)))
+                               calibration_options=dataclasses.replace(
+                                   calib, cache=cache or "", range_overrides=calib.range_overrides + extra)))
 
     return search(compile_with, budget, tgt, source=source, overrides=plan_overrides, cache=calib.cache or None,
                   explicit=explicit, calibration=calib)

@@ -99,7 +99,8 @@ def test_method_change_alone_meets_the_budget(work: Path, tmp_path: Path) -> Non
     # statistics entry in the cache
     assert res.report["calibration"]["cache"] == "hit" and acc["method_trial"]["calibration_cache"] == "hit"
     assert len(list(cache.glob("*.qcstats"))) == 1
-    assert res.report["calibration"]["overrides"] == {"x": "entropy"}
+    assert res.report["calibration"]["range_overrides"] == {"x": "entropy"}
+    assert res.report["calibration"]["overrides"] == {}
     assert "1 method change(s)" in acc["summary"] and "0 layer(s) moved" in acc["summary"]
     assert _sqnr(res) == acc["value_after"]
 
@@ -143,19 +144,22 @@ def test_a_change_the_real_compile_measures_worse_is_dropped(work: Path, monkeyp
     assert acc["moved"] == plain.report["accuracy"]["moved"]
 
 
-def test_served_override_keeps_the_statistics_key(work: Path, tmp_path: Path) -> None:
-    """A method override the collected statistics serve (x collects a signed histogram for
-    mse; entropy reads an abs one derived from it) hits the cache; one they cannot serve
-    (the method minmax collects no histogram) misses."""
+def test_range_override_keeps_the_statistics_key(work: Path, tmp_path: Path) -> None:
+    """A range override the collected statistics serve (x collects a signed histogram for mse;
+    entropy reads an abs one derived from it) hits the cache; one they cannot serve (the method
+    minmax collects no histogram) collects its own. A plain override collects for its method,
+    as before (a miss)."""
     def calib(**kw: object) -> dict:
         opts = qcompiler.CalibrationOptions(cache=str(tmp_path), **kw)
         return _compile(work, accuracy="off", calibration_options=opts).report["calibration"]
 
     first = calib()
-    served = calib(overrides={"x": "entropy"})
+    served = calib(range_overrides={"x": "entropy"})
     assert first["cache"] == "miss" and served["cache"] == "hit" and served["cache_key"] == first["cache_key"]
+    assert served["range_overrides"] == {"x": "entropy"} and "range_overrides" not in first
+    assert calib(overrides={"x": "entropy"})["cache"] == "miss"
     assert calib(method="minmax")["cache"] == "miss"
-    assert calib(method="minmax", overrides={"x": "entropy"})["cache"] == "miss"
+    assert calib(method="minmax", range_overrides={"x": "entropy"})["cache"] == "miss"
 
 
 def test_abs_histogram_derived_from_signed_is_exact_enough() -> None:

@@ -66,6 +66,7 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
     an accuracy-budget search's recompiles all hit the cache)."""
     method = check_method(options.method or target.calibration_method, "method")
     overrides = options.override_map
+    on_ranges = options.range_override_map  # read the statistics ``overrides`` collect (_collection_plan)
     budget = parse_memory(options.memory)
     pinned = read_ranges(options.ranges_file) if options.ranges_file else {}
     seen = Observed(model, plan, target, groups or {}, options.observed, full_plan)
@@ -76,17 +77,19 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
     options = _bounded_parallelism(options, data)
     start = time.perf_counter()
     known = {n.name for n in model.graph.nodes} | {n.op for n in model.graph.nodes} | seen.graph_inputs
-    for key in overrides:
+    for key in list(overrides) + list(on_ranges):
         if key not in known:
             raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
                             f"of the model")
     names, inputs = list(seen.values), list(seen.inputs)
-    methods, qtypes, fixed = method_plan(model, plan, target, seen, overrides, method, full_plan)
+    merged = {**overrides, **on_ranges}
+    methods, qtypes, fixed = method_plan(model, plan, target, seen, merged, method, full_plan)
     shared: dict[str, np.ndarray] = {}  # weights the sessions read from the IR, not copied
     base, exposed = observe_bodies(model, model.to_proto(shared=shared, share=kernel_only), data, target, methods,
-                                   overrides, method, shared, qtypes, seen.keep)
+                                   merged, method, shared, qtypes, seen.keep)
     names += list(exposed)
-    collect = _collection_plan(model, plan, target, seen, method, full_plan, methods, options)
+    collect = _collection_plan(model, plan, target, seen, method, full_plan, methods, overrides, on_ranges,
+                               options.momentum)
     per_sample = frozenset(n for n, (m, _, _) in collect.items() if m == "minmax" and options.momentum > 0)
     full = options.statistics == "all"
     specs, alias = shared_moments(moment_specs(model, options.max_moment_dim, seen.integer)
@@ -145,25 +148,28 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
         "scheduler": options.scheduler or None, "real_data": bool(getattr(data, "real_data", True)),
         "subgraph_values": len(exposed), "fused_inner_tensors": len(seen.inner), "observe": options.observed,
         "statistics": options.statistics,
+        **({"range_overrides": dict(sorted(on_ranges.items()))} if on_ranges else {}),
         "unobserved_tensors": seen.candidates - len(seen.values) - len(seen.inputs), "lanes": options.lanes,
     }
     return CalibrationResult(ranges, moments, stats.means(), report)
 
 
 def _collection_plan(model: Model, plan: Plan, target: Any, seen: Observed, method: str, full_plan: Plan | None,
-                     methods: MethodPlan, options: CalibrationOptions) -> MethodPlan:
-    """What is collected per tensor, as the method plan the statistics are keyed by: a tensor
-    whose override method the statistics of its method without overrides already serve
-    (:func:`.methods.serves`) collects (and is keyed) as without the override, so a per-tensor
-    method change (the accuracy budget's method trial) hits the statistics cache; every other
-    tensor as its own method. Without overrides this is ``methods`` itself."""
-    if not options.overrides:
+                     methods: MethodPlan, overrides: Mapping[str, str], on_ranges: Mapping[str, str],
+                     momentum: float) -> MethodPlan:
+    """What is collected per tensor, as the method plan the statistics are keyed by: with
+    ``range_overrides`` (``on_ranges``), a tensor whose method they change collects (and is
+    keyed) as under ``overrides`` alone wherever those statistics serve its new method
+    (:func:`.methods.serves`), so a per-tensor method change (the accuracy budget's method
+    trial) hits the statistics cache; elsewhere it collects for its own method. Without them
+    this is ``methods`` itself."""
+    if not on_ranges:
         return methods
-    plain, _, _ = method_plan(model, plan, target, seen, {}, method, full_plan)
+    plain, _, _ = method_plan(model, plan, target, seen, overrides, method, full_plan)
     out: MethodPlan = {}
     for n, (m, grid, kind) in methods.items():
         m0, grid0, kind0 = plain.get(n, (m, grid, kind))
-        moving = m == "minmax" and options.momentum > 0  # per-sample extremes: its own collection
+        moving = m == "minmax" and momentum > 0  # per-sample extremes: its own collection
         out[n] = (m0, grid0, kind0) if m != m0 and not moving and serves(kind0, m, grid) else (m, grid, kind)
     return out
 
