@@ -43,7 +43,7 @@ class Row:
     @property
     def label(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options)
-        return f"{self.target}, {self.calib} calib" + (f", {opts}" if opts else "")
+        return f"{Path(self.target).stem}, {self.calib} calib" + (f", {opts}" if opts else "")
 
 
 _ORT_CPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn,fold-conv-affine,fuse-hardswish,"
@@ -53,6 +53,8 @@ _ORT_CPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn
 _NPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn,fold-conv-affine,fuse-hardswish,"
         "fuse-pad-conv,group-activations,calibrate,insert-qdq,cleanup-qdq,convert-float16,compress-weights,"
         "compact-qparams")  # npu-int8's static pipeline
+
+_QDQ_INT16 = str(Path(__file__).resolve().parent / "targets" / "ort-cpu-qdq-int16.toml")
 
 ROWS: dict[str, tuple[Row, ...]] = {
     "default": (
@@ -80,6 +82,11 @@ ROWS: dict[str, tuple[Row, ...]] = {
         Row("ppocrv4_det", calib=64),
         Row("ppocrv4_det", calib=64, options=(("accuracy", "sqnr>=20"),)),
     ),
+    # the int16-activations fallback (ort-cpu-qdq: int16 activations, then float)
+    # (benchmarks/targets/ort-cpu-qdq-int16.toml; peer: the built-in ort-cpu-qdq, float only)
+    "int16": tuple(Row(m, target=t, calib=64, options=(("accuracy", a),))
+                   for m, budget in (("ppocrv4_det", "sqnr>=20"), ("effnet_lite0", "cosine>=0.999"))
+                   for t, a in (("ort-cpu-qdq", "off"), (_QDQ_INT16, budget), ("ort-cpu-qdq", budget))),
     "ppocr-calib": tuple(Row("ppocrv4_det", calib=n) for n in (32, 64, 80)),
     "ppocr-32": (Row("ppocrv4_det", calib=32), Row("ppocrv4_det", calib=32, options=(("calibration_statistics", "ranges"),))),
     # calibration-set instability: which statistic moves when 16 images are added
@@ -185,7 +192,7 @@ def run_rows(rows: tuple[Row, ...], bench_dir: Path, work: Path, runs: int, eval
         res.float_convs = sum(n.op_type == "Conv" and not _integer_conv(n, graph) for n in graph.node)
         quant = _outputs(_session(str(out), ort.GraphOptimizationLevel.ORT_DISABLE_ALL), ev.feeds, spec.post)
         res.metrics = spec.metrics(ref, quant, ev.context)
-        if runs and row.target.startswith("ort-cpu"):
+        if runs and Path(row.target).stem.startswith("ort-cpu"):
             variants = [bench.Variant("fp32", None, fp32), bench.Variant("q", None, out)]
             for v in variants:
                 v.session = _session(str(v.path), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the bench material's preprocessing, one copy)
 
 import qcompiler  # noqa: E402
+from qcompiler.analysis import DEFAULT_LIMIT  # noqa: E402
 
 MODELS = ("effnet_lite0", "minilm_l6", "ppocrv4_det")
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bench_dir", nargs="?", default=str(bench.DEFAULT_BENCH_DIR))
     p.add_argument("--out", default=str(REPO_ROOT / "out" / "analyze"))
-    p.add_argument("--limit", type=int, default=qcompiler.analysis.DEFAULT_LIMIT)
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
     p.add_argument("--calibration", type=int, default=64)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--md", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
@@ -93,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                           if "top1_agreement" in v else "")
                          for k, v in rep["outputs"].items())
         fid = res.report["fidelity"]
+        split = rep["error_split"]
+        alone = "; ".join(f"{part}: " + ", ".join(f"cos {v['cosine']}, {v['sqnr_db']} dB"
+                                                  for v in split[f"{part}_only"].values())
+                          for part in ("weights", "activations"))
         row = (f"| {model} | {len(rep['layers'])} | {a.limit} | {cw:.1f} / {cc:.1f} | {aw:.1f} / {ac:.1f} | "
-               f"{rep['ranking'][0]} | {outs} |")
+               f"{rep['ranking'][0]} | {outs} | {alone} ({split.get('limited_by', '-')}) |")
         rows.append(row)
         print(row, flush=True)
         print(f"  compile fidelity ({fid.get('held_out', fid.get('status'))}): "
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
              f"`python benchmarks/analyze_bench.py --limit {a.limit}` (ort-cpu, {a.calibration} calibration samples; "
              f"analysis on the first {a.limit} eval samples; {os.cpu_count()} cores)\n\n"
              "| model | integer layers | samples | compile s (wall / CPU) | analyze s (wall / CPU) | most sensitive "
-             "layer | outputs (fake-quant) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
+             "layer | outputs (fake-quant) | alone (error split; limited by) |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
              "\n<!-- analyze:end -->")
     text = md.read_text() if md.exists() else ""
     if "<!-- analyze:begin -->" in text:

@@ -46,6 +46,7 @@ class Calibrate(Pass, CalibrationOptions):
         if self.cache:  # later passes keep their expensive results there too (insert-qdq's GPTQ codes)
             ctx.analysis["cache_dir"] = self.cache
         ctx.analysis["ranges"] = result.ranges
+        ctx.analysis["wide_ranges"] = result.wide_ranges  # int16-activations overrides' 16-bit grid
         ctx.analysis["channel_means"] = result.channel_means
         ctx.report["calibration"] = result.report
         return PassResult(False)

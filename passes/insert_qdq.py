@@ -12,7 +12,8 @@ from qcompiler import (Graph, Model, NodePlan, Pass, PassContext, PassResult, QP
                        weight_qparams)
 from qcompiler import Node, const_value, is_constant
 from qcompiler.calibration.methods import weight_mse_clip
-from qcompiler.plan import partitions, plan_for, quantization_walk, reduction_axis
+from qcompiler.plan import QuantStep, partitions, plan_for, quantization_walk, reduction_axis
+from qcompiler.wide import WIDE
 from qcompiler.quant import INT_RANGES
 from qcompiler.rounding import WeightRounder
 
@@ -87,6 +88,8 @@ class InsertQdq(Pass):
         plan = plan_for(model, ctx, ranges=ranges, exclude=self.exclude)
         rw = ctx.rewriter(model)
         act: dict[int, tuple[Value, Graph, QParams]] = {}   # value id -> (value, graph, qparams)
+        regrid: list[tuple[Value, Graph, QParams, QuantStep]] = []  # requantize steps: a second grid
+        wide_ranges = ctx.analysis.get("wide_ranges", {})
         passthrough: list[str] = []
         floats = plan.float_nodes  # the report's float nodes are the plan's (lowering may add deviations)
 
@@ -116,8 +119,13 @@ class InsertQdq(Pass):
                 arr = const_value(value)
                 qp = compute_qparams(float(arr.min()), float(arr.max()), qtype)
             else:
-                lo, hi = step.rule.clamp(*ranges[value.name])  # a target's encoding range limits calibration
+                # (a 16-bit grid's own range; a range pinned without data is the range on every grid)
+                rng = wide_ranges.get(value.name, ranges[value.name]) if step.wide else ranges[value.name]
+                lo, hi = step.rule.clamp(*rng)  # a target's encoding range limits calibration
                 qp = compute_qparams(lo, hi, qtype)
+            if step.kind == "requantize":
+                regrid.append((value, owner.get(id(value), step.graph), qp, step))
+                continue
             act[id(value)] = (value, owner.get(id(value), step.graph), qp)
 
         integer = sorted(plan.nodes) + sorted(plan.fused) + sorted(passthrough)
@@ -125,8 +133,12 @@ class InsertQdq(Pass):
         ctx.analysis["partitions"] = parts
         ctx.report["partitions"] = parts
         input_names = {name: np_.node.inputs[0].name for name, np_ in plan.nodes.items() if np_.node.inputs}
-        for value, graph, qp in act.values():
-            self._insert_pair(rw, graph, value, qp)
+        first = {id(value): self._insert_pair(rw, graph, value, qp) for value, graph, qp in act.values()}
+        for value, graph, qp, step in regrid:  # after every first pair: readers are rewired from its output
+            self._insert_regrid(rw, graph, value, first[id(value)], qp, step)
+        wide = {n: ov.reason for n, ov in plan.overrides.items() if ov.kind == WIDE and n in plan.nodes}
+        if wide:
+            ctx.report["int16_nodes"] = dict(sorted(wide.items()))
         weights: dict[tuple[str, int | None, QType], Value] = {}
         if self.rounding not in ("gptq", "nearest"):
             raise UserError(f"pass 'insert-qdq': rounding '{self.rounding}' is not one of gptq, nearest")
@@ -158,7 +170,26 @@ class InsertQdq(Pass):
         return PassResult(rw.modified)
 
     @staticmethod
-    def _insert_pair(rw: Rewriter, graph: Graph, value: Value, qp: QParams) -> None:
+    def _insert_regrid(rw: Rewriter, graph: Graph, value: Value, dq_first: Value, qp: QParams, step: QuantStep) -> None:
+        """A second pair for ``value`` on ``qp``'s grid (a requantize step): it reads the first
+        pair's output when the value was written on that grid (``step.after``), else the float
+        value; the step's readers read its output instead of the first pair's."""
+        base = f"{value.name}_{qp.qtype.dtype}"
+        src = dq_first if step.after else value
+        scale = rw.constant(f"{base}_scale", qp.scale)
+        zp = rw.constant(f"{base}_zero_point", qp.zero_point)
+        q = rw.value(f"{base}_quantized", dtype=qp.qtype.np_dtype, shape=value.shape)
+        dq = rw.value(f"{base}_dequantized", dtype=np.float32, shape=value.shape)
+        first = graph.nodes[0] if not value.inputs and graph.nodes else None
+        rw.create_node(graph, "QuantizeLinear", [src, scale, zp], [q], name=f"{base}_QuantizeLinear", before=first)
+        rw.create_node(graph, "DequantizeLinear", [q, scale, zp], [dq], name=f"{base}_DequantizeLinear", before=first)
+        for reader in step.readers:
+            for i, v in enumerate(reader.inputs):
+                if v is dq_first or v is value:
+                    rw.set_input(reader, i, dq)
+
+    @staticmethod
+    def _insert_pair(rw: Rewriter, graph: Graph, value: Value, qp: QParams) -> Value:
         base = value.name
         scale = rw.constant(f"{base}_scale", qp.scale)
         zp = rw.constant(f"{base}_zero_point", qp.zero_point)
@@ -169,6 +200,7 @@ class InsertQdq(Pass):
         rw.create_node(graph, "QuantizeLinear", [value, scale, zp], [q], name=f"{base}_QuantizeLinear", before=first)
         rw.create_node(graph, "DequantizeLinear", [q, scale, zp], [dq], name=f"{base}_DequantizeLinear",
                        before=first)
+        return dq
 
     def _weight_params(self, np_: NodePlan, i: int, model: Model) -> tuple[np.ndarray, QParams] | None:
         """Input ``i``'s float weight and its qparams, if it is a quantized constant weight (the

@@ -9,6 +9,7 @@ import numpy as np
 from qcompiler import (Graph, KernelSpec, Model, Node, OpConfig, Pass, PassContext, PassResult, Rewriter, Value,
                        assemble_inputs, kernel_spec, producer_op)
 from qcompiler import Variable, const_value, is_constant
+from qcompiler.wide import WIDE
 
 __all__ = ["LowerQoperator"]
 
@@ -128,6 +129,9 @@ class LowerQoperator(Pass):
         rw = ctx.rewriter(model)
         zeros: dict[str, Value] = {}  # shared scalar zero points, one per dtype
         lowered: list[str] = []
+        plan = ctx.analysis.get("plan")  # insert-qdq's: the report's float nodes are its
+        # int16-activations nodes stay Q/DQ groups (no QOperator kernel takes 16-bit activations)
+        wide = {n for n, ov in plan.overrides.items() if ov.kind == WIDE} if plan is not None else set()
         for graph in list(model.graph.walk()):
             for node in graph.nodes:
                 if not node.outputs:
@@ -138,7 +142,7 @@ class LowerQoperator(Pass):
                     continue
                 cfg = ctx.target.op(node.op)
                 spec = _lowerable(cfg, node.op)
-                if spec is None:
+                if spec is None or node.name in wide:
                     continue
                 name = self._lower(rw, graph, node, spec, cfg.kernel_domain, zeros)
                 if name:
@@ -152,11 +156,10 @@ class LowerQoperator(Pass):
         for graph in model.graph.walk():
             for node in graph.nodes:
                 spec = _lowerable(ctx.target.op(node.op), node.op)
-                if node.name in previous and spec is not None and node.name not in lowered:
+                if node.name in previous and spec is not None and node.name not in lowered and node.name not in wide:
                     kept[node.name] = (f"no {spec.name}: its output is not quantized (a graph output or "
                                        f"read only by float ops), so it runs in float on dequantized inputs")
         ctx.analysis["lowered"] = sorted((previous | set(lowered)) - set(kept))
-        plan = ctx.analysis.get("plan")  # insert-qdq's: the report's float nodes are its
         for name, reason in kept.items():
             plan.deviate(name, reason)
         return PassResult(rw.modified)

@@ -8,6 +8,7 @@ import onnx
 import onnx.version_converter
 
 from qcompiler import Model, PassContext, PassResult, UserError, Pass
+from qcompiler.wide import override_opset
 
 __all__ = ["UpgradeOpset"]
 
@@ -18,15 +19,18 @@ class UpgradeOpset(Pass):
 
     Why: per-channel DequantizeLinear (`axis`) and most integer kernels need opset 13; a model
     exported at opset 11-12 is converted once, up front, so no later pass ever emits a node
-    its opset does not define. Requires nothing; replaces the model in place. Models already
-    at or above the version are left alone.
+    its opset does not define. A compile whose plan overrides put a node on 16-bit activations
+    (`int16-activations`, `qcompiler.wide`) goes to at least 21, the first opset with 16-bit
+    Q/DQ. Requires nothing; replaces the model in place. Models already at or above the
+    version are left alone.
     """
 
     name = "upgrade-opset"
     min_version: int = 0
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        want = self.min_version or ctx.target.min_opset
+        want = max(self.min_version or ctx.target.min_opset,
+                   override_opset(ctx.target, ctx.analysis.get("plan_overrides")))
         have = model.opset("") or 0
         if have >= want:
             return PassResult(False)

@@ -178,7 +178,9 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
     ``plan_overrides`` ({node name: (outcome, reason)}) sets nodes' outcomes in the plan
     (``qcompiler.plan``) that every pass reads: ``("float", why)`` keeps a node float;
     ``("dynamic", why)`` runs a MatMul with a constant weight as the target's dynamic kernel in a
-    static compile (``report["dynamic_nodes"]``; targets with quantize-dynamic after insert-qdq).
+    static compile (``report["dynamic_nodes"]``; targets with quantize-dynamic after insert-qdq);
+    ``("int16-activations", why)`` keeps a node integer with 16-bit activations where the target lists
+    that fallback (``report["int16_nodes"]``; the model is raised to opset 21, ``qcompiler.wide``).
 
     Fidelity (``report["fidelity"]``, see ``qcompiler.fidelity``): measured on ``eval_data``
     (any calibration source) or, without it, on a held-out slice of the calibration data
@@ -217,9 +219,11 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
 
     def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False,
                      methods: Mapping[str, str] | None = None) -> CompileResult:
-        # methods: per-node calibration methods (the search's method trial), after the user's overrides
+        # a recompile with moved layers repeats the first compile's pass log lines: those only with verbose
+        quiet = opts["quiet"] or (dict(overrides or {}) != dict(plan_overrides or {}) and not opts["verbose"])
+        # methods: per-node calibration methods (the search's method trial), over the user's overrides
         extra = tuple(f"{k}={v}" for k, v in sorted((methods or {}).items()))
-        return _compile(**dict(opts, plan_overrides=overrides or None, build_cache=not fresh,
+        return _compile(**dict(opts, plan_overrides=overrides or None, quiet=quiet, build_cache=not fresh,
                                calibration_options=dataclasses.replace(
                                    calib, cache=cache or "", range_overrides=calib.range_overrides + extra)))
 

@@ -213,7 +213,7 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
         def build(steps: Sequence[dict[str, Any]]) -> tuple[Any, float | None]:
             ov = dict(base)
             for r in _effective(steps):
-                ov[r["node"]] = ("dynamic" if r["to"] == "dynamic" else "float", r["why"])
+                ov[r["node"]] = (r["to"] if r["to"] in ("dynamic", "int16-activations") else "float", r["why"])
             res = compile_with(ov, cache_dir)
             if res._eval is None and budget.func is not None:
                 res = compile_with(ov, cache_dir, True)

@@ -274,8 +274,8 @@ def _tensors(setup: Any, sens: Sequence[Mapping[str, Any]], stats: Any, calib: M
         names = [g.float for _, g in sorted(layer.activations.items())]
         names += [layer.output.float] if layer.output is not None else []
         for name in names:
-            if name in seen or name not in stats.hist or name not in where:
-                continue
+            if name in seen or name not in stats.hist or name not in where or any(g.dynamic for _, g in where[name]):
+                continue  # a dynamic grid (computed per run) has no range to choose
             seen.add(name)
             node, op = producers.get(name, (name, ""))
             if node in user or (op and op in target.fixed) or outputs.get(node, 1) != 1:

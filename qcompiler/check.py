@@ -452,6 +452,9 @@ def _check_group(tgt: Target, node: gs.Node, graph_outputs: set[int], tails: dic
         w = _dq_operand(node.inputs[1], "weight", 1)
         w_shape = tuple(w.codes.shape) if w is not None and w.codes is not None else None
     cfg, variant = _variant(cfg, node.op, dict(node.attrs), w_shape)
+    wide = _wide_group(tgt, node, cfg)
+    if wide is not None:  # the target's int16-activations fallback: checked against its 16-bit rule
+        cfg, variant = wide, None
     # past the listed roles: `other_inputs` when the target sets one (Concat), else not checked
     other = getattr(cfg, "other_inputs", "float")
     roles = [cfg.inputs[i] if i < len(cfg.inputs) else (other if other != "float" else "unlisted")
@@ -500,6 +503,20 @@ def _check_group(tgt: Target, node: gs.Node, graph_outputs: set[int], tails: dic
         view.output_op = (tail or node).op
     if tail is not None:
         tails[id(tail)] = node.name
-    label = f"{node.op} (Q/DQ)" + (f" + {tail.op}" if tail is not None else "")
+    label = f"{node.op} (Q/DQ{', int16-activations' if wide is not None else ''})" + (
+        f" + {tail.op}" if tail is not None else "")
     result.integer_nodes[node.name] = label
     _add(result, node, check_node(tgt, view, input_scale=input_scale))
+
+
+def _wide_group(tgt: Target, node: gs.Node, cfg: OpConfig) -> OpConfig | None:
+    """The 16-bit configuration of a group whose first input is dequantized from the target's
+    int16-activations dtype, when the target lists that fallback for the op (else None: the
+    group is checked against the op's own rule)."""
+    from .wide import WIDE, wide_config, wide_dtype
+
+    opd = _dq_operand(node.inputs[0], "activation", 0) if node.inputs else None
+    if (opd is None or WIDE not in tgt.fallbacks(node.op) or opd.dtype != wide_dtype(tgt)
+            or opd.dtype == cfg.activation.dtype):
+        return None
+    return wide_config(cfg, tgt)

@@ -9,6 +9,7 @@ from .api import build_pipeline, op_histogram
 from .ir import Model, load_model
 from .pass_manager import Instrumentation, PassContext, PassManager
 from .plan import partitions, plan_for, quantization_walk
+from .wide import WIDE
 from .registry import default_registry
 from .target import Target, load_target
 
@@ -27,8 +28,8 @@ def prepare_model(model: Model, tgt: Target, plan_overrides: dict[str, tuple[str
             break
         prefix.append(p)
     ctx = PassContext(target=tgt, mode="static", format=tgt.default_format)
+    ctx.analysis["plan_overrides"] = plan_overrides  # (as compile has them: upgrade-opset reads them)
     PassManager(prefix, Instrumentation(verify_each=False)).run(model, ctx)
-    ctx.analysis["plan_overrides"] = plan_overrides
     return ctx
 
 
@@ -39,6 +40,8 @@ def integer_nodes(model: Model, tgt: Target, ctx: PassContext) -> tuple[dict[str
     lowered: dict[str, str] = {}
     for name, np_ in plan.nodes.items():
         lowered[name] = np_.config.kernel or f"{np_.node.op} (Q/DQ)"
+        if plan.outcome(name).kind == WIDE:  # type: ignore[union-attr]
+            lowered[name] = f"{np_.node.op} (Q/DQ, int16-activations)"
     for tail, head in plan.fused.items():
         lowered[tail] = f"fused into '{head}'"
     for name, kernel in plan.dynamic.items():

@@ -5,11 +5,13 @@ quantize-dynamic, lower-qoperator (which records where it deviates), ``qcompiler
 and ``qcompiler check`` read it; the target decides, this module only reads the target.
 
 :meth:`Plan.override` (or ``compile(plan_overrides=...)``, which every reader honours) sets a
-node's outcome from outside: the hook for a per-node accuracy fallback. Two outcomes can be set:
-``float``, and ``dynamic`` in a static compile (the node's activation is quantized at run time by
+node's outcome from outside: the hook for a per-node accuracy fallback. Three outcomes can be set:
+``float``; ``dynamic`` in a static compile (the node's activation is quantized at run time by
 the target's dynamic kernel, ``dynamic.ops.<Op>``, which quantize-dynamic builds; no calibrated
-range is needed for it). :func:`fallback_outcomes` says which of a target's fallbacks a node can
-take.
+range is needed for it); ``int16-activations`` (the node stays integer with its activation rule
+on the target's 16-bit grid, :mod:`qcompiler.wide`; a value whose integer readers are on two grids
+gets a pair per grid, :func:`quantization_walk`). :func:`fallback_outcomes` says which of a
+target's fallbacks a node can take.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import UserError
 from .ir import Graph, Model, Node, Value
 from .kernels import kernel_spec
+from .partition import partitions
 from .quant import QType
 from .target import OpConfig, Target, TensorRule
+from .wide import WIDE, wide_blocker, wide_config
 
 __all__ = ["NodePlan", "Plan", "Outcome", "OUTCOMES", "plan_quantization", "plan_for", "plan_dynamic", "value_qtypes", "QuantStep", "quantization_walk", "ranges_read", "weight_axis",
            "reduction_axis", "is_float", "producer_op", "partitions", "OVERRIDES", "dynamic_blocker",
@@ -47,10 +50,10 @@ class NodePlan:
 
 
 #: how a node runs: a DQ -> op -> Q group, an integer kernel the target names, a kernel that
-#: quantizes its activations at run time, or float
-OUTCOMES = ("qdq", "kernel", "dynamic", "float")
+#: quantizes its activations at run time, float, or a Q/DQ group on the 16-bit activation grid
+OUTCOMES = ("qdq", "kernel", "dynamic", "float", WIDE)
 #: the outcomes an override may set (the others are the plan's own decisions)
-OVERRIDES = ("float", "dynamic")
+OVERRIDES = ("float", "dynamic", WIDE)
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,27 @@ class Plan:
         np_ = self.nodes.get(name if head is None else head)
         if np_ is not None:
             reason = "" if head is None else f"fused into '{head}'"
+            ov = self.overrides.get(np_.node.name)
+            if ov is not None and ov.kind == WIDE:
+                return Outcome(WIDE, reason or ov.reason)
             return Outcome("kernel", reason, np_.config.kernel) if np_.config.kernel else Outcome("qdq", reason)
         return None
 
-    def override(self, node: str, outcome: str, reason: str, kernel: str | None = None) -> None:
-        """Run ``node`` as ``outcome`` (one of :data:`OVERRIDES`): ``float``, or ``dynamic`` as
+    def override(self, node: str, outcome: str, reason: str, kernel: str | None = None,
+                 target: Target | None = None) -> None:
+        """Run ``node`` as ``outcome`` (one of :data:`OVERRIDES`): ``float``, ``dynamic`` as
         ``kernel`` (the target's ``dynamic.ops`` kernel; :func:`plan_quantization` checks the
-        node can take it). Readers that plan again get it through ``compile(plan_overrides=...)``."""
+        node can take it), or ``int16-activations`` (an integer node of this plan; ``target``
+        gives the 16-bit grid; a fused group moves whole). Readers that plan again get it
+        through ``compile(plan_overrides=...)``."""
+        if outcome == WIDE:
+            np_ = self.nodes.get(node)
+            if np_ is None or target is None:
+                raise UserError(f"plan override for node '{node}': outcome '{WIDE}' needs an integer node of the "
+                                "plan and its target")
+            self.overrides[node] = _override(node, outcome, reason)
+            np_.config = wide_config(np_.config, target)
+            return
         self.overrides[node] = _override(node, outcome, reason)
         self.nodes.pop(node, None)
         self.dynamic.pop(node, None)
@@ -156,62 +173,6 @@ def reduction_axis(node: Node, weight: np.ndarray) -> int | None:
     return None
 
 
-def partitions(model: Model, integer_nodes: Sequence[str]) -> list[dict[str, object]]:
-    """Integer regions: connected components of the integer nodes (data edges between two
-    integer nodes join them), each with its nodes in graph order and the values where data
-    crosses between it and the float (host) part: ``inputs`` (read from a float node or a graph
-    input) and ``outputs`` (read by a float node, or a graph output). Constants and non-float
-    values (shape tensors computed on the host for a Reshape) are not listed: they carry no
-    activation data.
-    Only the main graph is partitioned; integer nodes inside subgraphs are left out."""
-    wanted = set(integer_nodes)
-    graph = model.graph
-    order = {n.name: i for i, n in enumerate(graph.gs.nodes)}
-    g = nx.DiGraph()
-    for node in graph.gs.nodes:
-        if node.name in wanted:
-            g.add_node(node.name)
-    for node in graph.gs.nodes:
-        if node.name not in wanted:
-            continue
-        for value in node.inputs:
-            for prod in value.inputs:
-                if prod.name in wanted:
-                    g.add_edge(prod.name, node.name)
-    comps = sorted((sorted(c, key=order.__getitem__) for c in nx.weakly_connected_components(g)),
-                   key=lambda c: order[c[0]])
-    by_name = {n.name: n for n in graph.gs.nodes}
-    out: list[dict[str, object]] = []
-    for i, comp in enumerate(comps):
-        members = set(comp)
-        ins: list[str] = []
-        outs: list[str] = []
-        for name in comp:
-            node = by_name[name]
-            for v in node.inputs:
-                if not v.name or isinstance(v, gs.Constant) or v.name in ins or not _floating(v):
-                    continue
-                if not v.inputs or v.inputs[0].name not in members:
-                    ins.append(v.name)
-            for v in node.outputs:
-                if v.name in outs or not _floating(v):
-                    continue
-                if graph.is_graph_output(v) or any(c.name not in members for c in v.outputs):
-                    outs.append(v.name)
-        out.append({"id": i, "nodes": comp, "inputs": ins, "outputs": outs})
-    return out
-
-
-def _floating(value: Value) -> bool:
-    """Float data, or of unknown type (assumed to be data)."""
-    if value.dtype is None:
-        return True
-    try:
-        return np.dtype(value.dtype).kind == "f"
-    except TypeError:
-        return True
-
-
 def _group_tail(node: Node, graph: Graph, target: Target, groups: Mapping[str, str]) -> Node | None:
     tail_name = groups.get(node.name)
     if not tail_name:
@@ -250,12 +211,14 @@ def plan_quantization(model: Model, target: Target, *, ranges: Mapping[str, obje
 
     ``ranges`` (tensor name -> calibrated range) makes missing calibration a reason to stay
     float; ``groups`` (head node -> fused activation node) comes from ``group-activations``;
-    ``overrides`` (node -> (outcome, reason)) sets outcomes from outside (float only);
+    ``overrides`` (node -> (outcome, reason)) sets outcomes from outside (:data:`OVERRIDES`);
     ``fmt`` the output format (default: the target's).
     """
     plan = Plan(overrides=_overrides(overrides))
-    # an overridden node is no member of a fused group (a float or dynamic head's tail runs float)
-    groups = {h: t for h, t in (groups or {}).items() if t not in plan.overrides and h not in plan.overrides}
+    # an overridden node is no member of a fused group (a float or dynamic head's tail runs float);
+    # an int16-activations head keeps its tail (the group moves whole)
+    groups = {h: t for h, t in (groups or {}).items() if t not in plan.overrides
+              and (h not in plan.overrides or plan.overrides[h].kind == WIDE)}
     excluded = set(exclude)
     unranged: dict[str, str] = {}  # integer but for a missing range: decided after the drop below
     for graph in model.graph.walk():
@@ -290,7 +253,11 @@ class QuantStep:
     ``kind`` is ``quantize`` (``value`` gets qparams of its own: the target's ``fixed`` ones,
     a constant's own range, or its calibrated range, which ``needs_range`` says must exist),
     ``inherit`` (data movement: ``value``, the output of ``node``, shares ``source``'s
-    qparams) or ``float-move`` (data movement ``node`` on a value without qparams)."""
+    qparams), ``float-move`` (data movement ``node`` on a value without qparams) or
+    ``requantize`` (``value`` already has a pair on the other grid, but ``readers`` read it on
+    this one: a pair of its own for them, reading the first pair's output when ``after`` (the
+    value was written on that grid by its producer or data movement), else the float value).
+    ``wide``: on the 16-bit grid of the int16-activations fallback (:mod:`qcompiler.wide`)."""
 
     kind: str
     graph: Graph
@@ -300,25 +267,47 @@ class QuantStep:
     needs_range: bool = False
     source: Value | None = None
     node: Node | None = None
+    wide: bool = False
+    readers: tuple[Node, ...] = ()
+    after: bool = False
+
+
+def _wide(plan: Plan, name: str) -> bool:
+    ov = plan.overrides.get(name)
+    return ov is not None and ov.kind == WIDE
 
 
 def quantization_walk(model: Model, target: Target, plan: Plan,
                       ranges: Mapping[str, object] | None = None) -> Iterator[QuantStep]:
     """The values that get qparams under ``plan``, in graph order: the activation inputs and
     published outputs of integer nodes (values already quantized by the model, QAT, and
-    values produced by a DequantizeLinear are skipped; each value once), and data movement
-    that shares its input's qparams. insert-qdq acts on it; calibrate observes the values
+    values produced by a DequantizeLinear are skipped; each value once per grid), and data
+    movement that shares its input's qparams. insert-qdq acts on it; calibrate observes the values
     whose step ``needs_range`` (:func:`ranges_read`). An integer node's output is quantized
-    only if it has a range (given ``ranges``) or the target fixes its qparams."""
-    have: set[int] = set()
+    only if it has a range (given ``ranges``) or the target fixes its qparams.
 
-    def fresh(value: Value) -> bool:
-        if id(value) in have or producer_op(value) == "DequantizeLinear":
-            return False
+    A value's first step is on the grid of whoever quantizes it first (its producer's output
+    grid when an integer producer writes it); integer readers on the other grid (an
+    int16-activations node reading an 8-bit value, or the reverse) get a ``requantize`` step."""
+    home: dict[int, tuple[bool, bool]] = {}  # value id -> (its first pair is wide, written by its producer)
+    extra: set[tuple[int, bool]] = set()
+
+    def step(graph: Graph, value: Value, rule: TensorRule, wide: bool, fixed: tuple[float, int] | None,
+             needs_range: bool, written: bool) -> QuantStep | None:
+        first = home.get(id(value))
+        if (first is not None and (first[0] == wide or (id(value), wide) in extra)) \
+                or producer_op(value) == "DequantizeLinear":
+            return None
         if any(c.op == "QuantizeLinear" for c in value.outputs):
-            return False  # already quantized by the model itself (QAT)
-        have.add(id(value))
-        return True
+            return None  # already quantized by the model itself (QAT)
+        if first is None:
+            home[id(value)] = (wide, written)
+            return QuantStep("quantize", graph, value, rule, fixed, needs_range, wide=wide)
+        extra.add((id(value), wide))
+        readers = tuple(c for c in value.outputs if c.name in plan.nodes and plan.nodes[c.name].node is c
+                        and _wide(plan, c.name) == wide)
+        return QuantStep("requantize", graph, value, rule, None, needs_range, wide=wide, readers=readers,
+                         after=first[1])
 
     for graph in model.graph.walk():
         for node in graph.gs.nodes:
@@ -327,24 +316,28 @@ def quantization_walk(model: Model, target: Target, plan: Plan,
                 rule = np_.config.activation
                 if rule.qtype is None:
                     continue
+                wide = _wide(plan, node.name)
                 for value, role in zip(node.inputs, np_.roles):
-                    if role == "activation" and fresh(value):
-                        yield QuantStep("quantize", graph, value, rule,
-                                        needs_range=not isinstance(value, gs.Constant))
+                    if role == "activation":
+                        s = step(graph, value, rule, wide, None, not isinstance(value, gs.Constant), False)
+                        if s is not None:
+                            yield s
                 out = np_.output
                 publish = not graph.is_graph_output(out) or target.quantize_graph_outputs
                 gated = node.op not in target.fixed  # the range must exist (even if fixed qparams win)
-                if np_.config.output_quantized and publish and (not gated or ranges is None or out.name in ranges) \
-                        and fresh(out):
-                    yield QuantStep("quantize", graph, out, rule, target.fixed.get((np_.tail or node).op),
-                                    needs_range=gated and not isinstance(out, gs.Constant))
+                if np_.config.output_quantized and publish and (not gated or ranges is None or out.name in ranges):
+                    # (fixed qparams are on the target's own grid: a 16-bit output is calibrated)
+                    fixed = None if wide else target.fixed.get((np_.tail or node).op)
+                    s = step(graph, out, rule, wide, fixed, (gated or wide) and not isinstance(out, gs.Constant), True)
+                    if s is not None:
+                        yield s
             elif node.op in target.passthrough and node.inputs and node.name not in plan.overrides:
                 src, out = node.inputs[0], node.outputs[0]
-                if id(src) not in have or graph.is_graph_output(out) or len(node.outputs) != 1:
+                if id(src) not in home or graph.is_graph_output(out) or len(node.outputs) != 1:
                     yield QuantStep("float-move", graph, node=node)
                     continue
-                have.add(id(out))
-                yield QuantStep("inherit", graph, out, source=src, node=node)
+                home[id(out)] = (home[id(src)][0], True)
+                yield QuantStep("inherit", graph, out, source=src, node=node, wide=home[id(src)][0])
 
 
 def ranges_read(model: Model, target: Target, plan: Plan) -> tuple[set[str], dict[str, str]]:
@@ -358,11 +351,15 @@ def ranges_read(model: Model, target: Target, plan: Plan) -> tuple[set[str], dic
     calibration."""
     need: set[str] = set()
     inherited: dict[str, str] = {}
+    requantized: set[str] = set()
     for step in quantization_walk(model, target, plan):
         if step.kind == "quantize" and step.needs_range and step.value is not None:
             need.add(step.value.name)
         elif step.kind == "inherit" and step.value is not None and step.source is not None:
             inherited[step.value.name] = inherited.get(step.source.name, step.source.name)
+        elif step.kind == "requantize" and step.needs_range and step.value is not None:
+            requantized.add(step.value.name)
+    need |= requantized - set(inherited)  # (a data-movement output's range is its source's)
     for out_name, src_name in list(inherited.items()):
         if src_name not in need:  # the source has no range of its own (fixed qparams, QAT): measure this one
             need.add(out_name)
@@ -414,7 +411,11 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
                 raise UserError(f"plan override for node '{node.name}': outcome 'dynamic': {why}")
             plan.dynamic[node.name] = target.op(node.op, mode="dynamic").kernel or ""  # type: ignore[union-attr]
             return None
-        return ov.reason
+        if ov.kind != WIDE:
+            return ov.reason
+        why = wide_blocker(node, target)
+        if why is not None:
+            raise UserError(f"plan override for node '{node.name}': outcome '{WIDE}': {why}")
     domain = "" if node.domain in (None, "ai.onnx") else node.domain
     if domain:
         return f"op domain '{domain}' is not quantized by qcompiler"
@@ -429,6 +430,8 @@ def _why_float(node: Node, graph: Graph, model: Model, target: Target,
         cfg = cfg.for_node(node)
     if cfg is None:
         return f"target '{target.name}' runs {node.op} in float (no integer kernel or Q/DQ rule)"
+    if _wide(plan, node.name):
+        cfg = wide_config(cfg, target)
     fact = cfg.excluded_by(node)
     if fact is not None:
         return f"{node.op} node is {fact}: target '{target.name}' keeps it float (ops.{node.op}.exclude_when)"
@@ -568,14 +571,16 @@ def dynamic_blocker(node: Node, target: Target) -> str | None:
 def fallback_outcomes(model: Model, target: Target, nodes: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """Per node of ``nodes`` (in ``model``, the graph the plan decides on): the target's
     fallbacks for its op (``[accuracy] fallbacks``) that this node can take, in order (a
-    ``dynamic`` fallback needs :func:`dynamic_blocker` to find nothing). Unknown names are left out."""
+    ``dynamic`` fallback needs :func:`dynamic_blocker` to find nothing, ``int16-activations``
+    :func:`qcompiler.wide.wide_blocker`). Unknown names are left out."""
     wanted = set(nodes)
     out: dict[str, tuple[str, ...]] = {}
     for graph in model.graph.walk():
         for node in graph.gs.nodes:
             if node.name in wanted:
                 out[node.name] = tuple(f for f in target.fallbacks(node.op)
-                                       if f != "dynamic" or dynamic_blocker(node, target) is None)
+                                       if (f != "dynamic" or dynamic_blocker(node, target) is None)
+                                       and (f != WIDE or wide_blocker(node, target) is None))
     return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from .errors import UserError, did_you_mean
 from .tomlfile import dump_toml, read_toml
 from .quant import DTYPES, MIN_OPSET, QType, qrange, valid_scale
+from .wide import check_wide_fallback
 
 __all__ = ["Target", "OpConfig", "TensorRule", "Arithmetic", "WeightOnlyRule", "load_target", "builtin_targets", "SCHEMA_VERSION",
            "NODE_FACTS"]
@@ -72,10 +73,11 @@ def _weight_only_kernel_names(float_op: str) -> tuple[str, ...]:
 _OP["depthwise"] = {k: v for k, v in _OP.items()}
 #: what a layer may fall back to under an accuracy budget (``[accuracy] fallbacks``, ``ops.X.fallbacks``):
 #: ``float``, ``host-float`` (float on the host: the same graph, plus a partition boundary's cost) and
-#: ``dynamic`` (the target's dynamic kernel inside a static compile; MatMul) are built;
-#: ``int16-activations`` is named here so that a target using it gets a clear refusal instead of "unknown"
-FALLBACKS = ("float", "host-float", "dynamic")
-_FALLBACKS_NOT_BUILT = ("int16-activations",)
+#: ``dynamic`` (the target's dynamic kernel inside a static compile; MatMul) and ``int16-activations``
+#: (integer on the target's 16-bit activation grid, ``qcompiler.wide``); a name in _FALLBACKS_NOT_BUILT
+#: would get a clear refusal instead of "unknown"
+FALLBACKS = ("float", "host-float", "dynamic", "int16-activations")
+_FALLBACKS_NOT_BUILT: tuple[str, ...] = ()
 _ROLES = ("activation", "weight", "bias", "float", "any")
 _SCHEMA: dict[str, Any] = {
     "schema": int,
@@ -108,6 +110,7 @@ _SCHEMA: dict[str, Any] = {
     "fixed_qparams": ("table-of", {"scale": float, "zero_point": int, "note": str}),
     "dynamic": {"ops": ("table-of", _OP), "weight": _TENSOR_RULE, "activation": _TENSOR_RULE},
     "accuracy": {"default": str, "fallbacks": list, "cost": ("table-of", float), "boundary_cost": float,
+                 "int16_dtype": ("int16", "uint16"),
                  "fallback_cost": ("table-of", ("table-of", float)), "note": str},
     "weight_only": {"kernel": _weight_only_kernel_names("MatMul") + ("DequantizeLinear",),
                     "gather_kernel": _weight_only_kernel_names("Gather") + ("",),
@@ -426,6 +429,7 @@ class Target:
         self.dynamic_ops: dict[str, OpConfig] = {
             op: self._op_config(op, cfg, src, f"dynamic.ops.{op}", dyn) for op, cfg in dyn.get("ops", {}).items()}
         self._check_dynamic_fallback(src)
+        check_wide_fallback(self, src, self._fallbacks)
         for key in ("activation", "weight", "bias"):
             self._rule(self._rules[key], src, f"quantization.{key}")  # validate eagerly
         wo = data.get("weight_only")

@@ -134,6 +134,54 @@ def test_fake_quant_is_the_qdq_model(work: Path) -> None:
     np.testing.assert_allclose(plain.run(x, on)["logits"], got, rtol=1e-4, atol=1e-5)
 
 
+def _strip_activation_qdq(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The QDQ model with every activation Q -> DQ pair bypassed (weights stay behind their DQ)."""
+    consts = {i.name for i in m.graph.initializer}
+    ren: dict[str, str] = {}
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in consts:
+            ren[n.output[0]] = n.input[0]
+        elif n.op_type == "DequantizeLinear" and n.input[0] in ren:
+            ren[n.output[0]] = ren[n.input[0]]
+        else:
+            keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            n.input[i] = ren.get(name, name)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m
+
+
+def test_error_split_names_the_weights_and_matches_the_qdq_model(work: Path) -> None:
+    """weights-only = the QDQ model with its activation Q/DQ pairs removed, run as written
+    (float arithmetic: no integer kernel, so no CPU-ISA dependence), rel 1e-4 on the cosine
+    noise; the bad layer's outlier weight makes the weights the limit; activations-only is
+    nearly exact where the weights-only model is not."""
+    rep = qcompiler.analyze(work / "float.onnx", work / "qdq.onnx", str(work / "eval.npz"), target="ort-cpu-qdq")
+    split = rep["error_split"]
+    assert split["limited_by"] == "weights", split
+    w, a = split["weights_only"]["logits"], split["activations_only"]["logits"]
+    assert w["sqnr_db"] < a["sqnr_db"] - 6
+    x = {"x": np.load(work / "eval.npz")["x"]}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    flt = ort.InferenceSession(str(work / "float.onnx"), so).run(["logits"], x)[0].astype(np.float64)
+    wq = ort.InferenceSession(_strip_activation_qdq(onnx.load(work / "qdq.onnx")).SerializeToString(),
+                              so).run(["logits"], x)[0].astype(np.float64)
+    cos = float((flt * wq).sum() / np.sqrt((flt * flt).sum() * (wq * wq).sum()))
+    assert abs((1 - cos) - (1 - w["cosine"])) <= 1e-4 * max(1e-9, 1 - cos) + 2e-6, (cos, w)
+    # the summary names it
+    assert any(line.startswith("Weights alone:") and "weight grids limit" in line for line in rep["summary"])
+    # the good model: conv2 without its outlier is no longer weight-limited by that margin
+    onnx.save(_model(bad=False), work / "good2.onnx")
+    qcompiler.compile(str(work / "good2.onnx"), target="ort-cpu-qdq",
+                      calibration=str(work / "calib.npz")).save(work / "good2.q.onnx")
+    good = qcompiler.analyze(work / "good2.onnx", work / "good2.q.onnx", str(work / "eval.npz"))
+    assert good["error_split"]["weights_only"]["logits"]["sqnr_db"] > w["sqnr_db"] + 6
+
+
 class _Cells(HTMLParser):
     """Rows of the tables with an id: table id -> [(row data attribute, [cell texts])]."""
 
@@ -152,6 +200,8 @@ class _Cells(HTMLParser):
             self.tables.setdefault(self.table, [])
         elif tag == "tr":
             self.row, self.key = [], a.get("data-layer") or a.get("data-output") or ""
+            if a.get("data-part"):
+                self.key += "/" + str(a["data-part"])
         elif tag in ("td", "th"):
             self.cell = []
 
@@ -185,7 +235,10 @@ def test_html_numbers_are_the_json_numbers(work: Path, tmp_path: Path) -> None:
         assert cells[4] == fmt(x["accumulated"]["sqnr_db"]) and cells[5] == fmt(x["accumulated"]["cosine"])
         assert cells[7] == f"[{fmt(x['range']['chosen'][0])}, {fmt(x['range']['chosen'][1])}]"
     outs = {k: c for k, c in p.tables["outputs"] if k}
-    assert outs["logits"][1:] == [fmt(rep["outputs"]["logits"][k]) for k in ("cosine", "sqnr_db", "top1_agreement")]
+    keys = ("cosine", "sqnr_db", "top1_agreement")
+    assert outs["logits/all"][2:] == [fmt(rep["outputs"]["logits"][k]) for k in keys]
+    for part in ("weights", "activations"):
+        assert outs[f"logits/{part}"][2:] == [fmt(rep["error_split"][f"{part}_only"]["logits"][k]) for k in keys]
     for line in rep["summary"]:
         assert line.replace("&", "&amp;") in page
     assert len(re.findall(r'<div class="hist" data-layer=', page)) == len(rep["histograms"]) > 0
@@ -251,3 +304,46 @@ def test_analyze_bad_input_is_one_line(work: Path, tmp_path: Path, capsys: pytes
     assert main(["analyze", str(work / "float.onnx"), str(work / "q.onnx"), "--inputs", str(work / "eval.npz"),
                  "--html", str(tmp_path / "nodir" / "a.html")]) == 2
     assert not (tmp_path / "nodir").exists()
+
+
+def _matmul_model() -> onnx.ModelProto:
+    """x[n, 64] -> MatMul(64x96) -> Relu -> MatMul(96x64): two MatMuls whose weights (6144
+    elements) are large enough for quantize-dynamic."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 96)).astype(np.float32) * 0.2, "w1"),
+             numpy_helper.from_array(rng.standard_normal((96, 64)).astype(np.float32) * 0.2, "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_dynamic_layers_are_analyzed(tmp_path: Path) -> None:
+    """A dynamic compile (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) maps back to
+    its float MatMuls, and the fake-quant model with every layer on is the compiled model run
+    as written (rel 1e-4). CPU fact: MatMulInteger's u8 x s8 products are exact on AVX2
+    without VNNI too, because the target's pair-sum limit keeps the weights below the int16
+    saturation; ORT_DISABLE_ALL keeps onnxruntime from fusing the pattern."""
+    onnx.save(_matmul_model(), tmp_path / "f.onnx")
+    x = np.random.default_rng(1).standard_normal((6, 64)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    res = qcompiler.compile(str(tmp_path / "f.onnx"), target="ort-cpu", mode="dynamic",
+                            calibration=str(tmp_path / "x.npz"))
+    res.save(tmp_path / "q.onnx")
+    kernels = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert "MatMulInteger" in kernels, kernels
+    rep = qcompiler.analyze(tmp_path / "f.onnx", tmp_path / "q.onnx", str(tmp_path / "x.npz"))
+    by = {x["name"]: x for x in rep["layers"]}
+    assert set(by) == {"mm1", "mm2"}
+    assert all(x["kernel"] == "MatMulInteger" and "(dynamic)" in x["precision"] and "range" not in x
+               for x in by.values()), by
+    setup = setup_analysis(tmp_path / "f.onnx", tmp_path / "q.onnx", str(tmp_path / "x.npz"))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(str(tmp_path / "q.onnx"), so).run(["y"], {"x": x})[0]
+    got = setup.model.run({"x": x}, {"mm1", "mm2"})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    flt = ort.InferenceSession(str(tmp_path / "f.onnx"), so).run(["y"], {"x": x})[0]
+    assert np.abs(got - flt).max() > 1e-4  # the quantization is really applied

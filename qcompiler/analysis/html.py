@@ -59,10 +59,18 @@ def render_html(r: dict[str, Any]) -> str:
 
 
 def _outputs(r: dict[str, Any]) -> str:
-    rows = ["<table id=\"outputs\"><tr><th>output</th><th>cosine</th><th>SQNR dB</th><th>top-1 agreement</th></tr>"]
-    for name, o in r["outputs"].items():
-        rows.append(f"<tr data-output=\"{escape(name)}\"><td>{escape(name)}</td><td class=\"n\">{fmt(o['cosine'])}</td>"
-                    f"<td class=\"n\">{fmt(o['sqnr_db'])}</td><td class=\"n\">{fmt(o.get('top1_agreement'))}</td></tr>")
+    """The model outputs with everything quantized, then (error split) with only the weights
+    and only the activations quantized."""
+    rows = ["<table id=\"outputs\"><tr><th>output</th><th>quantized</th><th>cosine</th><th>SQNR dB</th>"
+            "<th>top-1 agreement</th></tr>"]
+    split = r.get("error_split") or {}
+    for part, label, figures in (("all", "everything", r["outputs"]),
+                                 ("weights", "weights only", split.get("weights_only") or {}),
+                                 ("activations", "activations only", split.get("activations_only") or {})):
+        for name, o in figures.items():
+            rows.append(f"<tr data-output=\"{escape(name)}\" data-part=\"{part}\"><td>{escape(name)}</td>"
+                        f"<td>{label}</td><td class=\"n\">{fmt(o['cosine'])}</td>"
+                        f"<td class=\"n\">{fmt(o['sqnr_db'])}</td><td class=\"n\">{fmt(o.get('top1_agreement'))}</td></tr>")
     return "".join(rows) + "</table>"
 
 

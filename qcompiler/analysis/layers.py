@@ -26,7 +26,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["Layer", "TensorGrid", "find_layers", "FakeQuantModel", "batches"]
+__all__ = ["Layer", "TensorGrid", "find_layers", "FakeQuantModel", "batches", "PARTS"]
+
+#: what of each layer a FakeQuantModel quantizes
+PARTS = ("all", "weights", "activations")
 
 def _layout(op_type: str) -> tuple[tuple[tuple[int, int], ...], int | None, tuple[int, int] | None] | None:
     """Where a static integer kernel keeps its operands, read from the kernel table
@@ -56,6 +59,7 @@ class TensorGrid:
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int | None = None  # per-channel axis (weights), None when per-tensor
+    dynamic: bool = False    # scale and zero point computed per run (DynamicQuantizeLinear): no fixed range
 
     @property
     def dtype(self) -> str:
@@ -85,7 +89,7 @@ class Layer:
     notes: list[str] = field(default_factory=list)
 
     def precision(self) -> str:
-        acts = sorted({g.dtype for g in self.activations.values()})
+        acts = sorted({g.dtype + (" (dynamic)" if g.dynamic else "") for g in self.activations.values()})
         parts = [f"activations {'/'.join(acts) or '-'}"]
         for g in self.weight_grids.values():
             parts.append(f"weights {g.dtype} {'per-channel' if g.axis is not None else 'per-tensor'}")
@@ -147,7 +151,12 @@ def find_layers(quant: onnx.ModelProto, target: Any, float_model: onnx.ModelProt
     fnodes = {n.name: n for n in float_model.graph.node}
     ftensors = {o for n in float_model.graph.node for o in n.output} | {i.name for i in float_model.graph.input}
     layers: list[Layer] = []
+    dynamic = _DynamicLayers(sim.graph, consts, float_model)
     for node in sim.graph.node:
+        dyn = dynamic.layer(node, len(layers))
+        if dyn is not None:
+            layers.append(dyn)
+            continue
         layout = _layout(node.op_type)
         if layout is None or node.name not in fnodes:
             continue
@@ -200,15 +209,90 @@ def find_layers(quant: onnx.ModelProto, target: Any, float_model: onnx.ModelProt
     return layers
 
 
+class _DynamicLayers:
+    """Dynamic kernels (activations quantized per run) as analysis layers, mapped to the float
+    node by the tensor the kernel's result replaces (the lowering keeps that name): the fused
+    forms take the activation and return float; ``MatMulInteger``/``ConvInteger`` read a
+    ``DynamicQuantizeLinear`` output, and the weight scale multiplies the Cast accumulator."""
+
+    def __init__(self, g: onnx.GraphProto, consts: Mapping[str, np.ndarray], float_model: onnx.ModelProto) -> None:
+        self.consts = consts
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in n.input:
+                self.readers.setdefault(i, []).append(n)
+        self.fproducer = {o: n for n in float_model.graph.node for o in n.output}
+
+    def _only(self, tensor: str, op: str) -> onnx.NodeProto | None:
+        r = self.readers.get(tensor, [])
+        return r[0] if len(r) == 1 and r[0].op_type == op else None
+
+    def layer(self, node: onnx.NodeProto, index: int) -> Layer | None:
+        from ..kernels import KERNELS
+
+        spec = KERNELS.get(node.op_type)
+        if spec is None or not spec.dynamic or spec.weight is None:
+            return None
+        ins = list(node.input)
+        weight_op = spec.inputs[spec.weight]
+        if weight_op is None or len(ins) <= weight_op.value or ins[weight_op.value] not in self.consts:
+            return None
+        wq = np.asarray(self.consts[ins[weight_op.value]])
+        zp_at = weight_op.zero_point
+        wz = np.asarray(self.consts[ins[zp_at]]) if zp_at is not None and len(ins) > zp_at and ins[zp_at] in \
+            self.consts else np.zeros((), wq.dtype)
+        if spec.float_output:   # fused: float activation in, float result out
+            result = node.output[0]
+            ws = self.consts.get(ins[weight_op.scale]) if weight_op.scale is not None else None
+        else:                   # DynamicQuantizeLinear -> kernel -> Cast -> Mul(acc, x_scale * w_scale)
+            dql = self.producer.get(ins[0])
+            cast = self._only(node.output[0], "Cast")
+            mul = self._only(cast.output[0], "Mul") if cast is not None else None
+            if dql is None or dql.op_type != "DynamicQuantizeLinear" or mul is None:
+                return None
+            result = mul.output[0]
+            other = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+            sm = self.producer.get(other)
+            ws = None
+            if sm is not None and sm.op_type == "Mul":
+                ws = next((self.consts[i] for i in sm.input if i in self.consts), None)
+        fnode = self.fproducer.get(result)
+        if ws is None or fnode is None or fnode.op_type != spec.float_op or len(fnode.input) <= spec.weight:
+            return None
+        scale = np.asarray(ws, np.float32)
+        layer = Layer(fnode.name, fnode.op_type, node.op_type, index)
+        w_f = fnode.input[spec.weight]
+        axis = _weight_axis(fnode.op_type, fnode, wq, scale)
+        if scale.size > 1 and axis is None:
+            return None
+        layer.weight_grids[spec.weight] = TensorGrid(w_f, scale, wz, axis)
+        layer.weights[spec.weight] = _dequant(wq, scale, wz, axis)
+        layer.activations[0] = TensorGrid(fnode.input[0], np.zeros((), np.float32), np.zeros((), np.uint8),
+                                          dynamic=True)
+        layer.result = fnode.output[0]
+        return layer
+
+
 class FakeQuantModel:
     """``float_model`` with each layer's quantization behind a switch (see the module text).
 
     ``run(feed, on)`` returns the graph outputs (and ``extra`` tensors) with the layers named in
-    ``on`` quantized and the rest float."""
+    ``on`` quantized and the rest float.
+
+    ``parts`` quantizes only part of each switched-on layer: ``weights`` (its integer weights
+    and bias, activations float) or ``activations`` (its input and output grids, weights
+    float). Why: which of the two limits a model decides the remedy (per-channel weights,
+    equalization, GPTQ for the first; wider activation grids or float fallback for the second).
+    """
 
     def __init__(self, float_model: onnx.ModelProto, layers: Sequence[Layer], extra: Iterable[str] = (),
-                 opt_level: Any = None) -> None:
+                 opt_level: Any = None, parts: str = "all") -> None:
         import onnxruntime as ort
+
+        if parts not in PARTS:
+            raise ValueError(f"parts={parts!r}: expected one of {', '.join(PARTS)}")
+        quant_acts, quant_weights = parts != "weights", parts != "activations"
 
         self.layers = list(layers)
         m = onnx.ModelProto()
@@ -232,12 +316,12 @@ class FakeQuantModel:
             q.CopyFrom(node)
             f = onnx.NodeProto()
             f.CopyFrom(node)
-            for fi, grid in layer.activations.items():
+            for fi, grid in (layer.activations.items() if quant_acts else ()):
                 tag = f"{layer.index}_{fi}"
                 local = f"{node.input[fi]}__qc{tag}"
                 then_nodes += self._qdq(then_inits, node.input[fi], local, grid, tag)
                 q.input[fi] = local
-            for fi, w in layer.weights.items():
+            for fi, w in (layer.weights.items() if quant_weights else ()):
                 name = node.input[fi] if fi < len(node.input) else ""
                 if name not in inits:
                     layer.notes.append(f"input {fi}: float weight not found")
@@ -264,7 +348,9 @@ class FakeQuantModel:
             _typed(then_g), _typed(else_g)
             replace[order[id(node)]] = helper.make_node("If", [sw], outs, name=node.name, then_branch=then_g,
                                                          else_branch=else_g)
-            if layer.output is not None and layer.output.float in producers:
+            if not quant_acts:
+                pass
+            elif layer.output is not None and layer.output.float in producers:
                 t = layer.output.float
                 prod = producers[t]
                 raw = f"{t}__qc_pre{layer.index}"
@@ -310,6 +396,9 @@ class FakeQuantModel:
     @staticmethod
     def _qdq(inits: list[onnx.TensorProto], src: str, dst: str, grid: TensorGrid, tag: str) -> list[onnx.NodeProto]:
         s, z = f"qc_s_{tag}", f"qc_z_{tag}"
+        if grid.dynamic:  # uint8, scale and zero point from this run's min/max (as the kernel does)
+            return [helper.make_node("DynamicQuantizeLinear", [src], [f"{dst}__q", s, z]),
+                    helper.make_node("DequantizeLinear", [f"{dst}__q", s, z], [dst])]
         inits.append(numpy_helper.from_array(np.asarray(grid.scale, np.float32).reshape(()), s))
         inits.append(numpy_helper.from_array(np.asarray(grid.zero_point).reshape(()), z))
         return [helper.make_node("QuantizeLinear", [src, s, z], [f"{dst}__q"]),

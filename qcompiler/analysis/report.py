@@ -23,7 +23,7 @@ from ..errors import UserError
 from .layers import FakeQuantModel, Layer, batches, find_layers
 from .metrics import OutputFidelity, rounded
 
-__all__ = ["analyze", "layer_sensitivity", "sensitivity_rows", "by_sensitivity",
+__all__ = ["analyze", "layer_sensitivity", "sensitivity_rows", "by_sensitivity", "error_split",
            "AnalysisSetup", "setup_analysis", "DEFAULT_LIMIT", "HISTOGRAM_LAYERS"]
 
 #: samples analyzed when no limit is given: enough to rank layers, small enough for seconds
@@ -47,7 +47,8 @@ class AnalysisSetup:
     integer: dict[str, str]                  # node -> kernel / how it runs in integer
     float_nodes: dict[str, str]              # node -> why it stays float
     partitions: list[dict[str, Any]]
-    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # integer node -> fallbacks it can take
+    fallbacks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # node -> fallbacks it can take
+    prepared: onnx.ModelProto | None = None  # the float model as the target's pipeline prepared it
 
     def fidelity(self, on: Sequence[str] | set[str]) -> OutputFidelity:
         """Model-output fidelity with the layers in ``on`` quantized, the rest float."""
@@ -95,7 +96,8 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
     if not layers:
         raise UserError(f"{getattr(quant_model, 'name', None) or quant_model}: no integer layer of the quantized "
                         "model maps to a node of the float model (is it compiled from this float model?)")
-    watch = {g.float for layer in layers for g in [layer.output, *layer.activations.values()] if g is not None}
+    watch = {g.float for layer in layers for g in [layer.output, *layer.activations.values()]
+             if g is not None and not g.dynamic}
     watch |= {layer.result for layer in layers}
     fq = FakeQuantModel(pproto, layers, extra=sorted(watch))
     feeds = batches(data)
@@ -119,7 +121,10 @@ def setup_analysis(float_model: Any, quant_model: Any, inputs: Any, *, target: A
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     return AnalysisSetup(tgt, layers, fq, feeds, reference, samples, bool(getattr(data, "real_data", True)),
                          dict(sorted(integer.items())), dict(sorted(float_nodes.items())), parts,
-                         fallback_outcomes(prepared, tgt, sorted(integer)))
+                         # every node: the budget also moves float nodes the compile touched (a float
+                         # ConvTranspose on integer-stored weights can go float, not int16-activations)
+                         fallback_outcomes(prepared, tgt, [n.name for g in prepared.graph.walk() for n in g.gs.nodes]),
+                         pproto)
 
 
 def layer_sensitivity(float_model: Any = None, quant_model: Any = None, inputs: Any = None, *, target: Any = None,
@@ -148,10 +153,33 @@ def by_sensitivity(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (math.inf if r["score"] is None else r["score"], r["index"]))
 
 
+def error_split(s: AnalysisSetup) -> dict[str, Any]:
+    """Model-output fidelity with every layer's weights quantized and activations float, and
+    the reverse: which half of the quantization limits the model. (Errors of the two halves
+    do not add exactly; each figure is what its half alone costs.)"""
+    on = {layer.name for layer in s.layers}
+    out: dict[str, Any] = {}
+    for part in ("weights", "activations"):
+        model = FakeQuantModel(s.prepared, s.layers, parts=part)
+        fid = OutputFidelity()
+        for feed, ref in zip(s.batches, s.reference):
+            fid.add(ref, model.run(feed, on))
+        out[f"{part}_only"] = fid.result()
+    worst = {k: min((o["sqnr_db"] if o["sqnr_db"] is not None else math.inf) for o in v.values())
+             for k, v in out.items() if v}
+    if len(worst) == 2 and all(math.isfinite(x) for x in worst.values()):
+        w, a = worst["weights_only"], worst["activations_only"]
+        out["limited_by"] = "weights" if w < a - 1.0 else "activations" if a < w - 1.0 else "both"
+    return out
+
+
 def _range_tensor(layer: Layer) -> Any:
+    """The tensor whose chosen range the report shows: the output, else the first input
+    (none for a dynamic input: its range is chosen per run)."""
     if layer.output is not None:
         return layer.output
-    return layer.activations.get(0)
+    g = layer.activations.get(0)
+    return None if g is None or g.dynamic else g
 
 
 def analyze(float_model: Any, quant_model: Any, inputs: Any, *, target: Any = None, limit: int | None = DEFAULT_LIMIT,
@@ -195,6 +223,7 @@ def analyze(float_model: Any, quant_model: Any, inputs: Any, *, target: Any = No
             st[3] += int((v > hi).sum())
             st[4] += int(v.size)
     sens = {r["layer"]: r for r in layer_sensitivity(setup=s)}
+    split = error_split(s)
     rows = []
     for layer in s.layers:
         g = grids[layer.name]
@@ -225,7 +254,7 @@ def analyze(float_model: Any, quant_model: Any, inputs: Any, *, target: Any = No
         "samples": s.samples, "real_data": s.real_data,
         "method": "fake quantization of the float model with the quantized model's grids, weights and biases "
                   "(onnxruntime, float ops); sensitivity = output fidelity with only that layer quantized",
-        "outputs": outputs.result(), "layers": rows, "ranking": ranking,
+        "outputs": outputs.result(), "error_split": split, "layers": rows, "ranking": ranking,
         "integer_nodes": s.integer, "float_nodes": s.float_nodes, "partitions": s.partitions,
     }
     report["histograms"] = _histograms(s, [n for n in ranking[:HISTOGRAM_LAYERS] if grids.get(n) is not None],
@@ -285,6 +314,15 @@ def _summary(r: dict[str, Any]) -> list[str]:
     for name, o in r["outputs"].items():
         top1 = f", top-1 agreement {o['top1_agreement']}" if "top1_agreement" in o else ""
         lines.append(f"Output {name}: cosine {o['cosine']}, SQNR {o['sqnr_db']} dB{top1}.")
+    split = r.get("error_split") or {}
+    if "limited_by" in split:
+        def fig(part: str) -> str:
+            return "; ".join(f"cosine {o['cosine']}, SQNR {o['sqnr_db']} dB" + (
+                f", top-1 {o['top1_agreement']}" if "top1_agreement" in o else "")
+                for o in split[f"{part}_only"].values())
+        verdict = {"weights": "the weight grids limit the model", "activations": "the activation grids limit the model",
+                   "both": "weights and activations cost about the same"}[split["limited_by"]]
+        lines.append(f"Weights alone: {fig('weights')}. Activations alone: {fig('activations')}: {verdict}.")
     if r["ranking"]:
         worst = next(x for x in r["layers"] if x["name"] == r["ranking"][0])
         lines.append(f"Most sensitive layer: {worst['name']} ({worst['op']}): quantized alone, output SQNR "

@@ -30,7 +30,7 @@ from .methods import RangeTarget, abs_from_signed, entropy_range, histogram_kind
     percentile_range, serves
 from .options import CalibrationOptions, check_method, parse_memory
 from .selection import (MethodPlan, Observed, clamp, kernel_only, method_plan, moment_specs, observe_bodies,
-                        saturation_bounds, shared_moments, weighted_inputs)
+                        saturation_bounds, shared_moments, weighted_inputs, wide_methods, wide_qtypes)
 from .stats import Statistics
 
 __all__ = ["calibrate", "CalibrationResult", "input_moments", "method_range"]
@@ -42,13 +42,15 @@ Show = Callable[[str], None]
 class CalibrationResult:
     """What calibration hands to later passes: ``ranges`` (tensor -> (lo, hi), pinned and
     inherited ones included), ``moments`` (layer -> input second moments, GPTQ rounding),
-    ``channel_means`` (activation -> per-channel mean, bias correction) and ``report`` (the
-    report's ``calibration`` section, written as is)."""
+    ``channel_means`` (activation -> per-channel mean, bias correction), ``report`` (the
+    report's ``calibration`` section, written as is) and ``wide_ranges`` (the ranges of the values
+    an int16-activations override puts on the 16-bit grid, chosen for that grid)."""
 
     ranges: dict[str, tuple[float, float]]
     moments: dict[str, np.ndarray] = field(default_factory=dict)
     channel_means: dict[str, np.ndarray] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    wide_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, *, target: Any,
@@ -126,6 +128,12 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
         if options.cache:
             store_cached(options.cache, key, stats)
     ranges, used = _choose_ranges(stats, methods, per_sample, bounds, options, progress)
+    wide_plan, wide_src = wide_methods(methods, wide_qtypes(model, target, plan), seen.inherited)
+    if wide_plan:  # the same statistics, each range chosen again for the 16-bit grid
+        chosen = _choose_ranges(stats, wide_plan, per_sample, bounds, options, None)[0]
+        wide = {n: pinned.get(n, pinned.get(src, chosen[src])) for n, src in wide_src.items() if src in chosen}
+    else:
+        wide = {}
     ranges = {exposed.get(n, (n, ""))[0]: r for n, r in ranges.items()}  # body values by their own names
     moments = dict(stats.moments)
     moments.update({node: moments[first] for node, first in alias.items() if first in moments})
@@ -151,7 +159,7 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
         **({"range_overrides": dict(sorted(on_ranges.items()))} if on_ranges else {}),
         "unobserved_tensors": seen.candidates - len(seen.values) - len(seen.inputs), "lanes": options.lanes,
     }
-    return CalibrationResult(ranges, moments, stats.means(), report)
+    return CalibrationResult(ranges, moments, stats.means(), report, wide)
 
 
 def _collection_plan(model: Model, plan: Plan, target: Any, seen: Observed, method: str, full_plan: Plan | None,
@@ -175,15 +183,16 @@ def _collection_plan(model: Model, plan: Plan, target: Any, seen: Observed, meth
 
 
 def method_range(stats: Statistics, name: str, method: str, grid: RangeTarget, lo: float, hi: float,
-                 options: CalibrationOptions) -> tuple[float, float]:
-    """``name``'s range by ``method`` from its statistics, starting from its (clamped) min/max
-    ``lo, hi``: what calibration chooses, and what the accuracy budget's method trial compares.
-    An abs histogram a method reads is derived from a collected signed one when that is what
-    the statistics hold (:func:`.methods.abs_from_signed`)."""
+                 options: CalibrationOptions, kind: str | None = None) -> tuple[float, float]:
+    """``name``'s range by ``method`` on ``grid`` from its statistics, starting from its
+    (clamped) min/max ``lo, hi``: what calibration chooses, and what the accuracy budget's
+    method trial compares. It reads the histogram of ``kind`` (default: the one ``method``
+    reads on ``grid``); an abs histogram is derived from a collected signed one when that is
+    what the statistics hold (:func:`.methods.abs_from_signed`)."""
     if method == "minmax" or name not in stats.hist:
         return lo, hi
     have = stats.hist_spec[name][0]
-    need = histogram_kind(method, grid) or have
+    need = kind or histogram_kind(method, grid) or have
     counts = stats.hist[name]
     if need == "abs" and have == "signed":
         counts = abs_from_signed(counts, lo, hi, stats.zeros.get(name, 0))
@@ -199,18 +208,19 @@ def _choose_ranges(stats: Statistics, methods: MethodPlan, per_sample: frozenset
                    progress: Show | None) -> tuple[dict[str, tuple[float, float]], dict[str, int]]:
     """Each observed tensor's range by its method, and how many tensors each method ranged."""
     ranges = {n: clamp(r, bounds.get(n)) for n, r in stats.ranges().items()}
-    for i, (n, (m, grid, _)) in enumerate(methods.items()):
+    for i, (n, (m, grid, kind)) in enumerate(methods.items()):
         if progress is not None:
             progress(f"choosing ranges {i}/{len(methods)}")
         if n not in ranges:
             continue
         if n in stats.hist:
-            ranges[n] = method_range(stats, n, m, grid, *ranges[n], options)
+            ranges[n] = method_range(stats, n, m, grid, *ranges[n], options, kind)
         elif n in per_sample and stats.per_sample.get(n):
             ranges[n] = moving_average_range(*stats.sample_extremes(n), options.momentum)
     used: dict[str, int] = {}
     for n in ranges:
-        used[methods[n][0]] = used.get(methods[n][0], 0) + 1
+        if n in methods:
+            used[methods[n][0]] = used.get(methods[n][0], 0) + 1
     return ranges, used
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..ir import Constant, Model, const_value, is_constant
-from ..plan import Plan, ranges_read, value_qtypes
+from ..plan import Plan, quantization_walk, ranges_read, value_qtypes
 from ..quant import QType
 from .engine import trial_run
 from .methods import RangeTarget, histogram_kind
@@ -24,7 +24,8 @@ from .stats import PatchSpec
 from .subgraphs import instrument, observable_subgraph_values
 
 __all__ = ["Observed", "MethodPlan", "method_plan", "observe_bodies", "saturation_bounds", "clamp",
-           "weighted_inputs", "moment_specs", "shared_moments", "kernel_only"]
+           "weighted_inputs", "moment_specs", "shared_moments", "kernel_only", "wide_qtypes",
+           "wide_methods"]
 
 #: per tensor: (method, integer grid, histogram kind or None)
 MethodPlan = dict[str, tuple[str, RangeTarget, "str | None"]]
@@ -211,10 +212,12 @@ def _method_for(producer: Any, name: str, overrides: Mapping[str, str], method: 
 def method_plan(model: Model, plan: Plan, target: Any, seen: Observed, overrides: Mapping[str, str],
                 method: str, also: Plan | None = None) -> tuple[MethodPlan, dict[str, QType], int]:
     """Per observed value: its method, the grid the plan quantizes it on
-    (:func:`qcompiler.plan.value_qtypes`; ``also``'s for values only it quantizes) and its
-    histogram kind; also the QTypes and how many values the target pins with fixed qparams
-    (those only need min/max)."""
-    qtypes = {**value_qtypes(model, target, also), **value_qtypes(model, target, plan)} if also is not None \
+    (:func:`qcompiler.plan.value_qtypes`; with ``also``, the plan without overrides, that plan's
+    grid wins: the statistics, hence the cache key, are the plain compile's, and a value an
+    int16-activations override puts on the 16-bit grid gets that grid's range from the same
+    statistics, :func:`wide_methods`) and its histogram kind; also the QTypes and how many
+    values the target pins with fixed qparams (those only need min/max)."""
+    qtypes = {**value_qtypes(model, target, plan), **value_qtypes(model, target, also)} if also is not None \
         else value_qtypes(model, target, plan)
     out: MethodPlan = {}
     fixed = 0
@@ -263,3 +266,28 @@ def observe_bodies(model: Model, proto: Any, data: Any, target: Any, methods: Me
             out[ob.exposed] = (ob.value, kinds[ob.node])
         return trial, out
     return proto, {}
+
+
+def wide_qtypes(model: Model, target: Any, plan: Plan) -> dict[str, QType]:
+    """The 16-bit QType of each value ``plan`` quantizes on the int16-activations grid from a
+    calibrated range (empty without such overrides, :mod:`qcompiler.wide`)."""
+    return {step.value.name: step.rule.qtype for step in quantization_walk(model, target, plan)
+            if step.wide and step.kind in ("quantize", "requantize") and step.needs_range
+            and step.value is not None and step.rule is not None and step.rule.qtype is not None}
+
+
+def wide_methods(methods: MethodPlan, wide: Mapping[str, QType], inherited: Mapping[str, str]
+                 ) -> tuple[MethodPlan, dict[str, str]]:
+    """For the values on the 16-bit grid (``wide``): per observed value whose statistics give
+    their range (a data-movement output's is its source's) its method on that grid, with the
+    histogram kind its statistics were collected with (one statistics pass serves both grids);
+    and each wide value -> that observed value."""
+    plan: MethodPlan = {}
+    source: dict[str, str] = {}
+    for name, qtype in sorted(wide.items()):
+        src = inherited.get(name, name)
+        if src in methods:
+            m, _, kind = methods[src]
+            plan.setdefault(src, (m, RangeTarget.of(qtype), kind))
+            source[name] = src
+    return plan, source

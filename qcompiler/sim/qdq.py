@@ -144,11 +144,16 @@ def _rewrite(g: _Graph, node: onnx.NodeProto, target: Any, spec: KernelSpec
         if qdtype is None:
             return None
         triples.append([d.input[0], d.input[1], g.zp_name(d, qdtype)])
-    # activations (all but a weight) must be per-tensor
+    # activations (all but a weight) must be per-tensor, and no wider than the target's grid: a
+    # group on 16-bit activations where the target's are 8-bit is its int16-activations fallback,
+    # which runs as written (Q/DQ around the float op: onnxruntime has no 16-bit kernel for it)
     weight_slot = spec.weight if spec.weight is not None else -1
+    act = target.op(op).activation.qtype
     for k, d in enumerate(dqs):
         assert d is not None
         if k != weight_slot and not _scalar(g.consts[d.input[1]]):
+            return None
+        if k != weight_slot and act is not None and _dtype_of(g, d.input[0]).itemsize > act.np_dtype.itemsize:
             return None
     if weight_slot > 0 and not _scalar(g.consts[triples[1][1]]):
         w_dq = dqs[1]
