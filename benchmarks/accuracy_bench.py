@@ -66,6 +66,8 @@ ROWS: dict[str, tuple[Row, ...]] = {
     ),
     # issue 11 section 2: the accuracy budget (the effnet rows time --accuracy against the default compile)
     "budget": (
+        # as a user runs it (ort-cpu's mode auto: dynamic for a transformer), then forced static
+        Row("minilm_l6", options=(("accuracy", "cosine>=0.99"),)),
         Row("minilm_l6", options=(("mode", "static"), ("accuracy", "cosine>=0.99"))),
         Row("ppocrv4_det", calib=64, options=(("accuracy", "sqnr>=20"),)),
         Row("effnet_lite0", options=(("accuracy", "off"),)),
@@ -73,6 +75,18 @@ ROWS: dict[str, tuple[Row, ...]] = {
         Row("effnet_lite0", options=(("accuracy", "cosine>=0.99"),)),
         # a budget that moves layers: its compile time against the default compile's (row above)
         Row("effnet_lite0", options=(("accuracy", "cosine>=0.999"),)),
+    ),
+    # MiniLM's --accuracy rows alone (latency at the bench's 2 threads)
+    "minilm-budget": (Row("minilm_l6", options=(("accuracy", "cosine>=0.99"),)),
+                      Row("minilm_l6", options=(("mode", "static"), ("accuracy", "cosine>=0.99")))),
+    # issue 11 section 2's method trial (qcompiler.budget_methods): run with the default and with
+    # --method-trial-layers 0 (no trial) to compare; the plain rows time the default compile
+    "methods": (
+        Row("effnet_lite0"),
+        Row("effnet_lite0", options=(("accuracy", "cosine>=0.998"),)),
+        Row("effnet_lite0", options=(("accuracy", "cosine>=0.999"),)),
+        Row("ppocrv4_det", calib=64),
+        Row("ppocrv4_det", calib=64, options=(("accuracy", "sqnr>=20"),)),
     ),
     # the int16-activations fallback (ort-cpu-qdq: int16 activations, then float)
     # (benchmarks/targets/ort-cpu-qdq-int16.toml; peer: the built-in ort-cpu-qdq, float only)
@@ -234,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="", help="only these models (comma-separated)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per variant (0: no latency)")
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--method-trial-layers", type=int, default=None,
+                    help="the budget's method trial over this many layers (0: off; default: TRIAL_LAYERS)")
     args = ap.parse_args(argv)
+    if args.method_trial_layers is not None:
+        from qcompiler import budget_methods
+
+        budget_methods.TRIAL_LAYERS = args.method_trial_layers
     rows = tuple(r for r in ROWS[args.rows] if not args.models or r.model in args.models.split(","))
     with tempfile.TemporaryDirectory() as work:
         results = run_rows(rows, args.bench_dir, Path(work), args.runs, args.eval_limit)

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -217,14 +217,18 @@ def compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os
 
     calib = calibration_options or CalibrationOptions()
 
-    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False) -> CompileResult:
+    def compile_with(overrides: dict[str, tuple[str, str]], cache: str | None, fresh: bool = False,
+                     methods: Mapping[str, str] | None = None) -> CompileResult:
         # a recompile with moved layers repeats the first compile's pass log lines: those only with verbose
         quiet = opts["quiet"] or (dict(overrides or {}) != dict(plan_overrides or {}) and not opts["verbose"])
-        return _compile(**dict(opts, plan_overrides=overrides or None, quiet=quiet,
-                               calibration_options=dataclasses.replace(calib, cache=cache or ""), build_cache=not fresh))
+        # methods: per-node calibration methods (the search's method trial), over the user's overrides
+        extra = tuple(f"{k}={v}" for k, v in sorted((methods or {}).items()))
+        return _compile(**dict(opts, plan_overrides=overrides or None, quiet=quiet, build_cache=not fresh,
+                               calibration_options=dataclasses.replace(
+                                   calib, cache=cache or "", range_overrides=calib.range_overrides + extra)))
 
     return search(compile_with, budget, tgt, source=source, overrides=plan_overrides, cache=calib.cache or None,
-                  explicit=explicit)
+                  explicit=explicit, calibration=calib)
 
 
 def _compile(model: str | os.PathLike[str] | onnx.ModelProto, *, target: str | os.PathLike[str] | Target,

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .budget_methods import methods_note, try_methods
 from .errors import UserError
 
 __all__ = ["Budget", "parse_budget", "METRICS", "search", "SENSITIVITY_SAMPLES"]
@@ -141,9 +142,12 @@ class _Measure:
                             "for top-1 agreement; use cosine or sqnr")
         return value
 
-    def predicted(self, setup: Any, ons: Sequence[set[str]]) -> list[float | None]:
-        """The figure on the fake-quant model with each set of layers quantized (side by side:
-        ``AnalysisSetup.fidelities``)."""
+    def predicted(self, setup: Any, on: set[str]) -> float | None:
+        """The figure on the fake-quant model with the layers in ``on`` quantized."""
+        return self.predicted_all(setup, [on])[0]
+
+    def predicted_all(self, setup: Any, ons: Sequence[set[str]]) -> list[float | None]:
+        """``predicted`` for each set of layers, side by side (``AnalysisSetup.fidelities``)."""
         if self.budget.func is None:
             return [_value(self.budget, fid.result()) for fid in setup.fidelities(ons)]
         return [float(self.budget.func(setup.reference, [setup.model.run(feed, on) for feed in setup.batches]))
@@ -156,7 +160,7 @@ def _fmt(v: float | None) -> str:
 
 def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
            source: str, overrides: Mapping[str, tuple[str, str]] | None = None, cache: str | None = None,
-           explicit: bool = True) -> Any:
+           explicit: bool = True, calibration: Any = None) -> Any:
     """Run the search (module text). ``compile_with(plan_overrides, calibration_cache, fresh=False)``
     is one ordinary compile returning a ``CompileResult`` (``fresh``: past the whole-build
     cache). Returns the result meeting the budget, with
@@ -185,12 +189,28 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
             return first
         if first._eval is None:  # a build-cache hit: recompile (from cached statistics) for the samples
             first = compile_with(base, cache_dir if explicit else cache, True)
-        ranked, setup, sens = _rank(first, target, base)
-        if not explicit:
-            ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
-        ranked = _moves(ranked)
-        pred = _Predictor(ranked, setup, measure)
-        scale = pred.scale(v0, 0)  # how much noisier the real integer model is than its fake-quant image
+
+        def order(reuse: tuple[Any, list[Any]] | None = None
+                  ) -> tuple[list[dict[str, Any]], Any, list[Any], _Predictor, float]:
+            ranked, setup, sens = _rank(first, target, base, reuse)
+            if not explicit:
+                ranked = ranked[:max(1, int(len(ranked) * DEFAULT_MAX_MOVED))]
+            ranked = _moves(ranked)
+            pred = _Predictor(ranked, setup, measure)
+            return ranked, setup, sens, pred, pred.scale(v0, 0)  # scale: real noise / fake-quant noise
+
+        ranked, setup, sens, pred, scale = order()
+        # per-layer calibration methods before any layer leaves integer (qcompiler.budget_methods)
+        tried = try_methods(compile_with, first, v0, setup, sens, measure, target, cache_dir, calibration, base,
+                            pred.shortest(1, scale))
+        section["methods"], section["method_trial"] = tried.rows, tried.info
+        compiles += tried.compiles
+        if tried.kept:
+            compile_with, first, v0 = tried.compile_with, tried.result, tried.value
+            if budget.holds(v0):
+                first.report["accuracy"] = _finish(section, first, v0, [], compiles, start, True)
+                return first
+            ranked, setup, sens, pred, scale = order((tried.setup, tried.resensed(sens)))
         moved = ranked[:pred.shortest(1, scale) or len(ranked)]
         fit = _Fit(ranked, budget, v0)
         best = (v0, first, [])
@@ -254,14 +274,19 @@ def _unmeasurable(result: Any, explicit: bool, budget: Budget) -> str | None:
     return None
 
 
-def _rank(result: Any, target: Any, base: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Any, list[Any]]:
+def _rank(result: Any, target: Any, base: Mapping[str, Any], reuse: tuple[Any, list[Any]] | None = None
+          ) -> tuple[list[dict[str, Any]], Any, list[Any]]:
     """The movable layers, best sensitivity gain per cost first, each with its fallback, cost
-    and why; plus the analysis setup (for predictions) and the sensitivity rows."""
+    and why; plus the analysis setup (for predictions) and the sensitivity rows (``reuse``:
+    those two as given)."""
     from .analysis import layer_sensitivity, setup_analysis
 
-    load_float, samples, _ = result._eval
-    setup = setup_analysis(load_float(), result.proto, samples, target=target, limit=SENSITIVITY_SAMPLES)
-    sens = layer_sensitivity(setup=setup)
+    if reuse is None:
+        load_float, samples, _ = result._eval
+        setup = setup_analysis(load_float(), result.proto, samples, target=target, limit=SENSITIVITY_SAMPLES)
+        sens = layer_sensitivity(setup=setup)
+    else:
+        setup, sens = reuse
     rows = []
     for worst, r in enumerate(sens):
         fallbacks = setup.fallbacks.get(r["layer"], target.fallbacks(r["op"]))
@@ -365,7 +390,7 @@ class _Predictor:
         todo = sorted({n for n in ns if 0 <= n <= len(self.steps) and n not in self.memo})
         layers = {layer.name for layer in self.setup.layers}
         ons = [layers - {r["node"] for r in self.steps[:n]} for n in todo]
-        self.memo.update(zip(todo, self.measure.predicted(self.setup, ons)))
+        self.memo.update(zip(todo, self.measure.predicted_all(self.setup, ons)))
 
     def scale(self, measured: float | None, n: int) -> float:
         """measured noise / predicted noise after ``n`` steps (1 when the metric has no noise
@@ -497,7 +522,7 @@ def _finish(section: dict[str, Any], result: Any, value: float | None, moved: Se
     out["summary"] = (f"accuracy {section['budget']} {verdict}: {_name(section)} {before} -> {_fmt(value)}, "
                       f"{len(moved)} layer(s) moved" + (f" ({_counts(moved)}, est. "
                                                          f"+{extra:.3g} kernel-latency units)" if moved else "")
-                      + f", {compiles} compile(s), {secs:.1f} s")
+                      + f"{methods_note(section, moved)}, {compiles} compile(s), {secs:.1f} s")
     return out
 
 

@@ -97,7 +97,8 @@ def test_budget_moves_exactly_the_bad_layer_first(work: Path) -> None:
     assert acc["sensitivity_ranking"][0] == BAD  # the worst layer analyze names is the one moved first
     assert res.report["fidelity"]["outputs"]["logits"]["cosine"] >= 0.99
     assert res.report["float_nodes"][BAD].startswith("accuracy budget") and "int16_nodes" not in res.report
-    assert acc["compiles"] == 2
+    # the integer plan, the method trial's compile (entropy on x: better, not enough), the move
+    assert acc["compiles"] == 3 and [r["tensor"] for r in acc["methods"]] == ["x"]
     assert acc["fidelity_before"]["logits"]["cosine"] == acc["value_before"]
     # deterministic: same inputs, same bytes
     again = _compile(work, accuracy="cosine>=0.99")

@@ -124,8 +124,8 @@ def test_any_changed_input_misses(inputs: dict[str, Path], change: str, passes_r
 
 #: a non-default value for every CalibrationOptions field the key must cover (``cache`` is where
 #: the key is looked up, ``ranges_file`` goes through import_ranges and its bytes are keyed)
-OTHER_OPTION = {"method": "mse", "overrides": ("Relu=mse",), "percentile": 99.0, "momentum": 0.5, "bins": 512,
-                "limit": 5, "second_moments": False, "moment_samples": 4, "grouped_moment_samples": 2,
+OTHER_OPTION = {"method": "mse", "overrides": ("Relu=mse",), "range_overrides": ("Relu=percentile",),
+                "percentile": 99.0, "momentum": 0.5, "bins": 512, "limit": 5, "second_moments": False, "moment_samples": 4, "grouped_moment_samples": 2,
                 "clip_weight": 2.0, "max_moment_dim": 64, "memory": "2GB", "workers": 2, "scheduler": "tcp://h:1",
                 "lanes": 1, "observe": "all", "statistics": "ranges", "saturation": True}
 

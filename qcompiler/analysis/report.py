@@ -24,7 +24,8 @@ from ..errors import UserError
 from .layers import FakeQuantModel, Layer, batches, find_layers
 from .metrics import OutputFidelity, rounded
 
-__all__ = ["analyze", "layer_sensitivity", "error_split", "AnalysisSetup", "setup_analysis", "DEFAULT_LIMIT", "HISTOGRAM_LAYERS"]
+__all__ = ["analyze", "layer_sensitivity", "sensitivity_rows", "by_sensitivity", "error_split",
+           "AnalysisSetup", "setup_analysis", "DEFAULT_LIMIT", "HISTOGRAM_LAYERS"]
 
 #: samples analyzed when no limit is given: enough to rank layers, small enough for seconds
 DEFAULT_LIMIT = 8
@@ -155,10 +156,21 @@ def layer_sensitivity(float_model: Any = None, quant_model: Any = None, inputs: 
     quantized and everything else runs float. ``score`` is the worst output SQNR (dB; None
     when exact); ties keep graph order. Pass ``setup`` to reuse loaded models and data."""
     s = setup or setup_analysis(float_model, quant_model, inputs, target=target, limit=limit)
+    return by_sensitivity(sensitivity_rows(s, s.layers))
+
+
+def sensitivity_rows(setup: AnalysisSetup, layers: Sequence[Layer]) -> list[dict[str, Any]]:
+    """One :func:`layer_sensitivity` row per layer in ``layers`` (in their order), measured on
+    ``setup``: a budget search re-measures layers whose ranges it changed."""
     rows = []
-    for layer, fid in zip(s.layers, s.fidelities([{layer.name} for layer in s.layers])):
+    for layer, fid in zip(layers, setup.fidelities([{layer.name} for layer in layers])):
         rows.append({"layer": layer.name, "op": layer.op, "index": layer.index, "outputs": fid.result(),
                      "score": rounded(fid.score(), 3)})
+    return rows
+
+
+def by_sensitivity(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sensitivity rows most sensitive first (lowest score; None = exact, last), ties in graph order."""
     return sorted(rows, key=lambda r: (math.inf if r["score"] is None else r["score"], r["index"]))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from .._lazy import lazy_exports as _lazy_exports
 
 _LAZY: dict[str, str] = {
-    **dict.fromkeys(["calibrate", "CalibrationResult", "input_moments"], ".core"),
+    **dict.fromkeys(["calibrate", "CalibrationResult", "input_moments", "method_range"], ".core"),
     **dict.fromkeys(["CalibrationOptions", "parse_memory", "DEFAULT_MEMORY", "METHODS"], ".options"),
     **dict.fromkeys(["CalibrationData", "InputSpec", "Feed", "input_specs", "load_calibration"], ".data"),
     **dict.fromkeys(["ImageSpec"], ".images"),

@@ -26,13 +26,14 @@ from ..rangefile import check_pinned, read_ranges
 from .cache import cache_key, data_digest, load_cached, store_cached
 from .distributed import run_sharded
 from .engine import Job, Progress, lane_threads, make_groups, peak_rss_mb, reuse_sessions, tensor_bytes
-from .methods import entropy_range, moving_average_range, mse_range, percentile_range
+from .methods import RangeTarget, abs_from_signed, entropy_range, histogram_kind, moving_average_range, mse_range, \
+    percentile_range, serves
 from .options import CalibrationOptions, check_method, parse_memory
 from .selection import (MethodPlan, Observed, clamp, kernel_only, method_plan, moment_specs, observe_bodies,
                         saturation_bounds, shared_moments, weighted_inputs, wide_methods, wide_qtypes)
 from .stats import Statistics
 
-__all__ = ["calibrate", "CalibrationResult", "input_moments"]
+__all__ = ["calibrate", "CalibrationResult", "input_moments", "method_range"]
 
 Show = Callable[[str], None]
 
@@ -67,6 +68,7 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
     an accuracy-budget search's recompiles all hit the cache)."""
     method = check_method(options.method or target.calibration_method, "method")
     overrides = options.override_map
+    on_ranges = options.range_override_map  # read the statistics ``overrides`` collect (_collection_plan)
     budget = parse_memory(options.memory)
     pinned = read_ranges(options.ranges_file) if options.ranges_file else {}
     seen = Observed(model, plan, target, groups or {}, options.observed, full_plan)
@@ -77,17 +79,20 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
     options = _bounded_parallelism(options, data)
     start = time.perf_counter()
     known = {n.name for n in model.graph.nodes} | {n.op for n in model.graph.nodes} | seen.graph_inputs
-    for key in overrides:
+    for key in list(overrides) + list(on_ranges):
         if key not in known:
             raise UserError(f"pass 'calibrate': override key '{key}' names no node, op type or graph input "
                             f"of the model")
     names, inputs = list(seen.values), list(seen.inputs)
-    methods, qtypes, fixed = method_plan(model, plan, target, seen, overrides, method, full_plan)
+    merged = {**overrides, **on_ranges}
+    methods, qtypes, fixed = method_plan(model, plan, target, seen, merged, method, full_plan)
     shared: dict[str, np.ndarray] = {}  # weights the sessions read from the IR, not copied
     base, exposed = observe_bodies(model, model.to_proto(shared=shared, share=kernel_only), data, target, methods,
-                                   overrides, method, shared, qtypes, seen.keep)
+                                   merged, method, shared, qtypes, seen.keep)
     names += list(exposed)
-    per_sample = frozenset(n for n, (m, _, _) in methods.items() if m == "minmax" and options.momentum > 0)
+    collect = _collection_plan(model, plan, target, seen, method, full_plan, methods, overrides, on_ranges,
+                               options.momentum)
+    per_sample = frozenset(n for n, (m, _, _) in collect.items() if m == "minmax" and options.momentum > 0)
     full = options.statistics == "all"
     specs, alias = shared_moments(moment_specs(model, options.max_moment_dim, seen.integer)
                                   if options.second_moments and full else {})
@@ -101,7 +106,7 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
             (inputs if n in graph_inputs else names).append(n)
     proto = base.SerializeToString()
     del base
-    keyed = {"plan": {n: [m, g.levels, g.symmetric, k] for n, (m, g, k) in sorted(methods.items())},
+    keyed = {"plan": {n: [m, g.levels, g.symmetric, k] for n, (m, g, k) in sorted(collect.items())},
              "percentile": options.percentile, "momentum": options.momentum, "bins": options.bins,
              "limit": options.limit, "moments": sorted(specs), "moment_samples": options.moment_samples,
              "grouped_moment_samples": options.grouped_moment_samples,
@@ -118,7 +123,7 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
     info = {"groups": 0, "runs": 0, "model_runs": 0}
     if stats is None:
         with reuse_sessions():  # the size probe, phase 1 and phase 2 share one session
-            stats = _collect(model, data, options, proto, shared, names, inputs, track, methods, per_sample, specs,
+            stats = _collect(model, data, options, proto, shared, names, inputs, track, collect, per_sample, specs,
                              axes, budget, info, bounds, progress)
         if options.cache:
             store_cached(options.cache, key, stats)
@@ -146,13 +151,56 @@ def calibrate(model: Model, data: Any, plan: Plan, options: CalibrationOptions, 
         "fixed_qparams_tensors": fixed, "seconds": round(time.perf_counter() - start, 3),
         "peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": peak_rss_mb(children=True) if options.workers > 1 else None,
         "memory_budget_bytes": budget, "groups": info["groups"], "runs": info["runs"],
-        "model_runs": info["model_runs"], "cache": cache_state, "workers": options.workers,
+        "model_runs": info["model_runs"], "cache": cache_state, **({"cache_key": key} if key else {}),
+        "workers": options.workers,
         "scheduler": options.scheduler or None, "real_data": bool(getattr(data, "real_data", True)),
         "subgraph_values": len(exposed), "fused_inner_tensors": len(seen.inner), "observe": options.observed,
         "statistics": options.statistics,
+        **({"range_overrides": dict(sorted(on_ranges.items()))} if on_ranges else {}),
         "unobserved_tensors": seen.candidates - len(seen.values) - len(seen.inputs), "lanes": options.lanes,
     }
     return CalibrationResult(ranges, moments, stats.means(), report, wide)
+
+
+def _collection_plan(model: Model, plan: Plan, target: Any, seen: Observed, method: str, full_plan: Plan | None,
+                     methods: MethodPlan, overrides: Mapping[str, str], on_ranges: Mapping[str, str],
+                     momentum: float) -> MethodPlan:
+    """What is collected per tensor, as the method plan the statistics are keyed by: with
+    ``range_overrides`` (``on_ranges``), a tensor whose method they change collects (and is
+    keyed) as under ``overrides`` alone wherever those statistics serve its new method
+    (:func:`.methods.serves`), so a per-tensor method change (the accuracy budget's method
+    trial) hits the statistics cache; elsewhere it collects for its own method. Without them
+    this is ``methods`` itself."""
+    if not on_ranges:
+        return methods
+    plain, _, _ = method_plan(model, plan, target, seen, overrides, method, full_plan)
+    out: MethodPlan = {}
+    for n, (m, grid, kind) in methods.items():
+        m0, grid0, kind0 = plain.get(n, (m, grid, kind))
+        moving = m == "minmax" and momentum > 0  # per-sample extremes: its own collection
+        out[n] = (m0, grid0, kind0) if m != m0 and not moving and serves(kind0, m, grid) else (m, grid, kind)
+    return out
+
+
+def method_range(stats: Statistics, name: str, method: str, grid: RangeTarget, lo: float, hi: float,
+                 options: CalibrationOptions, kind: str | None = None) -> tuple[float, float]:
+    """``name``'s range by ``method`` on ``grid`` from its statistics, starting from its
+    (clamped) min/max ``lo, hi``: what calibration chooses, and what the accuracy budget's
+    method trial compares. It reads the histogram of ``kind`` (default: the one ``method``
+    reads on ``grid``); an abs histogram is derived from a collected signed one when that is
+    what the statistics hold (:func:`.methods.abs_from_signed`)."""
+    if method == "minmax" or name not in stats.hist:
+        return lo, hi
+    have = stats.hist_spec[name][0]
+    need = kind or histogram_kind(method, grid) or have
+    counts = stats.hist[name]
+    if need == "abs" and have == "signed":
+        counts = abs_from_signed(counts, lo, hi, stats.zeros.get(name, 0))
+    if method == "mse":
+        return mse_range(counts, lo, hi, grid.levels, grid.symmetric, options.clip_weight, stats.zeros.get(name, 0))
+    if method == "percentile":
+        return percentile_range(counts, lo, hi, options.percentile, need)
+    return entropy_range(counts, lo, hi, grid, stats.zeros.get(name, 0))
 
 
 def _choose_ranges(stats: Statistics, methods: MethodPlan, per_sample: frozenset[str],
@@ -165,16 +213,8 @@ def _choose_ranges(stats: Statistics, methods: MethodPlan, per_sample: frozenset
             progress(f"choosing ranges {i}/{len(methods)}")
         if n not in ranges:
             continue
-        lo, hi = ranges[n]
         if n in stats.hist:
-            counts = stats.hist[n]
-            if m == "mse":
-                ranges[n] = mse_range(counts, lo, hi, grid.levels, grid.symmetric, options.clip_weight,
-                                      stats.zeros.get(n, 0))
-            elif m == "percentile":
-                ranges[n] = percentile_range(counts, lo, hi, options.percentile, kind or "signed")
-            elif m == "entropy":
-                ranges[n] = entropy_range(counts, lo, hi, grid, stats.zeros.get(n, 0))
+            ranges[n] = method_range(stats, n, m, grid, *ranges[n], options, kind)
         elif n in per_sample and stats.per_sample.get(n):
             ranges[n] = moving_average_range(*stats.sample_extremes(n), options.momentum)
     used: dict[str, int] = {}

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..quant import QType, compute_qparams, dequantize, quantize
 
-__all__ = ["RangeTarget", "histogram_kind", "percentile_range", "entropy_range", "entropy_threshold",
+__all__ = ["RangeTarget", "histogram_kind", "serves", "abs_from_signed",
+           "percentile_range", "entropy_range", "entropy_threshold",
            "moving_average_range", "mse_range", "weight_mse_ranges", "weight_mse_clip"]
 
 @dataclass(frozen=True)
@@ -45,6 +46,60 @@ def histogram_kind(method: str, target: RangeTarget) -> str | None:
     if method == "entropy" or (method == "percentile" and target.symmetric):
         return "abs"
     return "signed"
+
+
+def serves(kind: str | None, method: str, target: RangeTarget) -> bool:
+    """Whether statistics with a histogram of ``kind`` (None: min/max only) give ``method``
+    its range on ``target``: its own kind, min/max (every kind), or an abs histogram derived
+    from a signed one (:func:`abs_from_signed`). So a signed histogram serves all four methods."""
+    need = histogram_kind(method, target)
+    return need is None or need == kind or (need == "abs" and kind == "signed")
+
+
+def abs_from_signed(counts: np.ndarray, lo: float, hi: float, zeros: int = 0) -> np.ndarray:
+    """The |x| histogram over [0, max(|lo|, |hi|)] (as many bins as ``counts``, integer
+    counts) of values histogrammed signed over [lo, hi]. Each signed bin covers an |x|
+    interval (a bin across 0: two) of at most two abs bins; its count is shared among the abs
+    bins it overlaps in proportion to the overlap, rounded to whole values by largest
+    remainder, so a sparse tail stays as sparse as a directly binned one (entropy's divergence
+    reads empty bins); the ``zeros`` exact zeros go to the first abs bin. Exact up to where the
+    values lie inside a signed bin: quantiles move by at most one signed bin width,
+    (hi - lo) / bins <= 2 abs bins (docs/design.md, "Accuracy budget")."""
+    c = np.asarray(counts).astype(np.int64)
+    bins = c.shape[0]
+    amax = max(abs(lo), abs(hi))
+    out = np.zeros(bins, dtype=np.int64)
+    if not hi > lo or not amax > 0:
+        out[0] = c.sum()
+        return out
+    c = c.copy()
+    if zeros and lo <= 0.0 <= hi:
+        z = min(int((0.0 - lo) * bins / (hi - lo)), bins - 1)
+        moved = min(int(zeros), int(c[z]))
+        c[z] -= moved
+        out[0] += moved
+    edges = lo + (hi - lo) * np.arange(bins + 1, dtype=np.float64) / bins
+    a, b = edges[:-1], edges[1:]
+    step = amax / bins
+    idx, share = [], []  # per signed bin: up to 3 abs bins per side, and the share of its count each gets
+    for s_lo, s_hi in ((np.maximum(-np.minimum(b, 0.0), 0.0), np.maximum(-a, 0.0)),  # |x| of the part below 0
+                       (np.maximum(a, 0.0), np.maximum(b, 0.0))):                    # and above it
+        first = np.floor(s_lo / step)
+        for k in range(3):
+            j = first + k
+            overlap = np.clip(np.minimum(s_hi, (j + 1) * step) - np.maximum(s_lo, j * step), 0.0, None)
+            idx.append(np.clip(j, 0, bins - 1).astype(np.int64))
+            share.append(overlap)
+    idx_a, share_a = np.stack(idx, axis=1), np.stack(share, axis=1)
+    total = share_a.sum(axis=1, keepdims=True)
+    share_a = np.divide(share_a, total, out=np.zeros_like(share_a), where=total > 0)
+    exact = c[:, None] * share_a
+    whole = np.floor(exact).astype(np.int64)
+    left = c - whole.sum(axis=1)  # values still to place: to the largest remainders (ties: first)
+    rank = np.argsort(-(exact - whole), axis=1, kind="stable").argsort(axis=1, kind="stable")
+    whole += (rank < left[:, None]) & (share_a > 0)
+    np.add.at(out, idx_a.ravel(), whole.ravel())
+    return out
 
 
 def _quantile(counts: np.ndarray, lo: float, hi: float, q: float) -> float:

@@ -76,7 +76,10 @@ class CalibrationOptions:
 
     Methods: ``method`` (minmax, percentile, entropy, mse; "" = the target's
     ``defaults.calibration_method``); ``overrides`` per producer node name or op type
-    (``{"Softmax": "minmax"}`` or ``("Softmax=minmax",)``; node names win); ``percentile``
+    (``{"Softmax": "minmax"}`` or ``("Softmax=minmax",)``; node names win); ``range_overrides``
+    the same, over ``overrides``, but each reads the statistics collected without it (an abs
+    histogram derived from a signed one) wherever they serve its method, so the statistics key
+    stays and a cached calibration is reused (the accuracy budget's method trial); ``percentile``
     (0, 100]; ``momentum`` [0, 1): minmax as a moving average of per-sample extremes; ``bins``
     per histogram (>= 16); ``clip_weight`` (> 0): mse's weight of clipping error against
     rounding noise; ``saturation``: clamp a range to where its readers (Relu, HardSwish,
@@ -97,6 +100,7 @@ class CalibrationOptions:
 
     method: str = ""
     overrides: tuple[str, ...] = ()  # KEY=METHOD
+    range_overrides: tuple[str, ...] = ()  # KEY=METHOD, on the statistics the others collect
     percentile: float = 99.99
     momentum: float = 0.0
     bins: int = 2048
@@ -118,11 +122,14 @@ class CalibrationOptions:
 
     def __post_init__(self) -> None:
         # accepted spellings, stored in one canonical form (the pass's pipeline-text types)
-        if isinstance(self.overrides, Mapping):
-            object.__setattr__(self, "overrides", tuple(f"{k}={v}" for k, v in sorted(self.overrides.items())))
-        elif isinstance(self.overrides, str) or not isinstance(self.overrides, (tuple, list)):
-            raise _bad("overrides", self.overrides, "must be a mapping {KEY: METHOD} or a sequence of 'KEY=METHOD'")
-        object.__setattr__(self, "overrides", tuple(self.overrides))
+        for name in ("overrides", "range_overrides"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                value = tuple(f"{k}={v}" for k, v in sorted(value.items()))
+            elif isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise _bad(name.replace("_", "-"), value, "must be a mapping {KEY: METHOD} or a sequence of "
+                           "'KEY=METHOD'")
+            object.__setattr__(self, name, tuple(value))
         if isinstance(self.memory, int) and not isinstance(self.memory, bool):  # bytes
             object.__setattr__(self, "memory", str(self.memory))
         for name in ("cache", "ranges_file"):
@@ -137,6 +144,7 @@ class CalibrationOptions:
         if self.method:
             check_method(self.method, "method")
         parse_overrides(self.overrides)
+        parse_overrides(self.range_overrides)
         if not 0.0 < self.percentile <= 100.0:
             raise _bad("percentile", self.percentile, "must be in (0, 100]")
         if not 0.0 <= self.momentum < 1.0:
@@ -164,6 +172,11 @@ class CalibrationOptions:
     def override_map(self) -> dict[str, str]:
         """``overrides`` as {node name or op type: method}."""
         return parse_overrides(self.overrides)
+
+    @property
+    def range_override_map(self) -> dict[str, str]:
+        """``range_overrides`` as {node name or op type: method}."""
+        return parse_overrides(self.range_overrides)
 
     @property
     def memory_bytes(self) -> int:
