@@ -52,8 +52,8 @@ _ORT_CPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn
 # (ort-cpu's static pipeline)
 
 _NPU = ("upgrade-opset,canonicalize,fold-constants,infer-shapes,fuse-conv-bn,fold-conv-affine,fuse-hardswish,"
-        "fuse-pad-conv,group-activations,calibrate,insert-qdq,cleanup-qdq,convert-float16,compress-weights,"
-        "compact-qparams")  # npu-int8's static pipeline
+        "fuse-pad-conv,group-activations,calibrate,insert-qdq{weight-range=mse},cleanup-qdq,convert-float16,"
+        "compress-weights,compact-qparams")  # npu-int8's static pipeline
 
 _QDQ_INT16 = str(Path(__file__).resolve().parent / "targets" / "ort-cpu-qdq-int16.toml")
 
@@ -109,6 +109,10 @@ ROWS: dict[str, tuple[Row, ...]] = {
     "npu-cle": (Row("effnet_lite0", target="npu-int8"),) + tuple(
         Row("effnet_lite0", target="npu-int8", options=(("pipeline", _NPU.replace(
             "group-activations", f"equalize-layers{{clip=data{m}}},group-activations")),)) for m in ("", ",margin=1")),
+    # npu-int8 per-tensor power-of-two weights: the default (each tensor's scale chosen by weight MSE,
+    # insert-qdq{weight-range=mse}) against scales covering the largest weight (before session 8)
+    "npu-weights": tuple(Row(m, target="npu-int8", calib=64, options=opts) for m in ("effnet_lite0", "ppocrv4_det")
+                         for opts in ((), (("pipeline", _NPU.replace("insert-qdq{weight-range=mse},", "insert-qdq,")),))),
     "ppocr-insert": tuple(Row("ppocrv4_det", calib=80, options=(("pipeline", _ORT_CPU.replace("insert-qdq", o)),))
                           for o in ("insert-qdq{rounding=nearest}", "insert-qdq{bias-correction=false}")),
 }
