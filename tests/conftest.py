@@ -100,3 +100,30 @@ def tiny_calib_path(tmp_path: Path) -> Path:
     path = tmp_path / "tiny_calib.npz"
     np.savez(path, **tiny_calibration())
     return path
+
+
+def write_workdir(d: Path, models: dict[str, onnx.ModelProto], calib: np.ndarray, evaluation: np.ndarray,
+                  input_name: str = "x") -> Path:
+    """Save ``models`` (file name -> proto) and the calibration / eval arrays as ``calib.npz`` and
+    ``eval.npz`` under ``d``: the working directory of the accuracy-budget tests."""
+    for name, proto in models.items():
+        onnx.save(proto, d / name)
+    np.savez(d / "calib.npz", **{input_name: calib})
+    np.savez(d / "eval.npz", **{input_name: evaluation})
+    return d
+
+
+def compile_in(work: Path, target: str, model: str = "float.onnx", **kw: object):  # -> qcompiler.CompileResult
+    """``qcompiler.compile`` of ``work/model`` on its ``calib.npz``, measured on its ``eval.npz``."""
+    import qcompiler
+
+    return qcompiler.compile(str(work / model), target=target, calibration=str(work / "calib.npz"),
+                             eval_data=str(work / "eval.npz"), **kw)
+
+
+def outlier_inputs(n: int, seed: int) -> np.ndarray:
+    """[n, 4, 10, 10] standard normal samples whose channel 0 is 1000x the others: its per-tensor
+    8-bit grid leaves the other channels a handful of levels (the budget tests' one bad layer)."""
+    x = np.random.default_rng(seed).standard_normal((n, 4, 10, 10)).astype(np.float32)
+    x[:, 0] *= 1000.0
+    return x

@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompiler
+from conftest import compile_in, outlier_inputs, write_workdir
 from qcompiler.budget import DEFAULT_MAX_MOVED, parse_budget
 from qcompiler.cli import main
 from qcompiler.errors import UserError
@@ -57,23 +58,16 @@ def _model() -> onnx.ModelProto:
 
 
 def _inputs(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, 4, 10, 10)).astype(np.float32)
-    x[:, 0] *= 1000.0
-    return x
+    return outlier_inputs(n, seed)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("budget")
-    onnx.save(_model(), d / "float.onnx")
-    np.savez(d / "calib.npz", x=_inputs(16, 0))
-    np.savez(d / "eval.npz", x=_inputs(8, 1))
-    return d
+    return write_workdir(tmp_path_factory.mktemp("budget"), {"float.onnx": _model()}, _inputs(16, 0), _inputs(8, 1))
 
 
 def _compile(work: Path, **kw: object) -> qcompiler.CompileResult:
-    return qcompiler.compile(str(work / "float.onnx"), target=TARGET, calibration=str(work / "calib.npz"),
-                             eval_data=str(work / "eval.npz"), **kw)
+    return compile_in(work, TARGET, **kw)
 
 
 def test_integer_plan_misses_and_analyze_names_the_bad_layer(work: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompiler
+from conftest import compile_in, write_workdir
 from qcompiler import budget_methods
 from qcompiler.calibration.methods import (RangeTarget, abs_from_signed, entropy_range, percentile_range, serves)
 from qcompiler.cli import main
@@ -62,16 +63,11 @@ def _inputs(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("methods")
-    onnx.save(_model(), d / "float.onnx")
-    np.savez(d / "calib.npz", x=_inputs(32, 0))
-    np.savez(d / "eval.npz", x=_inputs(16, 1))
-    return d
+    return write_workdir(tmp_path_factory.mktemp("methods"), {"float.onnx": _model()}, _inputs(32, 0), _inputs(16, 1))
 
 
 def _compile(work: Path, **kw: object) -> qcompiler.CompileResult:
-    return qcompiler.compile(str(work / "float.onnx"), target=TARGET, calibration=str(work / "calib.npz"),
-                             eval_data=str(work / "eval.npz"), **kw)
+    return compile_in(work, TARGET, **kw)
 
 
 def _sqnr(res: qcompiler.CompileResult) -> float:

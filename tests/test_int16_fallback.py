@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import qcompiler
+from conftest import compile_in, outlier_inputs, write_workdir
 from qcompiler.api import build_pipeline
 from qcompiler.calibration.data import input_specs, load_calibration
 from qcompiler.errors import UserError
@@ -61,25 +62,17 @@ def _model(opset: int = 17) -> onnx.ModelProto:
 
 
 def _inputs(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, 4, 10, 10)).astype(np.float32)
-    x[:, 0] *= 1000.0
-    return x
+    return outlier_inputs(n, seed)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("int16")
-    onnx.save(_model(), d / "float.onnx")
-    onnx.save(_model(21), d / "float21.onnx")
-    np.savez(d / "calib.npz", x=_inputs(16, 0))
-    np.savez(d / "eval.npz", x=_inputs(8, 1))
-    return d
+    return write_workdir(tmp_path_factory.mktemp("int16"), {"float.onnx": _model(), "float21.onnx": _model(21)}, _inputs(16, 0), _inputs(8, 1))
 
 
 def _compile(work: Path, model: str = "float.onnx", **kw: object) -> qcompiler.CompileResult:
     kw.setdefault("accuracy", "off")
-    return qcompiler.compile(str(work / model), target=kw.pop("target", TARGET), calibration=str(work / "calib.npz"),
-                             eval_data=str(work / "eval.npz"), **kw)
+    return compile_in(work, str(kw.pop("target", TARGET)), model, **kw)
 
 
 def _as_written(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
