@@ -42,6 +42,7 @@ import numpy as np
 
 from .budget_methods import methods_note, try_methods
 from .errors import UserError
+from .plan import OVERRIDES
 
 __all__ = ["Budget", "parse_budget", "METRICS", "search", "SENSITIVITY_SAMPLES"]
 
@@ -219,7 +220,8 @@ def search(compile_with: Callable[..., Any], budget: Budget, target: Any, *,
         def build(steps: Sequence[dict[str, Any]]) -> tuple[Any, float | None]:
             ov = dict(base)
             for r in _effective(steps):
-                ov[r["node"]] = (r["to"] if r["to"] in ("dynamic", "int16-activations") else "float", r["why"])
+                # a fallback the plan builds as itself, else float (host-float: the same graph, costed apart)
+                ov[r["node"]] = (r["to"] if r["to"] in OVERRIDES else "float", r["why"])
             res = compile_with(ov, cache_dir)
             if res._eval is None and budget.func is not None:
                 res = compile_with(ov, cache_dir, True)
