@@ -180,16 +180,17 @@ def error_split(s: AnalysisSetup) -> dict[str, Any]:
     do not add exactly; each figure is what its half alone costs.)"""
     on = {layer.name for layer in s.layers}
     out: dict[str, Any] = {}
+    worst: dict[str, float] = {}  # the worst output SQNR of each half (OutputFidelity.score)
     for part in ("weights", "activations"):
         model = FakeQuantModel(s.prepared, s.layers, parts=part)
         fid = OutputFidelity()
         for feed, ref in zip(s.batches, s.reference):
             fid.add(ref, model.run(feed, on))
         out[f"{part}_only"] = fid.result()
-    worst = {k: min((o["sqnr_db"] if o["sqnr_db"] is not None else math.inf) for o in v.values())
-             for k, v in out.items() if v}
+        if fid.acc:
+            worst[part] = fid.score()
     if len(worst) == 2 and all(math.isfinite(x) for x in worst.values()):
-        w, a = worst["weights_only"], worst["activations_only"]
+        w, a = worst["weights"], worst["activations"]
         out["limited_by"] = "weights" if w < a - 1.0 else "activations" if a < w - 1.0 else "both"
     return out
 
